@@ -1,0 +1,241 @@
+"""The Dot: light blocks around the shared, frozen Dash backbone, plus LoRA.
+
+    z_i = z_s + eta(x_s, x_i, z_s, t_s, t_i)          (Morse, eq. 5)
+
+``eta`` is computed by m light down-sampling blocks, the Dash backbone itself at 1/2^m
+resolution per side (with LoRA active only inside this call), and m light up-sampling
+blocks with skips from the down path. The Dot holds only its own weights; the backbone is
+handed in at call time, so one Dash model in memory serves both.
+
+Initialisation keeps an untrained Dot harmless: the output conv starts at zero (eta = 0,
+the Dot returns the anchor estimate exactly) and the backbone first sees the average-pooled
+current input (its projection from the light blocks starts at zero too).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import DotInputError
+from .lora import DEFAULT_TARGETS, LoRAWeights, find_targets
+
+# Keyword arguments of a diffusion-model call that describe full-resolution features and
+# cannot be fed to the backbone at 1/2^m resolution (ControlNet residuals). The Dot still
+# follows the control: it builds on the anchor estimate, which Dash made with it.
+FULL_RESOLUTION_KWARGS = ("control",)
+
+
+def _round8(x: float) -> int:
+    return max(8, int(round(x / 8.0)) * 8)
+
+
+def default_widths(backbone: nn.Module, m: int) -> tuple[int, ...]:
+    """Widths of the light blocks, from the backbone's own base width.
+
+    Level l gets (0.3 + 0.2 l) x the backbone's model_channels: for SD1.x (320) that is
+    96 and 160 for m = 2, the widths of the paper's Stable Diffusion Dot.
+    """
+    base = getattr(backbone, "model_channels", None)
+    if base is None:
+        convs = [mod for mod in backbone.modules() if isinstance(mod, nn.Conv2d)]
+        base = convs[0].out_channels if convs else 64
+    return tuple(_round8(base * (0.3 + 0.2 * level)) for level in range(m))
+
+
+def latent_channels_of(backbone: nn.Module) -> int:
+    channels = getattr(backbone, "in_channels", None)
+    if channels is None:
+        convs = [mod for mod in backbone.modules() if isinstance(mod, nn.Conv2d)]
+        if not convs:
+            raise DotInputError("cannot tell the backbone's latent channels; give latent_channels explicitly")
+        channels = convs[0].in_channels
+    return int(channels)
+
+
+@dataclass(frozen=True)
+class DotConfig:
+    latent_channels: int
+    m: int = 2
+    widths: tuple[int, ...] = (32, 48)
+    lora_rank: int = 8
+    lora_alpha: float = 8.0
+    lora_targets: tuple[str, ...] = DEFAULT_TARGETS
+    trajectory: bool = True  # False: the Table 4 ablation, eta sees only x_i and t_i
+    time_dim: int = 64
+    pad_multiple: int = 1  # extra factor the backbone needs its input size divisible by
+
+    def __post_init__(self):
+        if self.m < 1:
+            raise ValueError(f"m (down-sampling blocks) must be >= 1 (got {self.m}); the paper uses m = 2")
+        if len(self.widths) != self.m:
+            raise ValueError(f"widths must list one width per level: m={self.m} but widths={self.widths}")
+
+    @property
+    def factor(self) -> int:
+        return 2**self.m
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DotConfig":
+        d = dict(d)
+        d["widths"] = tuple(d["widths"])
+        d["lora_targets"] = tuple(d["lora_targets"])
+        return cls(**d)
+
+    @classmethod
+    def for_backbone(cls, backbone: nn.Module, m: int = 2, widths=None, **kw) -> "DotConfig":
+        return cls(
+            latent_channels=latent_channels_of(backbone),
+            m=m,
+            widths=tuple(widths) if widths else default_widths(backbone, m),
+            **kw,
+        )
+
+
+def timestep_features(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal features of a diffusion timestep (the embedding of DDPM / SD)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def _norm(channels: int) -> nn.GroupNorm:
+    groups = 8 if channels % 8 == 0 else 1
+    return nn.GroupNorm(groups, channels)
+
+
+class LightResBlock(nn.Module):
+    """Conv residual block with a time scale/shift and no attention (the paper's light blocks)."""
+
+    def __init__(self, cin: int, cout: int, emb_dim: int):
+        super().__init__()
+        self.norm1 = _norm(cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, 2 * cout)
+        self.norm2 = _norm(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x, emb):
+        h = self.conv1(F.silu(self.norm1(x)))
+        scale, shift = self.emb(F.silu(emb))[:, :, None, None].chunk(2, dim=1)
+        h = self.norm2(h) * (1 + scale) + shift
+        h = self.conv2(F.silu(h))
+        return self.skip(x) + h
+
+
+class DotModel(nn.Module):
+    """The Dot's own weights (light blocks + LoRA); the backbone is passed to each call."""
+
+    def __init__(self, config: DotConfig, lora: LoRAWeights):
+        super().__init__()
+        self.config = config
+        c, w, e = config.latent_channels, config.widths, config.time_dim
+        n_times = 2 if config.trajectory else 1
+        self.time_mlp = nn.Sequential(nn.Linear(n_times * e, 4 * e), nn.SiLU(), nn.Linear(4 * e, 4 * e))
+        emb = 4 * e
+        cin = 3 * c if config.trajectory else c  # x_i, x_s, z_s stacked
+        self.down = nn.ModuleList()
+        self.downsample = nn.ModuleList()
+        for level, width in enumerate(w):
+            self.down.append(LightResBlock(cin if level == 0 else w[level - 1], width, emb))
+            self.downsample.append(nn.Conv2d(width, width, 3, stride=2, padding=1))
+        self.to_backbone = nn.Conv2d(w[-1], c, 3, padding=1)
+        self.from_backbone = nn.Conv2d(c, w[-1], 3, padding=1)
+        self.up = nn.ModuleList()
+        for level in reversed(range(config.m)):
+            cin_up = w[level + 1] if level + 1 < config.m else w[-1]
+            self.up.append(LightResBlock(cin_up + w[level], w[level], emb))
+        self.out_norm = _norm(w[0])
+        self.out = nn.Conv2d(w[0], c, 3, padding=1)
+        nn.init.zeros_(self.to_backbone.weight)
+        nn.init.zeros_(self.to_backbone.bias)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+        self.lora = lora
+
+    @classmethod
+    def build(cls, backbone: nn.Module, config: DotConfig) -> "DotModel":
+        lora = LoRAWeights(find_targets(backbone, config.lora_targets), config.lora_rank, config.lora_alpha)
+        return cls(config, lora)
+
+    def light_parameters(self):
+        return [p for name, p in self.named_parameters() if not name.startswith("lora.")]
+
+    def _check(self, x: torch.Tensor, name: str):
+        if x.dim() != 4 or x.shape[1] != self.config.latent_channels:
+            raise DotInputError(
+                f"{name} has shape {tuple(x.shape)}; the Dot expects [batch, {self.config.latent_channels}, height, width] "
+                "(an image latent with the channels of the model it was trained for)"
+            )
+
+    def forward(
+        self,
+        backbone: nn.Module,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        anchor_x: torch.Tensor,
+        anchor_z: torch.Tensor,
+        anchor_t: torch.Tensor,
+        context=None,
+        backbone_call=None,
+        **backbone_kwargs,
+    ) -> torch.Tensor:
+        """Estimate at (x, t) from the anchor Dash step (anchor_x, anchor_z at anchor_t).
+
+        ``backbone_call`` defaults to ``backbone`` itself; a host passes its own call chain.
+        """
+        cfg = self.config
+        for name, tensor in (("x", x), ("anchor_x", anchor_x), ("anchor_z", anchor_z)):
+            self._check(tensor, name)
+        if anchor_x.shape != x.shape or anchor_z.shape != x.shape:
+            raise DotInputError(
+                f"anchor shapes {tuple(anchor_x.shape)}/{tuple(anchor_z.shape)} differ from x {tuple(x.shape)}; "
+                "the batch or resolution changed since the last Dash step, so run Dash on this step"
+            )
+        h_in, w_in = x.shape[-2:]
+        multiple = cfg.factor * cfg.pad_multiple
+        pad_h, pad_w = (-h_in) % multiple, (-w_in) % multiple
+        dtype = self.out.weight.dtype
+
+        def prep(v):
+            v = v.to(dtype)
+            return F.pad(v, (0, pad_w, 0, pad_h), mode="replicate") if (pad_h or pad_w) else v
+
+        xi, xs, zs = prep(x), prep(anchor_x), prep(anchor_z)
+        t = t.reshape(-1).expand(x.shape[0]) if t.numel() in (1, x.shape[0]) else t
+        anchor_t = anchor_t.reshape(-1).expand(x.shape[0]) if anchor_t.numel() in (1, x.shape[0]) else anchor_t
+        feats = [timestep_features(t, cfg.time_dim)]
+        if cfg.trajectory:
+            feats.append(timestep_features(anchor_t, cfg.time_dim))
+            h = torch.cat([xi, xs, zs], dim=1)
+        else:
+            h = xi
+        emb = self.time_mlp(torch.cat(feats, dim=-1).to(dtype))
+
+        skips = []
+        for block, down in zip(self.down, self.downsample):
+            h = block(h, emb)
+            skips.append(h)
+            h = down(h)
+        low = F.avg_pool2d(xi, cfg.factor) + self.to_backbone(h)
+
+        call = backbone_call or backbone
+        kwargs = {k: v for k, v in backbone_kwargs.items() if k not in FULL_RESOLUTION_KWARGS}
+        backbone_dtype = next((p.dtype for p in backbone.parameters()), dtype)
+        with self.lora.applied_to(backbone):
+            b = call(low.to(backbone_dtype), t, context=context, **kwargs)
+        h = self.from_backbone(b.to(dtype))
+
+        for block in self.up:
+            h = F.interpolate(h, scale_factor=2, mode="nearest")
+            h = block(torch.cat([h, skips.pop()], dim=1), emb)
+        eta = self.out(F.silu(self.out_norm(h)))[..., :h_in, :w_in]
+        return anchor_z + eta.to(anchor_z.dtype)
