@@ -1,0 +1,83 @@
+"""What runs on a non-Dash step: the trained Dot, or a training-free stand-in.
+
+A filler gets the current call and the batched anchor (the latest Dash step of each batch
+entry) and returns the model's estimate in its native prediction space.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from .dot_model import DotModel
+
+
+@dataclass
+class Anchor:
+    """The latest Dash step of one batch entry (or of a whole batch, when stacked)."""
+
+    x: torch.Tensor
+    z: torch.Tensor
+    t: torch.Tensor
+    step: int
+    prev_z: Optional[torch.Tensor] = None  # the Dash estimate before it, for extrapolation
+    prev_t: Optional[torch.Tensor] = None
+
+
+class Filler:
+    name = "filler"
+    #: True when the filler calls the backbone (and so has a latency of its own to measure)
+    uses_backbone = False
+
+    def __call__(self, backbone_call: Callable, x, t, anchor: Anchor, context, kwargs) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class ReuseFiller(Filler):
+    """Training-free: a non-Dash step reuses the anchor's estimate (costs nothing)."""
+
+    name = "reuse"
+
+    def __call__(self, backbone_call, x, t, anchor, context, kwargs):
+        return anchor.z.clone()
+
+
+class ExtrapolateFiller(Filler):
+    """Training-free: linear extrapolation in t from the last two Dash estimates.
+
+    With only one Dash estimate so far it reuses it.
+    """
+
+    name = "extrapolate"
+
+    def __call__(self, backbone_call, x, t, anchor, context, kwargs):
+        if anchor.prev_z is None:
+            return anchor.z.clone()
+        t_s, t_p = anchor.t.float(), anchor.prev_t.float()
+        span = t_s - t_p
+        usable = span.abs() > 1e-8
+        ratio = (t.float().reshape(-1) - t_s) / torch.where(usable, span, torch.ones_like(span)) * usable
+        ratio = ratio.reshape(-1, *([1] * (anchor.z.dim() - 1))).to(anchor.z.dtype)
+        return anchor.z + ratio * (anchor.z - anchor.prev_z)
+
+
+class DotFiller(Filler):
+    """The trained Dot: anchor estimate plus its learned residual."""
+
+    name = "dot"
+    uses_backbone = True
+
+    def __init__(self, dot: DotModel, backbone: nn.Module):
+        self.dot = dot
+        self.backbone = backbone
+
+    def __call__(self, backbone_call, x, t, anchor, context, kwargs):
+        with torch.no_grad():
+            return self.dot(
+                self.backbone, x, t, anchor.x, anchor.z, anchor.t, context=context, backbone_call=backbone_call, **kwargs
+            )
+
+
+FILLERS = {"reuse": ReuseFiller, "extrapolate": ExtrapolateFiller}

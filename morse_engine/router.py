@@ -1,0 +1,215 @@
+"""Route every model call of a sampling run to Dash or to the filler (the Dot).
+
+The router sits at the diffusion-model boundary: it sees the model's scaled input, its
+native timestep and the sigma of the call, and returns a native prediction. So any sampler
+and scheduler works unchanged. Per run it:
+
+* resolves the schedule for the run's step count (``sample_sigmas`` has steps + 1 entries);
+* maps each call to a step by its sigma: a call between two steps (second-order samplers)
+  belongs to the step at or above it;
+* keeps one anchor per batch entry key (CFG cond and uncond may arrive in one call or in
+  separate calls), so every entry is filled from its own latest Dash step;
+* runs Dash whenever an entry has no usable anchor (first call, a new cond, a changed batch
+  or resolution), so bad timing costs speed, never correctness;
+* forgets everything when the run ends, also when it raises or is interrupted.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Hashable, Optional, Sequence
+
+import torch
+
+from .fillers import Anchor, Filler, ReuseFiller
+from .schedules import DashSchedule, ScheduleSpec
+
+
+@dataclass
+class RunSummary:
+    """What one run did, for the log line and for tests."""
+
+    steps: int = 0
+    schedule: str = ""
+    dash_steps: set = field(default_factory=set)
+    dot_steps: set = field(default_factory=set)
+    dash_calls: int = 0
+    dot_calls: int = 0
+    fallback_calls: int = 0  # Dot steps that ran Dash for want of a usable anchor
+    dash_seconds: float = 0.0
+    dot_seconds: float = 0.0
+    filler: str = ""
+
+    @property
+    def measured_n(self) -> Optional[float]:
+        if not self.dash_calls or not self.dot_calls or self.dot_seconds <= 0:
+            return None
+        return (self.dash_seconds / self.dash_calls) / (self.dot_seconds / self.dot_calls)
+
+    def lsd(self, n_speed: Optional[float]) -> float:
+        """Steps spent in LSD; a training-free filler costs ~nothing (N = inf)."""
+        dot_cost = 0.0 if not n_speed else len(self.dot_steps - self.dash_steps) / n_speed
+        return len(self.dash_steps) + dot_cost
+
+    def log_line(self, n_speed: Optional[float] = None) -> str:
+        n = self.measured_n or n_speed
+        dot_only = len(self.dot_steps - self.dash_steps)
+        n_txt = f"{n:.2f}" if n else "n/a"
+        lsd = self.lsd(n if self.filler == "dot" else None)
+        return (
+            f"Morse: {len(self.dash_steps)} Dash steps, {dot_only} {self.filler} steps of {self.steps} "
+            f"({self.dash_calls} Dash calls, {self.dot_calls} {self.filler} calls, {self.fallback_calls} fell back to Dash); "
+            f"{lsd:.2f} LSD spent vs {self.steps} for the plain sampler; N measured {n_txt}"
+        )
+
+
+class MorseRun:
+    """State of one sampling run; create it with :meth:`MorseRouter.run`."""
+
+    def __init__(self, schedule: DashSchedule, sample_sigmas: Sequence[float], filler: Filler, measure: bool, sync):
+        self.schedule = schedule
+        self.sigmas = [float(s) for s in sample_sigmas]
+        self.filler = filler
+        self.anchors: dict[Hashable, Anchor] = {}
+        # All-Dash runs keep no anchors: nothing would read them.
+        self.keep_anchors = not schedule.all_dash
+        self.measure = measure
+        self.sync = sync
+        self.summary = RunSummary(steps=schedule.steps, schedule=schedule.pattern(), filler=filler.name)
+
+    def step_of(self, sigma: float) -> int:
+        """The step at or above ``sigma`` (sigmas descend)."""
+        step = 0
+        tol = 1e-5 * max(abs(sigma), 1e-3)
+        for i in range(self.schedule.steps):
+            if self.sigmas[i] + tol >= sigma:
+                step = i
+            else:
+                break
+        return step
+
+    def _usable_anchors(self, keys, chunks) -> Optional[list[Anchor]]:
+        found = []
+        for key, chunk in zip(keys, chunks):
+            anchor = self.anchors.get(key)
+            if anchor is None or anchor.x.shape != chunk.shape or anchor.x.device != chunk.device:
+                return None
+            found.append(anchor)
+        return found
+
+    def _timed(self, fn):
+        if not self.measure:
+            return fn(), 0.0
+        if self.sync:
+            self.sync()
+        start = time.perf_counter()
+        out = fn()
+        if self.sync:
+            self.sync()
+        return out, time.perf_counter() - start
+
+    def __call__(
+        self,
+        dash: Callable,
+        x: torch.Tensor,
+        timestep: torch.Tensor,
+        sigma: float,
+        keys: Optional[Sequence[Hashable]] = None,
+        context=None,
+        **kwargs,
+    ) -> torch.Tensor:
+        """One model call. ``dash(x, timestep, context=..., **kwargs)`` is the full model.
+
+        ``keys`` names the equal batch chunks of ``x`` (e.g. cond uuids); one chunk if None.
+        """
+        step = self.step_of(sigma)
+        keys = list(keys) if keys else [None]
+        n_chunks = len(keys) if x.shape[0] % len(keys) == 0 else 1
+        keys = keys if n_chunks == len(keys) else [tuple(keys)]
+        s = self.summary
+
+        if not self.schedule.is_dash(step):
+            chunks = x.chunk(n_chunks) if n_chunks > 1 else (x,)
+            anchors = self._usable_anchors(keys, chunks)
+            if anchors is not None:
+                anchor = _stack(anchors)
+                out, secs = self._timed(
+                    lambda: self.filler(dash, x, timestep, anchor, context, kwargs)
+                )
+                s.dot_calls += 1
+                s.dot_seconds += secs
+                s.dot_steps.add(step)
+                return out
+            s.fallback_calls += 1
+
+        out, secs = self._timed(lambda: dash(x, timestep, context=context, **kwargs))
+        s.dash_calls += 1
+        s.dash_seconds += secs
+        s.dash_steps.add(step)
+        if self.keep_anchors:
+            self._store(keys, x, out, timestep, step)
+        return out
+
+    def _store(self, keys, x, out, timestep, step):
+        n = len(keys)
+        t = timestep.reshape(-1)
+        if t.numel() == 1:
+            t = t.expand(x.shape[0])
+        for key, xc, zc, tc in zip(keys, x.chunk(n), out.chunk(n), t.chunk(n)):
+            old = self.anchors.get(key)
+            prev_z = prev_t = None
+            if old is not None and old.z.shape == zc.shape:
+                # A second call in the same step (second-order samplers) keeps the older step as prev.
+                prev_z, prev_t = (old.prev_z, old.prev_t) if old.step == step else (old.z, old.t)
+            # Copies, not views: the sampler owns x and out and may reuse their memory.
+            self.anchors[key] = Anchor(
+                x=xc.detach().clone(),
+                z=zc.detach().clone(),
+                t=tc.detach().clone(),
+                step=step,
+                prev_z=prev_z,
+                prev_t=prev_t,
+            )
+
+    def close(self):
+        self.anchors.clear()
+
+
+def _stack(anchors: list[Anchor]) -> Anchor:
+    if len(anchors) == 1:
+        return anchors[0]
+    prev_ok = all(a.prev_z is not None for a in anchors)
+    return Anchor(
+        x=torch.cat([a.x for a in anchors]),
+        z=torch.cat([a.z for a in anchors]),
+        t=torch.cat([a.t for a in anchors]),
+        step=min(a.step for a in anchors),
+        prev_z=torch.cat([a.prev_z for a in anchors]) if prev_ok else None,
+        prev_t=torch.cat([a.prev_t for a in anchors]) if prev_ok else None,
+    )
+
+
+class MorseRouter:
+    """Holds the schedule and filler; each sampling run gets fresh state from :meth:`run`."""
+
+    def __init__(self, schedule: ScheduleSpec, filler: Optional[Filler] = None, measure: bool = True, sync=None):
+        self.spec = schedule
+        self.filler = filler or ReuseFiller()
+        self.measure = measure
+        self.sync = sync
+        self.last_summary: Optional[RunSummary] = None
+
+    def resolve(self, sample_sigmas) -> DashSchedule:
+        return self.spec.resolve(len(sample_sigmas) - 1)
+
+    @contextmanager
+    def run(self, sample_sigmas):
+        """State for one run; dropped when the block exits, however it exits."""
+        sigmas = [float(s) for s in (sample_sigmas.tolist() if hasattr(sample_sigmas, "tolist") else sample_sigmas)]
+        run = MorseRun(self.resolve(sigmas), sigmas, self.filler, self.measure, self.sync)
+        try:
+            yield run
+        finally:
+            run.close()
+            self.last_summary = run.summary
