@@ -1,0 +1,170 @@
+"""Dot adapter files: safetensors with Morse metadata, checked against the Dash on load.
+
+Only safetensors is read or written, never pickle. The metadata says what the Dot is
+(format and version, m, widths, LoRA rank/alpha/targets, latent channels, whether it uses
+the trajectory inputs), what it was trained on (base-model family, fingerprint of the
+Dash weights, a training summary) and how fast it is (measured N).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .dot_model import DotConfig, DotModel
+from .errors import DotFileError, DotMismatchError
+from .fingerprint import BackboneFingerprint, fingerprint_module
+
+FORMAT = "morse-dot"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class DotFileInfo:
+    path: str
+    config: DotConfig
+    base_family: str
+    fingerprint: BackboneFingerprint
+    measured_n: Optional[float]
+    training: dict = field(default_factory=dict)
+
+    def describe(self) -> str:
+        n = f"{self.measured_n:.2f}" if self.measured_n else "unmeasured"
+        return (
+            f"Dot for {self.base_family} (m={self.config.m}, widths={list(self.config.widths)}, "
+            f"LoRA rank {self.config.lora_rank}, N={n}, trajectory inputs {'on' if self.config.trajectory else 'off'})"
+        )
+
+
+def save_dot(
+    path,
+    dot: DotModel,
+    *,
+    base_family: str,
+    fingerprint: BackboneFingerprint,
+    measured_n: Optional[float] = None,
+    training: Optional[dict] = None,
+) -> Path:
+    """Write the Dot's own weights (never the backbone) atomically, with its metadata."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise DotFileError(f"Dot files are saved as .safetensors; give a path ending in .safetensors (got '{path}')")
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in dot.state_dict().items()}
+    metadata = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "config": json.dumps(dot.config.to_dict()),
+        "base_family": base_family,
+        "dash_architecture": fingerprint.architecture,
+        "dash_weights_probe": json.dumps(list(fingerprint.weights)),
+        "measured_n": "" if measured_n is None else repr(float(measured_n)),
+        "training": json.dumps(training or {}),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def read_dot_info(path) -> DotFileInfo:
+    """Read and validate a Dot file's metadata without loading its weights."""
+    path = Path(path)
+    if not path.is_file():
+        raise DotFileError(f"Dot file '{path}' does not exist; check the path or put the file in models/dot_models")
+    if path.suffix != ".safetensors":
+        raise DotFileError(
+            f"'{path.name}' is not a .safetensors file; Dot adapters are only read from safetensors (never pickle), "
+            "so convert or re-save it as .safetensors"
+        )
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise DotFileError(
+            f"'{path.name}' cannot be read as safetensors (truncated or corrupt: {exc}); download or train it again"
+        ) from None
+    if meta.get("format") != FORMAT:
+        raise DotFileError(
+            f"'{path.name}' has no Morse Dot metadata (format is {meta.get('format')!r}, expected '{FORMAT}'); "
+            "it is not a Dot adapter: load it with the node meant for it, or train a Dot with training.train_dot"
+        )
+    version = meta.get("format_version", "")
+    if version != str(FORMAT_VERSION):
+        raise DotFileError(
+            f"'{path.name}' is Dot format version {version!r}, this pack reads version {FORMAT_VERSION}; "
+            "update the node pack or retrain the Dot"
+        )
+    try:
+        config = DotConfig.from_dict(json.loads(meta["config"]))
+        fingerprint = BackboneFingerprint(meta["dash_architecture"], tuple(json.loads(meta["dash_weights_probe"])))
+        measured_n = float(meta["measured_n"]) if meta.get("measured_n") else None
+        training = json.loads(meta.get("training") or "{}")
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DotFileError(f"'{path.name}' has damaged Morse metadata ({exc!r}); train or download the Dot again") from None
+    return DotFileInfo(str(path), config, meta.get("base_family", "unknown"), fingerprint, measured_n, training)
+
+
+def check_compatible(info: DotFileInfo, backbone: nn.Module, allow_other_weights: bool = False) -> None:
+    """Refuse, in one sentence, a Dot made for another Dash."""
+    name = Path(info.path).name
+    channels = getattr(backbone, "in_channels", None)
+    if channels is not None and int(channels) != info.config.latent_channels:
+        raise DotMismatchError(
+            f"'{name}' is a Dot for {info.config.latent_channels}-channel latents ({info.base_family}) but this model "
+            f"takes {channels} channels; use a Dot trained for this model family"
+        )
+    here = fingerprint_module(backbone)
+    if here.architecture != info.fingerprint.architecture:
+        raise DotMismatchError(
+            f"'{name}' was trained for a different model architecture ({info.base_family}, architecture "
+            f"{info.fingerprint.architecture}; this model is {here.architecture}); use a Dot trained for this model"
+        )
+    if not allow_other_weights and not here.weights_match(info.fingerprint):
+        raise DotMismatchError(
+            f"'{name}' was trained on other weights of this architecture (weights {info.fingerprint.weights_id}, this "
+            f"model {here.weights_id}); train a Dot for this checkpoint, or allow other weights to use it anyway "
+            "(fine-tunes of the same base may work at lower quality)"
+        )
+
+
+def load_dot(path, backbone: nn.Module, allow_other_weights: bool = False, device=None) -> tuple[DotModel, DotFileInfo]:
+    """Load a Dot for ``backbone``; raises before building anything if it does not fit."""
+    info = read_dot_info(path)
+    check_compatible(info, backbone, allow_other_weights)
+    dot = DotModel.build(backbone, info.config)
+    dot.lora.check_backbone(backbone)
+    name = Path(path).name
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise DotFileError(f"'{name}' cannot be read (truncated or corrupt: {exc}); download or train it again") from None
+    expected = dot.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    wrong = [k for k in expected if k in tensors and tensors[k].shape != expected[k].shape]
+    if missing or extra or wrong:
+        first = (missing or extra or wrong)[0]
+        raise DotFileError(
+            f"'{name}' does not hold the weights its metadata describes ({len(missing)} missing, {len(extra)} unexpected, "
+            f"{len(wrong)} of the wrong shape, e.g. '{first}'); train or download the Dot again"
+        )
+    dot.load_state_dict(tensors)
+    dot.eval().requires_grad_(False)
+    if device is not None:
+        dot.to(device)
+    return dot, info

@@ -1,0 +1,144 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import TinyBackbone
+from morse_engine import (
+    DotConfig,
+    DotFileError,
+    DotMismatchError,
+    DotModel,
+    fingerprint_module,
+    load_dot,
+    read_dot_info,
+    save_dot,
+)
+
+
+@pytest.fixture
+def saved(tmp_path, backbone):
+    torch.manual_seed(2)
+    dot = DotModel.build(backbone, DotConfig.for_backbone(backbone, m=2, lora_rank=4, lora_alpha=4.0))
+    with torch.no_grad():
+        for p in dot.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    path = save_dot(
+        tmp_path / "tiny.safetensors",
+        dot,
+        base_family="tiny-test",
+        fingerprint=fingerprint_module(backbone),
+        measured_n=6.5,
+        training={"steps": 3, "final_loss": 0.1},
+    )
+    return path, dot
+
+
+def test_round_trip_keeps_weights_config_and_metadata(saved, backbone):
+    path, dot = saved
+    loaded, info = load_dot(path, backbone)
+    assert info.config == dot.config
+    assert info.base_family == "tiny-test"
+    assert info.measured_n == pytest.approx(6.5)
+    assert info.training == {"steps": 3, "final_loss": 0.1}
+    for (k, a), (k2, b) in zip(dot.state_dict().items(), loaded.state_dict().items()):
+        assert k == k2 and torch.equal(a, b)
+    x = torch.randn(1, 4, 8, 8)
+    t = torch.ones(1) * 100
+    with torch.no_grad():
+        assert torch.equal(dot(backbone, x, t, x, x, t + 1), loaded(backbone, x, t, x, x, t + 1))
+    assert "Dot for tiny-test" in info.describe()
+
+
+def test_metadata_records_what_the_design_asks_for(saved):
+    path, _ = saved
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+        keys = list(f.keys())
+    assert meta["format"] == "morse-dot" and meta["format_version"] == "1"
+    cfg = json.loads(meta["config"])
+    for field in ("m", "widths", "lora_rank", "lora_alpha", "lora_targets", "latent_channels", "trajectory"):
+        assert field in cfg
+    assert meta["base_family"] and meta["dash_architecture"] and json.loads(meta["dash_weights_probe"])
+    assert float(meta["measured_n"]) == 6.5 and json.loads(meta["training"])
+    assert not any(k.startswith(("conv_in", "attn1", "time_embed")) for k in keys), "backbone weights must not be saved"
+
+
+def backbone_unchanged(backbone, before):
+    after = backbone.state_dict()
+    return list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_truncated_file_is_refused_and_nothing_is_loaded(saved, backbone, tmp_path):
+    path, _ = saved
+    data = path.read_bytes()
+    bad = tmp_path / "truncated.safetensors"
+    bad.write_bytes(data[: len(data) // 2])
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    with pytest.raises(DotFileError, match="truncated.safetensors.*(truncated or corrupt)"):
+        load_dot(bad, backbone)
+    header_cut = tmp_path / "cut.safetensors"
+    header_cut.write_bytes(data[:20])
+    with pytest.raises(DotFileError, match="cut.safetensors"):
+        load_dot(header_cut, backbone)
+    assert backbone_unchanged(backbone, before)
+    assert all(not m._forward_hooks for m in backbone.modules())
+
+
+def test_safetensors_without_morse_metadata_is_refused(tmp_path, backbone):
+    path = tmp_path / "some_lora.safetensors"
+    save_file({"w": torch.zeros(2)}, str(path), metadata={"ss_network_module": "networks.lora"})
+    with pytest.raises(DotFileError, match="some_lora.safetensors' has no Morse Dot metadata"):
+        load_dot(path, backbone)
+
+
+def test_non_safetensors_and_missing_files_are_refused(tmp_path, backbone):
+    pickle_like = tmp_path / "dot.ckpt"
+    pickle_like.write_bytes(b"\x80\x04not really")
+    with pytest.raises(DotFileError, match="not a .safetensors file"):
+        load_dot(pickle_like, backbone)
+    with pytest.raises(DotFileError, match="does not exist"):
+        load_dot(tmp_path / "absent.safetensors", backbone)
+    with pytest.raises(DotFileError, match="ending in .safetensors"):
+        save_dot(tmp_path / "x.pt", None, base_family="f", fingerprint=fingerprint_module(backbone))
+
+
+def test_file_for_another_architecture_is_refused(saved):
+    path, _ = saved
+    other = TinyBackbone(model_channels=24)
+    with pytest.raises(DotMismatchError, match="different model architecture"):
+        load_dot(path, other)
+
+
+def test_file_for_other_weights_is_refused_unless_allowed(saved):
+    path, _ = saved
+    retrained = TinyBackbone(seed=123)
+    with pytest.raises(DotMismatchError, match="other weights of this architecture"):
+        load_dot(path, retrained)
+    dot, _ = load_dot(path, retrained, allow_other_weights=True)
+    assert isinstance(dot, DotModel)
+
+
+def test_same_weights_in_half_precision_match(saved, backbone):
+    path, _ = saved
+    half = TinyBackbone().to(torch.bfloat16)
+    half.load_state_dict({k: v.to(torch.bfloat16) for k, v in backbone.state_dict().items()})
+    info = read_dot_info(path)
+    assert fingerprint_module(half).weights_match(info.fingerprint)
+
+
+def test_file_whose_tensors_do_not_match_its_metadata_is_refused(saved, backbone, tmp_path):
+    path, _ = saved
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors.pop(next(iter(tensors)))
+    bad = tmp_path / "missing_tensor.safetensors"
+    save_file(tensors, str(bad), metadata=meta)
+    with pytest.raises(DotFileError, match="1 missing"):
+        load_dot(bad, backbone)
