@@ -14,6 +14,7 @@ current input (its projection from the light blocks starts at zero too).
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -186,11 +187,13 @@ class DotModel(nn.Module):
         anchor_t: torch.Tensor,
         context=None,
         backbone_call=None,
+        lora_hooks: bool = True,
         **backbone_kwargs,
     ) -> torch.Tensor:
         """Estimate at (x, t) from the anchor Dash step (anchor_x, anchor_z at anchor_t).
 
         ``backbone_call`` defaults to ``backbone`` itself; a host passes its own call chain.
+        ``lora_hooks=False`` is for training, where peft layers in the backbone carry the LoRA.
         """
         cfg = self.config
         for name, tensor in (("x", x), ("anchor_x", anchor_x), ("anchor_z", anchor_z)):
@@ -230,7 +233,7 @@ class DotModel(nn.Module):
         call = backbone_call or backbone
         kwargs = {k: v for k, v in backbone_kwargs.items() if k not in FULL_RESOLUTION_KWARGS}
         backbone_dtype = next((p.dtype for p in backbone.parameters()), dtype)
-        with self.lora.applied_to(backbone):
+        with self.lora.applied_to(backbone) if lora_hooks else nullcontext():
             b = call(low.to(backbone_dtype), t, context=context, **kwargs)
         h = self.from_backbone(b.to(dtype))
 

@@ -1,0 +1,113 @@
+"""The Dot trainer on a tiny backbone: it learns, resumes exactly, and stops cleanly on NaN."""
+import copy
+
+import pytest
+import torch
+
+from conftest import TinyBackbone
+from morse_engine import fingerprint_module
+from training.dash_setup import DashSetup
+from training.dot_trainer import DotTrainConfig, TrainingDiverged, peft_adapters, train_dot, training_tuple
+from training.sampling import DiscreteEpsSampling
+from training.reference_unet import sd_alphas_cumprod
+
+
+def tiny_setup(poison_after=None, kill_after=None):
+    unet = TinyBackbone(in_channels=1, model_channels=16, context_dim=8).eval().requires_grad_(False)
+    table = torch.randn(11, 2, 8, generator=torch.Generator().manual_seed(0))
+    data = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(1)).clamp(-1, 1)
+    labels = torch.arange(64) % 10
+
+    def batches(batch_size, gen):
+        step = 0
+        while True:
+            idx = torch.randint(0, len(data), (batch_size,), generator=gen)
+            x = data[idx].clone()
+            step += 1
+            if kill_after is not None and step > kill_after:
+                raise KeyboardInterrupt  # the user or the machine stops the run
+            if poison_after is not None and step > poison_after:
+                x[0, 0, 0, 0] = float("nan")
+            yield x, labels[idx]
+
+    return DashSetup(
+        unet=unet,
+        sampling=DiscreteEpsSampling(sd_alphas_cumprod()),
+        encode=lambda c: table[c],
+        null_condition=lambda b: torch.full((b,), 10),
+        batches=batches,
+        base_family="tiny",
+        fingerprint=fingerprint_module(unet),
+        latent_shape=(1, 8, 8),
+    )
+
+
+CFG = dict(m=1, lora_rank=2, batch_size=8, lr=3e-3, warmup=2, jump_min=5, jump_max=200, checkpoint_every=5)
+
+
+def fixed_batch(setup):
+    gen = torch.Generator().manual_seed(123)
+    x0, cond = next(setup.batches(16, gen))
+    with torch.no_grad(), peft_adapters(setup.unet, False):
+        return training_tuple(setup, x0, cond, DotTrainConfig(**CFG, steps=1), gen)
+
+
+def eval_loss(dot, unet, batch):
+    with torch.no_grad():
+        pred = dot(unet, batch["x"], batch["t"], batch["anchor_x"], batch["anchor_z"], batch["anchor_t"], context=batch["context"])
+    return torch.nn.functional.mse_loss(pred, batch["target"]).item()
+
+
+def test_training_lowers_the_loss_below_reusing_the_anchor(tmp_path):
+    setup = tiny_setup()
+    batch = fixed_batch(setup)
+    reuse = torch.nn.functional.mse_loss(batch["anchor_z"], batch["target"]).item()
+    result = train_dot(setup, DotTrainConfig(**CFG, steps=60), tmp_path / "s.safetensors", progress=False)
+    clean = tiny_setup().unet
+    trained = eval_loss(result.dot, clean, batch)
+    assert trained < 0.9 * reuse, (trained, reuse)
+    assert all(not m._forward_hooks for m in clean.modules())
+
+
+def test_dash_targets_are_computed_without_the_lora(tmp_path):
+    setup = tiny_setup()
+    clean = copy.deepcopy(setup.unet)
+    train_dot(setup, DotTrainConfig(**CFG, steps=10), tmp_path / "s.safetensors", progress=False)
+    x, t, ctx = torch.randn(2, 1, 8, 8), torch.full((2,), 300.0), torch.randn(2, 2, 8)
+    with torch.no_grad():
+        with peft_adapters(setup.unet, False):
+            off = setup.unet(x, t, context=ctx)
+        on = setup.unet(x, t, context=ctx)
+    assert torch.equal(off, clean(x, t, context=ctx))
+    assert not torch.allclose(on, off)
+
+
+def test_a_killed_run_resumes_to_the_same_weights(tmp_path):
+    straight = train_dot(tiny_setup(), DotTrainConfig(**CFG, steps=10), tmp_path / "a.safetensors", progress=False)
+    state = tmp_path / "b.safetensors"
+    with pytest.raises(KeyboardInterrupt):
+        train_dot(tiny_setup(kill_after=7), DotTrainConfig(**CFG, steps=10), state, progress=False)
+    resumed = train_dot(tiny_setup(), DotTrainConfig(**CFG, steps=10), state, resume=True, progress=False)
+    assert resumed.resumed_from == 5
+    for (k, a), (_, b) in zip(straight.dot.state_dict().items(), resumed.dot.state_dict().items()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=k)
+
+
+def test_resume_with_other_settings_or_no_checkpoint_is_refused(tmp_path):
+    state = tmp_path / "s.safetensors"
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train_dot(tiny_setup(), DotTrainConfig(**CFG, steps=5), state, resume=True, progress=False)
+    train_dot(tiny_setup(), DotTrainConfig(**CFG, steps=5), state, progress=False)
+    other = dict(CFG, lr=1e-2)
+    with pytest.raises(ValueError, match="other settings \\(lr\\)"):
+        train_dot(tiny_setup(), DotTrainConfig(**other, steps=10), state, resume=True, progress=False)
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tmp_path):
+    state = tmp_path / "s.safetensors"
+    with pytest.raises(TrainingDiverged, match=r"step 8.*step 5.*Lower --lr"):
+        train_dot(tiny_setup(poison_after=7), DotTrainConfig(**CFG, steps=20), state, progress=False)
+    from safetensors import safe_open
+
+    with safe_open(str(state), "pt") as f:
+        assert f.metadata()["step"] == "5"

@@ -1,0 +1,66 @@
+"""What Dot training needs to know about a Dash model, whatever its origin.
+
+A :class:`DashSetup` bundles the frozen backbone (ComfyUI's diffusion-model call signature),
+its noise schedule, how to turn a batch of conditions into cross-attention context (and
+the empty condition used for classifier-free guidance), and a source of clean training
+latents with their conditions. The reference model is one setup; a ComfyUI checkpoint is
+another (issue 5).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from morse_engine import BackboneFingerprint, fingerprint_module
+
+from .sampling import DiscreteEpsSampling
+
+
+@dataclass
+class DashSetup:
+    unet: nn.Module
+    sampling: DiscreteEpsSampling
+    encode: Callable[[torch.Tensor], torch.Tensor]  # conditions [B] -> context [B, T, D]
+    null_condition: Callable[[int], torch.Tensor]  # batch size -> conditions of the empty prompt
+    batches: Callable[[int, torch.Generator], Iterator[tuple[torch.Tensor, torch.Tensor]]]  # (latents, conditions)
+    base_family: str
+    fingerprint: BackboneFingerprint
+    latent_shape: tuple[int, int, int]
+
+
+def _translate(images: torch.Tensor, generator: torch.Generator, max_shift: int = 2) -> torch.Tensor:
+    """Small random translations (with edge padding): the digits set is tiny."""
+    b, _, h, w = images.shape
+    padded = torch.nn.functional.pad(images, (max_shift,) * 4, mode="replicate")
+    dx = torch.randint(0, 2 * max_shift + 1, (b,), generator=generator)
+    dy = torch.randint(0, 2 * max_shift + 1, (b,), generator=generator)
+    return torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(b)])
+
+
+def reference_setup(path=None) -> DashSetup:
+    """The embedded default: the project's digits UNet and the digits training split."""
+    from .digits_data import load_digits_split
+    from .reference_unet import NULL_CLASS, load_reference_dash, sd_alphas_cumprod
+
+    unet, conditioner, _ = load_reference_dash(path)
+    images, labels = load_digits_split("train")
+
+    def batches(batch_size: int, generator: torch.Generator):
+        # Indices drawn per batch from the generator alone, so a resumed run sees the same data.
+        while True:
+            idx = torch.randint(0, len(images), (batch_size,), generator=generator)
+            yield _translate(images[idx], generator), labels[idx]
+
+    return DashSetup(
+        unet=unet,
+        sampling=DiscreteEpsSampling(sd_alphas_cumprod()),
+        encode=lambda cond: conditioner(cond),
+        null_condition=lambda b: torch.full((b,), NULL_CLASS, dtype=torch.long),
+        batches=batches,
+        base_family="reference-digits-unet",
+        fingerprint=fingerprint_module(unet),
+        latent_shape=tuple(images.shape[1:]),
+    )

@@ -1,0 +1,238 @@
+"""Train a Dot for a Dash model (Morse, Algorithm 1).
+
+Each training tuple follows the paper: noise clean data to an anchor time t_s, run Dash
+there (z_s), take a sampler step with the guided estimate to a later time t_i (x_i), and
+regress the Dot's ``z_s + eta(x_s, x_i, z_s, t_s, t_i)`` on Dash's own estimate at (x_i, t_i).
+Cond and uncond branches are both targets, so the Dot serves both halves of a CFG batch;
+the guidance scale that forms x_i is drawn per sample, as the paper does for SD.
+
+The backbone stays frozen. LoRA is trained with peft, injected into the backbone and
+switched off for the Dash passes, then copied into the Dot's own hook-applied LoRA.
+"""
+from __future__ import annotations
+
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.tuners_utils import BaseTunerLayer
+from tqdm.auto import tqdm
+
+from morse_engine import DEFAULT_TARGETS, DotConfig, DotModel
+
+from .dash_setup import DashSetup
+from .train_state import load_state, save_state
+
+JUMP_SAMPLERS = ("euler", "euler_ancestral")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss stopped being finite; the last good checkpoint is kept."""
+
+
+@dataclass
+class DotTrainConfig:
+    m: int = 2
+    widths: Optional[tuple] = None  # default: derived from the backbone (morse_engine.default_widths)
+    lora_rank: int = 8
+    lora_alpha: Optional[float] = None  # default: equal to the rank
+    lora_targets: tuple = DEFAULT_TARGETS
+    trajectory: bool = True
+    steps: int = 3000
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup: int = 100
+    jump_min: int = 10  # jump from t_s to t_i, in timesteps, drawn log-uniformly
+    jump_max: int = 300
+    cfg_min: float = 1.0  # guidance scale that forms x_i, drawn uniformly
+    cfg_max: float = 4.0
+    sampler: str = "euler"  # the step that forms x_i: euler (= DDIM) or euler_ancestral
+    seed: int = 0
+    checkpoint_every: int = 200
+
+    def __post_init__(self):
+        if self.sampler not in JUMP_SAMPLERS:
+            raise ValueError(f"sampler {self.sampler!r} is not one of {JUMP_SAMPLERS}; pick one of those")
+        if not 1 <= self.jump_min <= self.jump_max:
+            raise ValueError(f"jump range {self.jump_min}..{self.jump_max} is empty; give 1 <= jump_min <= jump_max")
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError("steps and batch_size must be >= 1")
+
+    def dot_config(self, backbone) -> DotConfig:
+        return DotConfig.for_backbone(
+            backbone,
+            m=self.m,
+            widths=self.widths,
+            lora_rank=self.lora_rank,
+            lora_alpha=float(self.lora_alpha if self.lora_alpha is not None else self.lora_rank),
+            lora_targets=tuple(self.lora_targets),
+            trajectory=self.trajectory,
+        )
+
+
+@contextmanager
+def peft_adapters(model, enabled: bool):
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    for layer in layers:
+        layer.enable_adapters(enabled)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+
+
+def training_tuple(setup: DashSetup, x0, cond, cfg: DotTrainConfig, gen: torch.Generator) -> dict:
+    """One batch of (anchor, current, target) tuples, all in the backbone's scaled input space."""
+    b = x0.shape[0]
+    sig = setup.sampling.sigmas
+    t_s = torch.randint(1, len(sig), (b,), generator=gen)
+    log_jump = torch.empty(b).uniform_(math.log(cfg.jump_min), math.log(cfg.jump_max + 1), generator=gen)
+    t_i = (t_s - log_jump.exp().floor().long()).clamp(min=0)
+    view = (b,) + (1,) * (x0.dim() - 1)
+    sig_s, sig_i = sig[t_s].view(view), sig[t_i].view(view)
+    noise = torch.randn(x0.shape, generator=gen)
+    x_s = x0 + sig_s * noise
+    scale = lambda x, s: x / (s**2 + 1) ** 0.5  # noqa: E731
+    context = torch.cat([setup.encode(cond), setup.encode(setup.null_condition(b))])
+    two = lambda v: torch.cat([v, v])  # noqa: E731
+    z_s = setup.unet(two(scale(x_s, sig_s)), two(t_s.float()), context=context)
+    z_c, z_u = z_s.chunk(2)
+    w = torch.empty(view).uniform_(cfg.cfg_min, cfg.cfg_max, generator=gen)
+    guided = z_u + w * (z_c - z_u)
+    if cfg.sampler == "euler":
+        x_i = x_s + guided * (sig_i - sig_s)
+    else:
+        sig_up = torch.minimum(sig_i, (sig_i**2 * (sig_s**2 - sig_i**2) / sig_s**2).clamp(min=0) ** 0.5)
+        sig_down = (sig_i**2 - sig_up**2).clamp(min=0) ** 0.5
+        x_i = x_s + guided * (sig_down - sig_s) + torch.randn(x0.shape, generator=gen) * sig_up
+    target = setup.unet(two(scale(x_i, sig_i)), two(t_i.float()), context=context)
+    return {
+        "x": two(scale(x_i, sig_i)),
+        "t": two(t_i.float()),
+        "anchor_x": two(scale(x_s, sig_s)),
+        "anchor_z": z_s,
+        "anchor_t": two(t_s.float()),
+        "context": context,
+        "target": target,
+    }
+
+
+def lr_at(step: int, cfg: DotTrainConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+@dataclass
+class TrainResult:
+    dot: DotModel
+    steps: int
+    final_loss: float
+    final_reuse_loss: float
+    seconds: float
+    resumed_from: int = 0
+    summary: dict = field(default_factory=dict)
+
+
+def train_dot(
+    setup: DashSetup,
+    cfg: DotTrainConfig,
+    state_path: Path,
+    resume: bool = False,
+    progress: bool = True,
+) -> TrainResult:
+    """Train and return the Dot. The backbone in ``setup`` gets peft layers; reload it to sample."""
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    unet = setup.unet.requires_grad_(False)
+    dot = DotModel.build(unet, cfg.dot_config(unet))
+    inject_adapter_in_model(
+        LoraConfig(r=cfg.lora_rank, lora_alpha=dot.config.lora_alpha, target_modules=list(cfg.lora_targets), lora_dropout=0.0),
+        unet,
+    )
+    dot.lora.copy_to_peft(unet)  # same initial A (Kaiming) and B (zero) as an untrained Dot
+    lora_params = [p for n, p in sorted(unet.named_parameters()) if "lora_" in n]
+    for p in unet.parameters():
+        p.requires_grad_(False)
+    for p in lora_params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW([{"params": dot.light_parameters()}, {"params": lora_params}], lr=cfg.lr, weight_decay=0.0)
+
+    start = 0
+    history: list[float] = []
+    if resume:
+        if not state_path.is_file():
+            raise FileNotFoundError(f"--resume was given but there is no checkpoint at {state_path}; start without --resume")
+        start, extra = load_state(state_path, dot, optimizer, gen)
+        saved_cfg = extra.get("config", {})
+        mine = json_safe(asdict(cfg))
+        differs = [k for k in mine if k not in ("steps", "checkpoint_every") and saved_cfg.get(k) != mine[k]]
+        if differs:
+            raise ValueError(
+                f"the checkpoint at {state_path} was made with other settings ({', '.join(differs)}); "
+                "resume with the same options or start a new run without --resume"
+            )
+        dot.lora.copy_to_peft(unet)
+        history = extra.get("history", [])
+
+    batches = setup.batches(cfg.batch_size, gen)
+    last_saved = start
+    t0 = time.time()
+    loss_ema = reuse_ema = None
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train Dot", disable=not progress, dynamic_ncols=True)
+    for step in bar:
+        x0, cond = next(batches)
+        with torch.no_grad(), peft_adapters(unet, False):
+            batch = training_tuple(setup, x0, cond, cfg, gen)
+        pred = dot(
+            unet, batch["x"], batch["t"], batch["anchor_x"], batch["anchor_z"], batch["anchor_t"],
+            context=batch["context"], lora_hooks=False,
+        )
+        loss = F.mse_loss(pred, batch["target"])
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(
+                f"the loss became {loss.item()} at step {step + 1}; the last good checkpoint ({state_path}, step {last_saved}) "
+                f"is kept. Lower --lr (now {cfg.lr:g}) and run again with --resume"
+            )
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)
+        optimizer.step()
+        reuse = F.mse_loss(batch["anchor_z"], batch["target"]).item()
+        loss_ema = loss.item() if loss_ema is None else 0.98 * loss_ema + 0.02 * loss.item()
+        reuse_ema = reuse if reuse_ema is None else 0.98 * reuse_ema + 0.02 * reuse
+        bar.set_postfix(loss=f"{loss_ema:.4f}", reuse=f"{reuse_ema:.4f}")
+        if (step + 1) % 50 == 0:
+            history.append(round(loss_ema, 6))
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+            dot.lora.load_from_peft(unet)
+            extra = {"config": json_safe(asdict(cfg)), "history": history, "loss_ema": loss_ema}
+            save_state(state_path, dot, optimizer, step + 1, gen, extra)
+            last_saved = step + 1
+    bar.close()
+    dot.lora.load_from_peft(unet)
+    dot.eval().requires_grad_(False)
+    seconds = time.time() - t0
+    return TrainResult(
+        dot=dot,
+        steps=cfg.steps,
+        final_loss=float(loss_ema if loss_ema is not None else float("nan")),
+        final_reuse_loss=float(reuse_ema if reuse_ema is not None else float("nan")),
+        seconds=seconds,
+        resumed_from=start,
+        summary={"history": history},
+    )
+
+
+def json_safe(d: dict) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
