@@ -2,7 +2,7 @@
 
 Nothing here imports ComfyUI; the nodes in ``nodes/`` and the tools in ``training/`` use it.
 """
-from .adapter_file import DotFileInfo, check_compatible, load_dot, read_dot_info, save_dot
+from .adapter_file import DotFileInfo, build_dot, check_compatible, load_dot, read_dot_file, read_dot_info, save_dot
 from .dot_model import DotConfig, DotModel, default_widths
 from .errors import DotFileError, DotInputError, DotMismatchError, MorseError, ScheduleError
 from .fillers import Anchor, DotFiller, ExtrapolateFiller, ReuseFiller

@@ -118,8 +118,14 @@ def read_dot_info(path) -> DotFileInfo:
     return DotFileInfo(str(path), config, meta.get("base_family", "unknown"), fingerprint, measured_n, training)
 
 
-def check_compatible(info: DotFileInfo, backbone: nn.Module, allow_other_weights: bool = False) -> None:
-    """Refuse, in one sentence, a Dot made for another Dash."""
+def check_compatible(
+    info: DotFileInfo, backbone: nn.Module, allow_other_weights: bool = False, fingerprint: Optional[BackboneFingerprint] = None
+) -> None:
+    """Refuse, in one sentence, a Dot made for another Dash.
+
+    ``fingerprint`` overrides the one taken from ``backbone``'s live weights: a host whose
+    weights are patched in place (user LoRAs) passes the fingerprint of the original weights.
+    """
     name = Path(info.path).name
     channels = getattr(backbone, "in_channels", None)
     if channels is not None and int(channels) != info.config.latent_channels:
@@ -127,7 +133,7 @@ def check_compatible(info: DotFileInfo, backbone: nn.Module, allow_other_weights
             f"'{name}' is a Dot for {info.config.latent_channels}-channel latents ({info.base_family}) but this model "
             f"takes {channels} channels; use a Dot trained for this model family"
         )
-    here = fingerprint_module(backbone)
+    here = fingerprint or fingerprint_module(backbone)
     if here.architecture != info.fingerprint.architecture:
         raise DotMismatchError(
             f"'{name}' was trained for a different model architecture ({info.base_family}, architecture "
@@ -141,18 +147,34 @@ def check_compatible(info: DotFileInfo, backbone: nn.Module, allow_other_weights
         )
 
 
-def load_dot(path, backbone: nn.Module, allow_other_weights: bool = False, device=None) -> tuple[DotModel, DotFileInfo]:
-    """Load a Dot for ``backbone``; raises before building anything if it does not fit."""
+def read_dot_file(path) -> tuple[DotFileInfo, dict[str, torch.Tensor]]:
+    """Read and validate a whole Dot file (metadata and tensors) without a backbone.
+
+    A host can call this when the user picks the file, to report a broken file at once, and
+    build the Dot for a model later with :func:`build_dot`.
+    """
     info = read_dot_info(path)
-    check_compatible(info, backbone, allow_other_weights)
-    dot = DotModel.build(backbone, info.config)
-    dot.lora.check_backbone(backbone)
-    name = Path(path).name
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as exc:
-        raise DotFileError(f"'{name}' cannot be read (truncated or corrupt: {exc}); download or train it again") from None
+        raise DotFileError(
+            f"'{Path(path).name}' cannot be read (truncated or corrupt: {exc}); download or train it again"
+        ) from None
+    return info, tensors
+
+
+def build_dot(
+    info: DotFileInfo,
+    tensors: dict,
+    backbone: nn.Module,
+    allow_other_weights: bool = False,
+    fingerprint: Optional[BackboneFingerprint] = None,
+) -> DotModel:
+    """The Dot of a read file, for ``backbone``; raises before building anything if it does not fit."""
+    check_compatible(info, backbone, allow_other_weights, fingerprint)
+    dot = DotModel.build(backbone, info.config)
+    dot.lora.check_backbone(backbone)
     expected = dot.state_dict()
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
@@ -160,11 +182,17 @@ def load_dot(path, backbone: nn.Module, allow_other_weights: bool = False, devic
     if missing or extra or wrong:
         first = (missing or extra or wrong)[0]
         raise DotFileError(
-            f"'{name}' does not hold the weights its metadata describes ({len(missing)} missing, {len(extra)} unexpected, "
-            f"{len(wrong)} of the wrong shape, e.g. '{first}'); train or download the Dot again"
+            f"'{Path(info.path).name}' does not hold the weights its metadata describes ({len(missing)} missing, "
+            f"{len(extra)} unexpected, {len(wrong)} of the wrong shape, e.g. '{first}'); train or download the Dot again"
         )
     dot.load_state_dict(tensors)
-    dot.eval().requires_grad_(False)
+    return dot.eval().requires_grad_(False)
+
+
+def load_dot(path, backbone: nn.Module, allow_other_weights: bool = False, device=None) -> tuple[DotModel, DotFileInfo]:
+    """Load a Dot for ``backbone``; raises before building anything if it does not fit."""
+    info, tensors = read_dot_file(path)
+    dot = build_dot(info, tensors, backbone, allow_other_weights)
     if device is not None:
         dot.to(device)
     return dot, info
