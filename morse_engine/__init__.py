@@ -2,14 +2,14 @@
 
 Nothing here imports ComfyUI; the nodes in ``nodes/`` and the tools in ``training/`` use it.
 """
-from .adapter_file import DotFileInfo, build_dot, check_compatible, load_dot, read_dot_file, read_dot_info, save_dot
+from .adapter_file import DotAdapter, DotFileInfo, build_dot, check_compatible, load_dot, read_dot_file, read_dot_info, save_dot
 from .dot_model import DotConfig, DotModel, default_widths
 from .errors import DotFileError, DotInputError, DotMismatchError, MorseError, ScheduleError
 from .fillers import Anchor, DotFiller, ExtrapolateFiller, ReuseFiller
 from .fingerprint import BackboneFingerprint, fingerprint_module, fingerprint_state_dict
 from .lora import DEFAULT_TARGETS, LoRAWeights
 from .router import MorseRouter, MorseRun, RunSummary
-from .schedules import BudgetPlan, DashSchedule, EveryK, FrontLoaded, Pattern, ScheduleSpec, lsd_cost, plan_budget
+from .schedules import BudgetPlan, BudgetSchedule, DashSchedule, EveryK, FrontLoaded, Pattern, ScheduleSpec, lsd_cost, plan_budget
 from .speedup import SpeedupPoint, average_speedup, speedup_curve
 
 __all__ = [name for name in dir() if not name.startswith("_")]

@@ -196,3 +196,34 @@ def load_dot(path, backbone: nn.Module, allow_other_weights: bool = False, devic
     if device is not None:
         dot.to(device)
     return dot, info
+
+
+class DotAdapter:
+    """A read Dot file that builds its Dot for each backbone it meets, once.
+
+    Hosts hold one of these per file the user picked: the file is read and checked when it
+    is picked, and the Dot is built (and checked against the model) when a run starts.
+    """
+
+    def __init__(self, path):
+        self.info, self._tensors = read_dot_file(path)
+        self._built: dict = {}
+
+    @property
+    def measured_n(self) -> Optional[float]:
+        return self.info.measured_n
+
+    def dot_for(
+        self,
+        backbone: nn.Module,
+        device=None,
+        dtype=None,
+        fingerprint: Optional[BackboneFingerprint] = None,
+        allow_other_weights: bool = False,
+    ) -> DotModel:
+        fp = fingerprint or fingerprint_module(backbone)
+        key = (id(backbone), fp.architecture, fp.weights_id, str(device), str(dtype), allow_other_weights)
+        if key not in self._built:
+            dot = build_dot(self.info, self._tensors, backbone, allow_other_weights, fp)
+            self._built = {key: dot.to(device=device, dtype=dtype)}  # one model at a time: no growth
+        return self._built[key]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Optional
 
 from .errors import ScheduleError
 
@@ -242,3 +243,36 @@ def plan_budget(budget_lsd: float, n_speed: float, spec: ScheduleSpec, max_steps
             break  # Dash steps alone exceed the budget; more steps only cost more
     assert best is not None  # steps=1 costs exactly 1 LSD <= budget
     return best
+
+
+@dataclass(frozen=True)
+class BudgetSchedule:
+    """A schedule spec plus an LSD budget: the planner, not the sampler, picks the step count.
+
+    ``n_speed`` None means "use the N measured for the Dot in use".
+    """
+
+    spec: ScheduleSpec
+    budget_lsd: float
+    n_speed: Optional[float] = None
+
+    def __post_init__(self):
+        if not isinstance(self.budget_lsd, (int, float)) or not math.isfinite(self.budget_lsd) or self.budget_lsd < 1:
+            raise ScheduleError(
+                f"budget_lsd={self.budget_lsd!r} is below the cost of one Dash step (1 LSD); raise budget_lsd to at least 1"
+            )
+        if self.n_speed is not None:
+            _check_n(self.n_speed)
+
+    def plan(self, measured_n: Optional[float]) -> BudgetPlan:
+        n = self.n_speed if self.n_speed is not None else measured_n
+        if n is None:
+            raise ScheduleError(
+                "an LSD budget needs N (how many times faster the Dot is): connect a Dot whose file records "
+                "a measured N, or set N on the schedule"
+            )
+        return plan_budget(self.budget_lsd, n, self.spec)
+
+    def describe(self) -> str:
+        n = f"N={self.n_speed:g}" if self.n_speed is not None else "the Dot's N"
+        return f"budget {self.budget_lsd:g} LSD with {n}, {self.spec.describe()}"

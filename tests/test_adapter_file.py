@@ -142,3 +142,16 @@ def test_file_whose_tensors_do_not_match_its_metadata_is_refused(saved, backbone
     save_file(tensors, str(bad), metadata=meta)
     with pytest.raises(DotFileError, match="1 missing"):
         load_dot(bad, backbone)
+
+
+def test_dot_adapter_reads_once_and_builds_per_backbone(saved, backbone):
+    from morse_engine import DotAdapter
+
+    path, dot = saved
+    adapter = DotAdapter(path)
+    assert adapter.measured_n == pytest.approx(6.5)
+    first = adapter.dot_for(backbone)
+    assert adapter.dot_for(backbone) is first
+    assert torch.equal(first.out.weight, dot.out.weight)
+    with pytest.raises(DotMismatchError):
+        adapter.dot_for(TinyBackbone(model_channels=24))

@@ -81,3 +81,14 @@ def test_budget_planner_minimum_budget_is_one_dash_step():
     plan = plan_budget(1, 3.0, Pattern("D.."))
     # 1 Dash costs 1; adding a Dot step would cost 1.33
     assert plan.steps == 1 and plan.lsd == pytest.approx(1.0)
+
+
+def test_budget_schedule_uses_its_own_n_or_the_dots():
+    from morse_engine import BudgetSchedule
+
+    assert BudgetSchedule(EveryK(2), 10, n_speed=5.0).plan(measured_n=99.0).steps == 16
+    assert BudgetSchedule(EveryK(2), 10).plan(measured_n=5.0).steps == 16
+    with pytest.raises(ScheduleError, match="needs N"):
+        BudgetSchedule(EveryK(2), 10).plan(measured_n=None)
+    with pytest.raises(ScheduleError, match="budget_lsd"):
+        BudgetSchedule(EveryK(2), 0.5)
