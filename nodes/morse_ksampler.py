@@ -1,0 +1,95 @@
+"""Morse KSampler: KSampler with your checkpoint as Dash and a Dot for the other steps."""
+import logging
+
+import comfy.samplers
+import nodes as comfy_nodes
+from comfy_api.latest import io
+
+from ..morse_engine import BudgetSchedule, MorseError
+from .sampling_hooks import FILLS, MorseSettings, apply_morse
+from .types import CATEGORY, DotModelType, ScheduleType
+
+log = logging.getLogger("morse")
+
+
+def morse_inputs():
+    return [
+        DotModelType.Input("dot", optional=True, tooltip=(
+            "The Dot adapter for this checkpoint (Load Dot Model). Without one, non-Dash steps reuse or "
+            "extrapolate the last Dash estimate (training-free).")),
+        ScheduleType.Input("schedule", optional=True, tooltip="Which steps run Dash (Dash/Dot Schedule). Default: every 2nd step."),
+        io.Combo.Input("fill_without_dot", options=list(FILLS), default="reuse", optional=True, tooltip=(
+            "Only without a Dot: reuse the last Dash estimate, or extrapolate from the last two.")),
+        io.Boolean.Input("allow_other_weights", default=False, optional=True, tooltip=(
+            "Use a Dot trained on other weights of the same architecture (a fine-tune or merge). Quality may drop.")),
+    ]
+
+
+class MorseKSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="MorseKSampler",
+            display_name="Morse KSampler",
+            category=CATEGORY,
+            description="KSampler with Morse dual sampling: your checkpoint (Dash) runs on the scheduled steps, "
+            "the Dot fills the others. With every step on Dash it gives exactly KSampler's result.",
+            inputs=[
+                io.Model.Input("model", tooltip="The checkpoint's model (Dash). It is not changed; Morse works on a clone."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="The random seed used for creating the noise."),
+                io.Int.Input("steps", default=20, min=1, max=10000,
+                             tooltip="Sampling steps (Dash + Dot). An lsd_budget schedule replaces this with its plan."),
+                io.Float.Input("cfg", default=8.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                               tooltip="Classifier-free guidance scale."),
+                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, tooltip="The sampling algorithm."),
+                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, tooltip="The noise schedule."),
+                io.Conditioning.Input("positive", tooltip="What to include in the image."),
+                io.Conditioning.Input("negative", tooltip="What to exclude from the image."),
+                io.Latent.Input("latent_image", tooltip="The latent image to denoise."),
+                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="How much of the latent to denoise (lower keeps more of the input, for img2img)."),
+                *morse_inputs(),
+            ],
+            outputs=[io.Latent.Output(tooltip="The denoised latent.")],
+        )
+
+    @classmethod
+    def execute(cls, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise,
+                dot=None, schedule=None, fill_without_dot="reuse", allow_other_weights=False) -> io.NodeOutput:
+        if denoise <= 0:
+            raise ValueError("Morse KSampler: denoise is 0, so there is nothing to sample; set denoise above 0 (1.0 for txt2img)")
+        if isinstance(schedule, BudgetSchedule):
+            try:
+                plan = schedule.plan(dot.measured_n if dot is not None else 1e9)
+            except MorseError as exc:
+                raise ValueError(f"Morse KSampler: {exc}") from None
+            log.info("Morse: LSD budget %.2f plans %d steps (%s) instead of the steps input %d",
+                     schedule.budget_lsd, plan.steps, plan.schedule.pattern(), steps)
+            steps = plan.steps
+        settings = MorseSettings(schedule, dot, fill_without_dot or "reuse", bool(allow_other_weights))
+        patched = apply_morse(model, settings)
+        (out,) = comfy_nodes.common_ksampler(
+            patched, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise=denoise
+        )
+        return io.NodeOutput(out)
+
+
+class MorseModelPatch(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="MorseModelPatch",
+            display_name="Morse Model Patch",
+            category=CATEGORY,
+            description="Adds Morse to a model for custom sampling (CFGGuider + SamplerCustomAdvanced, custom sigmas "
+            "such as Align Your Steps). The step count comes from the sigmas; an lsd_budget schedule uses only its pattern.",
+            inputs=[io.Model.Input("model", tooltip="The checkpoint's model (Dash). It is not changed; a clone is patched."),
+                    *morse_inputs()],
+            outputs=[io.Model.Output(tooltip="The model with Morse, for a guider or any sampler node.")],
+        )
+
+    @classmethod
+    def execute(cls, model, dot=None, schedule=None, fill_without_dot="reuse", allow_other_weights=False) -> io.NodeOutput:
+        settings = MorseSettings(schedule, dot, fill_without_dot or "reuse", bool(allow_other_weights))
+        return io.NodeOutput(apply_morse(model, settings))

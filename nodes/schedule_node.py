@@ -1,0 +1,73 @@
+"""Dash/Dot Schedule: which steps run the full model (Dash) and which the Dot."""
+from comfy_api.latest import io, ui
+
+from ..morse_engine import BudgetSchedule, EveryK, FrontLoaded, MorseError, Pattern
+from .types import CATEGORY, ScheduleType
+
+KINDS = ["every_k", "front_loaded", "pattern", "lsd_budget"]
+
+
+def build_schedule(kind, k, dash_fraction, pattern, final_dash, budget_lsd, n_speed):
+    if kind == "every_k":
+        return EveryK(k, final_dash=final_dash)
+    if kind == "front_loaded":
+        return FrontLoaded(dash_fraction, final_dash=final_dash)
+    if kind == "pattern":
+        return Pattern(pattern.strip(), final_dash=final_dash)
+    if kind == "lsd_budget":
+        spec = Pattern(pattern.strip(), final_dash=final_dash) if pattern.strip() else EveryK(k, final_dash=final_dash)
+        return BudgetSchedule(spec, budget_lsd, n_speed if n_speed > 0 else None)
+    raise ValueError(f"schedule kind {kind!r} is not one of {KINDS}")
+
+
+def describe(schedule, preview_steps: int, n_speed: float) -> str:
+    n = n_speed if n_speed > 0 else None
+    if isinstance(schedule, BudgetSchedule):
+        if schedule.n_speed is None and n is None:
+            return f"{schedule.describe()}: steps are planned when the Dot's N is known"
+        plan = schedule.plan(n)
+        return f"{schedule.describe()}: {plan.steps} steps {plan.schedule.pattern()}, {plan.lsd:.2f} LSD"
+    resolved = schedule.resolve(preview_steps)
+    cost = f", {resolved.lsd(n):.2f} LSD at N={n:g}" if n else ""
+    return f"{schedule.describe()}: at {preview_steps} steps {resolved.pattern()} ({resolved.dash_steps} Dash + {resolved.dot_steps} Dot{cost})"
+
+
+class DashDotSchedule(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="MorseDashDotSchedule",
+            display_name="Dash/Dot Schedule",
+            category=CATEGORY,
+            description="Chooses which sampling steps run your checkpoint (Dash, 'D') and which the Dot ('.'). "
+            "The first step is always Dash. Shows the pattern and its cost in LSD (one Dash step = 1 LSD).",
+            inputs=[
+                io.Combo.Input("kind", options=KINDS, default="every_k", tooltip=(
+                    "every_k: Dash on every k-th step. front_loaded: more Dash steps early, fewer late. "
+                    "pattern: an explicit string such as D..D. repeated over the steps. "
+                    "lsd_budget: the most steps that fit a budget, using the pattern (or every k-th if empty).")),
+                io.Int.Input("k", default=2, min=1, max=100, tooltip="every_k / lsd_budget: Dash on every k-th step (1 = all Dash)."),
+                io.Float.Input("dash_fraction", default=0.5, min=0.01, max=1.0, step=0.01,
+                               tooltip="front_loaded: the share of steps that run Dash."),
+                io.String.Input("pattern", default="D.", tooltip="pattern / lsd_budget: 'D' = Dash, '.' = Dot; must start with 'D'."),
+                io.Int.Input("final_dash", default=0, min=0, max=1000, tooltip="Always run the last n steps on Dash (fine detail)."),
+                io.Float.Input("budget_lsd", default=10.0, min=1.0, max=1000.0, step=0.5,
+                               tooltip="lsd_budget: the latency budget in Dash steps; Morse KSampler's steps input is replaced by the plan."),
+                io.Float.Input("n_speed", default=0.0, min=0.0, max=100.0, step=0.1,
+                               tooltip="How many times faster the Dot is than Dash. 0 = use the N measured in the Dot file."),
+                io.Int.Input("preview_steps", default=20, min=1, max=1000, tooltip="Step count used only for the preview text."),
+            ],
+            outputs=[
+                ScheduleType.Output(tooltip="The schedule, for Morse KSampler or Morse Model Patch."),
+                io.String.Output(display_name="description", tooltip="The resolved pattern and its LSD cost."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, kind, k, dash_fraction, pattern, final_dash, budget_lsd, n_speed, preview_steps) -> io.NodeOutput:
+        try:
+            schedule = build_schedule(kind, k, dash_fraction, pattern, final_dash, budget_lsd, n_speed)
+            text = describe(schedule, preview_steps, n_speed)
+        except MorseError as exc:
+            raise ValueError(f"Dash/Dot Schedule: {exc}") from None
+        return io.NodeOutput(schedule, text, ui=ui.PreviewText(text))
