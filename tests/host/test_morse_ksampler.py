@@ -1,0 +1,289 @@
+"""Morse KSampler and Morse Model Patch inside a real ComfyUI, on tiny SD1.x-family models."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, conditioning, save_test_dot
+
+STEPS = 4
+
+
+def node(host, name):
+    return host.nodes.NODE_CLASS_MAPPINGS[name]
+
+
+def ksampler(host, model, sampler="euler", steps=STEPS, cfg=3.0, latent=None, denoise=1.0, pos=None, neg=None, seed=7):
+    latent = latent or {"samples": torch.zeros(1, 4, 16, 16)}
+    return host.nodes.common_ksampler(
+        model, seed, steps, cfg, sampler, "normal", pos or conditioning(1), neg or conditioning(2), latent, denoise=denoise
+    )[0]["samples"]
+
+
+def morse(host, model, sampler="euler", steps=STEPS, cfg=3.0, latent=None, denoise=1.0, pos=None, neg=None, seed=7, **extra):
+    latent = latent or {"samples": torch.zeros(1, 4, 16, 16)}
+    out = node(host, "MorseKSampler").execute(
+        model, seed, steps, cfg, sampler, "normal", pos or conditioning(1), neg or conditioning(2), latent, denoise, **extra
+    )
+    return out.result[0]["samples"]
+
+
+def schedule(host, pattern):
+    return host.engine.Pattern(pattern)
+
+
+class BackboneSizes:
+    """Records the spatial size the UNet's first conv sees: full for Dash, 1/2^m for the Dot."""
+
+    def __init__(self, model):
+        self.sizes = []
+        conv = model.model.diffusion_model.input_blocks[0][0]
+        self.handle = conv.register_forward_pre_hook(lambda mod, args: self.sizes.append(args[0].shape[-1]))
+
+    def close(self):
+        self.handle.remove()
+
+
+def test_comfyui_lists_the_nodes_with_tooltips_in_one_category(host):
+    assert {"MorseLoadDotModel", "MorseDashDotSchedule", "MorseKSampler", "MorseModelPatch"} <= set(host.new_nodes)
+    categories = set()
+    for name in host.new_nodes:
+        info = node(host, name).GET_NODE_INFO_V1()
+        categories.add(info["category"])
+        for section in ("required", "optional"):
+            for input_name, spec in info["input"].get(section, {}).items():
+                assert spec[1].get("tooltip"), f"{name}.{input_name} has no tooltip"
+    assert categories == {"sampling/morse"}
+
+
+def test_every_example_workflow_uses_only_existing_node_types(host):
+    import asyncio
+
+    asyncio.run(host.nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+    files = sorted((REPO / "example_workflows").glob("*.json"))
+    assert len(files) >= 3
+    for path in files:
+        workflow = json.loads(path.read_text())
+        types = {n["type"] for n in workflow["nodes"]}
+        missing = types - set(host.nodes.NODE_CLASS_MAPPINGS) - {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
+        assert not missing, f"{path.name} uses missing node types {missing}"
+        for n in workflow["nodes"]:
+            if n["type"] in host.new_nodes:  # our widget values must line up with our widget inputs
+                info = node(host, n["type"]).GET_NODE_INFO_V1()["input"]
+                specs = [spec for section in ("required", "optional") for spec in info.get(section, {}).values()]
+                widgets = [s for s in specs if s[0] in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO") or isinstance(s[0], list)]
+                extra = sum(1 for s in widgets if len(s) > 1 and s[1].get("control_after_generate"))
+                assert len(n["widgets_values"]) == len(widgets) + extra, f"{path.name}: {n['type']} widget values"
+
+
+@pytest.mark.parametrize("sampler", ["__all__"])
+def test_dash_only_schedule_is_bit_identical_to_ksampler_for_every_sampler(host, tiny, sampler):
+    mismatched = []
+    for name in host.comfy.samplers.KSampler.SAMPLERS:
+        expected = ksampler(host, tiny, name)
+        got = morse(host, tiny, name, schedule=host.engine.EveryK(1))
+        if not torch.equal(expected, got):
+            mismatched.append(name)
+    assert not mismatched, f"not bit-identical for {mismatched}"
+
+
+def test_mixed_schedule_runs_dash_on_scheduled_steps_and_the_dot_on_the_others(host, tiny, dot_folder):
+    name = save_test_dot(host, tiny, dot_folder, m=1)
+    dot = node(host, "MorseLoadDotModel").execute(name).result[0]
+    probe = BackboneSizes(tiny)
+    try:
+        out = morse(host, tiny, "euler", steps=6, schedule=schedule(host, "D.."), dot=dot)
+    finally:
+        probe.close()
+    # one batched cond+uncond call per step: Dash at 16x16, Dot at 8x8 (m = 1)
+    assert probe.sizes == [16, 8, 8, 16, 8, 8]
+    assert not torch.equal(out, ksampler(host, tiny, "euler", steps=6))
+
+
+def test_second_order_sampler_counts_each_step_once(host, tiny, dot_folder):
+    dot = node(host, "MorseLoadDotModel").execute(save_test_dot(host, tiny, dot_folder)).result[0]
+    probe = BackboneSizes(tiny)
+    try:
+        morse(host, tiny, "heun", steps=4, schedule=schedule(host, "D."), dot=dot)
+    finally:
+        probe.close()
+    # heun: 2 calls per step except the last; the corrector of step i is at sigma_{i+1}
+    assert probe.sizes.count(16) >= 2 and probe.sizes.count(8) >= 2
+
+
+def test_batch_two_with_cond_and_uncond_in_separate_calls(host, tiny, dot_folder):
+    dot = node(host, "MorseLoadDotModel").execute(save_test_dot(host, tiny, dot_folder)).result[0]
+    seen = []
+    model = tiny.clone()
+
+    def spy(executor, *args, **kwargs):
+        seen.append(len(args[5]["uuids"]))
+        return executor(*args, **kwargs)
+
+    WrappersMP = host.comfy.patcher_extension.WrappersMP
+    model.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, "spy", spy)
+    latent = {"samples": torch.zeros(2, 4, 16, 16)}
+    # 77 vs 78 tokens cannot be concatenated, so ComfyUI calls cond and uncond separately
+    pos, neg = conditioning(1, 77), conditioning(2, 78)
+    out = morse(host, model, "euler", steps=4, latent=latent, pos=pos, neg=neg, schedule=schedule(host, "D."), dot=dot)
+    assert set(seen) == {1} and len(seen) == 8
+    assert out.shape == (2, 4, 16, 16) and torch.isfinite(out).all()
+    dash_only = morse(host, model, "euler", steps=4, latent=latent, pos=pos, neg=neg, schedule=host.engine.EveryK(1))
+    assert torch.equal(dash_only, ksampler(host, tiny, "euler", latent=latent, pos=pos, neg=neg))
+
+
+def test_cfg_one_runs_without_an_uncond_batch(host, tiny, dot_folder):
+    dot = node(host, "MorseLoadDotModel").execute(save_test_dot(host, tiny, dot_folder)).result[0]
+    out = morse(host, tiny, "euler", cfg=1.0, schedule=schedule(host, "D."), dot=dot)
+    assert torch.isfinite(out).all()
+    assert torch.equal(morse(host, tiny, "euler", cfg=1.0, schedule=host.engine.EveryK(1)), ksampler(host, tiny, "euler", cfg=1.0))
+
+
+def test_denoise_half_img2img(host, tiny, dot_folder):
+    dot = node(host, "MorseLoadDotModel").execute(save_test_dot(host, tiny, dot_folder)).result[0]
+    start = {"samples": torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(4))}
+    probe = BackboneSizes(tiny)
+    try:
+        out = morse(host, tiny, "euler", steps=4, latent=start, denoise=0.5, schedule=schedule(host, "D."), dot=dot)
+    finally:
+        probe.close()
+    assert probe.sizes == [16, 8, 16, 8]
+    assert torch.isfinite(out).all()
+    assert torch.equal(
+        morse(host, tiny, "euler", latent=start, denoise=0.5, schedule=host.engine.EveryK(1)),
+        ksampler(host, tiny, "euler", latent=start, denoise=0.5),
+    )
+
+
+def test_denoise_zero_is_refused_with_a_clear_error(host, tiny):
+    with pytest.raises(ValueError, match="denoise is 0"):
+        morse(host, tiny, denoise=0.0)
+
+
+def test_lora_patched_model_keeps_its_dot_and_its_patch(host, tiny, dot_folder):
+    dot = node(host, "MorseLoadDotModel").execute(save_test_dot(host, tiny, dot_folder)).result[0]
+    lora = tiny.clone()
+    key = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+    weight = tiny.model.diffusion_model.state_dict()[key[len("diffusion_model."):]]
+    assert lora.add_patches({key: ("diff", (torch.full_like(weight, 0.05),))}) == [key]
+    plain = morse(host, tiny, "euler", schedule=schedule(host, "D."), dot=dot)
+    patched = morse(host, lora, "euler", schedule=schedule(host, "D."), dot=dot)  # no fingerprint refusal
+    assert not torch.equal(plain, patched)
+    assert torch.equal(morse(host, lora, "euler", schedule=host.engine.EveryK(1)), ksampler(host, lora, "euler"))
+
+
+def test_an_exception_mid_run_leaves_the_next_run_clean(host, tiny, dot_folder):
+    dot = node(host, "MorseLoadDotModel").execute(save_test_dot(host, tiny, dot_folder)).result[0]
+    reference = morse(host, tiny, "euler", schedule=schedule(host, "D."), dot=dot)
+    failing = tiny.clone()
+    calls = []
+
+    def explode(executor, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("boom")
+        return executor(*args, **kwargs)
+
+    failing.add_wrapper_with_key(host.comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "explode", explode)
+    with pytest.raises(RuntimeError, match="boom"):
+        morse(host, failing, "euler", schedule=schedule(host, "D."), dot=dot)
+    assert torch.equal(morse(host, tiny, "euler", schedule=schedule(host, "D."), dot=dot), reference)
+
+
+def test_comfyui_interrupt_then_a_clean_run(host, tiny, dot_folder):
+    mm = host.comfy.model_management
+    dot = node(host, "MorseLoadDotModel").execute(save_test_dot(host, tiny, dot_folder)).result[0]
+    reference = morse(host, tiny, "euler", schedule=schedule(host, "D."), dot=dot)
+    mm.interrupt_current_processing(True)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            morse(host, tiny, "euler", schedule=schedule(host, "D."), dot=dot)
+    finally:
+        mm.interrupt_current_processing(False)
+    assert torch.equal(morse(host, tiny, "euler", schedule=schedule(host, "D."), dot=dot), reference)
+
+
+def test_resolution_change_between_runs(host, tiny, dot_folder):
+    dot = node(host, "MorseLoadDotModel").execute(save_test_dot(host, tiny, dot_folder)).result[0]
+    for size in (16, 24, 16):
+        out = morse(host, tiny, "euler", latent={"samples": torch.zeros(1, 4, size, size)}, schedule=schedule(host, "D."), dot=dot)
+        assert out.shape == (1, 4, size, size) and torch.isfinite(out).all()
+
+
+def test_incoming_model_is_unchanged_after_a_run(host, tiny, dot_folder):
+    dot = node(host, "MorseLoadDotModel").execute(save_test_dot(host, tiny, dot_folder)).result[0]
+    options = repr(tiny.model_options)
+    wrappers = repr(tiny.wrappers)
+    weights = {k: v.clone() for k, v in tiny.model.diffusion_model.state_dict().items()}
+    morse(host, tiny, "euler", schedule=schedule(host, "D."), dot=dot)
+    assert repr(tiny.model_options) == options and repr(tiny.wrappers) == wrappers
+    now = tiny.model.diffusion_model.state_dict()
+    assert list(now) == list(weights) and all(torch.equal(now[k], weights[k]) for k in weights)
+    assert all(not m._forward_hooks for m in tiny.model.diffusion_model.modules())
+
+
+def test_two_morse_ksamplers_in_one_workflow(host, tiny, dot_folder):
+    dot = node(host, "MorseLoadDotModel").execute(save_test_dot(host, tiny, dot_folder)).result[0]
+    first = morse(host, tiny, "euler", schedule=schedule(host, "D."), dot=dot)
+    second = morse(host, tiny, "dpmpp_2m", latent={"samples": first}, denoise=0.5, schedule=schedule(host, "D.."), dot=dot)
+    again = morse(host, tiny, "euler", schedule=schedule(host, "D."), dot=dot)
+    assert torch.equal(first, again) and torch.isfinite(second).all()
+
+
+def test_load_dot_model_names_a_broken_file(host, dot_folder):
+    (dot_folder / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    host.folder_paths.filename_list_cache.pop("dot_models", None)
+    with pytest.raises(ValueError, match="broken.safetensors"):
+        node(host, "MorseLoadDotModel").execute("broken.safetensors")
+
+
+def test_dot_for_another_model_is_refused_when_sampling_starts(host, tiny, dot_folder):
+    from conftest import build_tiny_sd15
+
+    dot = node(host, "MorseLoadDotModel").execute(save_test_dot(host, tiny, dot_folder)).result[0]
+    other = build_tiny_sd15(host, seed=99)
+    with pytest.raises(host.engine.DotMismatchError, match="other weights"):
+        morse(host, other, "euler", schedule=schedule(host, "D."), dot=dot)
+
+
+def test_schedule_node_shows_pattern_and_cost(host):
+    out = node(host, "MorseDashDotSchedule").execute("pattern", 2, 0.5, "D..", 1, 10.0, 5.0, 9)
+    spec, text = out.result
+    assert text.startswith("pattern D.., last 1 Dash: at 9 steps D..D..D.D")
+    assert "LSD at N=5" in text
+    budget, text = node(host, "MorseDashDotSchedule").execute("lsd_budget", 2, 0.5, "D.", 0, 10.0, 5.0, 20).result
+    assert "16 steps" in text and "9.60 LSD" in text
+    with pytest.raises(ValueError, match="start it with 'D'"):
+        node(host, "MorseDashDotSchedule").execute("pattern", 2, 0.5, ".D", 0, 10.0, 0.0, 9)
+
+
+def test_lsd_budget_schedule_sets_the_step_count(host, tiny, dot_folder):
+    dot = node(host, "MorseLoadDotModel").execute(save_test_dot(host, tiny, dot_folder)).result[0]
+    budget = host.engine.BudgetSchedule(host.engine.EveryK(2), 3.0)  # N = 4 from the file: 4 steps cost 2.5
+    probe = BackboneSizes(tiny)
+    try:
+        morse(host, tiny, "euler", steps=50, schedule=budget, dot=dot)
+    finally:
+        probe.close()
+    assert probe.sizes == [16, 8, 16, 8]
+
+
+def test_custom_sampling_with_morse_model_patch(host, tiny, dot_folder):
+    """SamplerCustomAdvanced path: CFGGuider over the patched model, custom sigmas."""
+    comfy = host.comfy
+    dot = node(host, "MorseLoadDotModel").execute(save_test_dot(host, tiny, dot_folder)).result[0]
+    patched = node(host, "MorseModelPatch").execute(tiny, dot=dot, schedule=schedule(host, "D.")).result[0]
+    sigmas = torch.tensor([14.6, 6.0, 2.5, 1.0, 0.3, 0.0])  # e.g. from Align Your Steps
+    latent = torch.zeros(1, 4, 16, 16)
+    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(1))
+    probe = BackboneSizes(tiny)
+    try:
+        guider = comfy.samplers.CFGGuider(patched)
+        guider.set_conds(conditioning(1), conditioning(2))
+        guider.set_cfg(3.0)
+        out = guider.sample(noise, latent, comfy.samplers.sampler_object("euler"), sigmas, seed=1)
+    finally:
+        probe.close()
+    assert probe.sizes == [16, 8, 16, 8, 16]
+    assert torch.isfinite(out).all()
