@@ -68,6 +68,12 @@ def save_dot(
         "measured_n": "" if measured_n is None else repr(float(measured_n)),
         "training": json.dumps(training or {}),
     }
+    save_file_atomic(tensors, path, metadata)
+    return path
+
+
+def save_file_atomic(tensors: dict, path: Path, metadata: dict) -> None:
+    """Write safetensors through a temporary file and a rename: a killed writer leaves the old file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -77,7 +83,6 @@ def save_dot(
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    return path
 
 
 def read_dot_info(path) -> DotFileInfo:

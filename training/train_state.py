@@ -6,13 +6,12 @@ RNG states and the step, so a killed run continues where its last checkpoint lef
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+
+from morse_engine.adapter_file import save_file_atomic
 
 
 def save_state(path: Path, dot, optimizer, step: int, generator: torch.Generator, extra: dict) -> None:
@@ -24,15 +23,7 @@ def save_state(path: Path, dot, optimizer, step: int, generator: torch.Generator
     tensors["rng.torch"] = torch.get_rng_state()
     tensors["rng.generator"] = generator.get_state()
     meta = {"step": str(step), "param_groups": json.dumps(opt["param_groups"]), "extra": json.dumps(extra)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    save_file_atomic(tensors, path, meta)
 
 
 def load_state(path: Path, dot, optimizer, generator: torch.Generator) -> tuple[int, dict]:
