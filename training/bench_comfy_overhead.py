@@ -40,7 +40,7 @@ def build_model(comfy, mm, channels: int, context_dim: int):
         "context_dim": context_dim, "model_channels": channels, "use_linear_in_transformer": False,
         "adm_in_channels": None, "use_temporal_attention": False, "use_checkpoint": False, "image_size": 32,
         "use_spatial_transformer": True, "legacy": False, "in_channels": 4, "out_channels": 4,
-        "num_res_blocks": [2, 2, 2], "channel_mult": [1, 2, 4], "transformer_depth": [1, 1, 1],
+        "num_res_blocks": [2, 2, 2], "channel_mult": [1, 2, 4], "transformer_depth": [1, 1, 1, 1, 1, 1],
         "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1], "transformer_depth_middle": 1,
         "use_temporal_resblock": False,
     }
