@@ -1,0 +1,1 @@
+"""Standalone training, data and reference-model package of the Morse node pack."""
