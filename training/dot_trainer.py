@@ -30,6 +30,7 @@ from .dash_setup import DashSetup
 from .train_state import load_state, save_state
 
 JUMP_SAMPLERS = ("euler", "euler_ancestral")
+LOSS_WEIGHTS = ("none", "step")
 
 
 class TrainingDiverged(RuntimeError):
@@ -53,10 +54,13 @@ class DotTrainConfig:
     cfg_min: float = 1.0  # guidance scale that forms x_i, drawn uniformly
     cfg_max: float = 4.0
     sampler: str = "euler"  # the step that forms x_i: euler (= DDIM) or euler_ancestral
+    loss_weight: str = "step"  # weight each tuple by its sigma step (what an eps error does to x); "none": plain MSE
     seed: int = 0
     checkpoint_every: int = 200
 
     def __post_init__(self):
+        if self.loss_weight not in LOSS_WEIGHTS:
+            raise ValueError(f"loss_weight {self.loss_weight!r} is not one of {LOSS_WEIGHTS}; pick one of those")
         if self.sampler not in JUMP_SAMPLERS:
             raise ValueError(f"sampler {self.sampler!r} is not one of {JUMP_SAMPLERS}; pick one of those")
         if not 1 <= self.jump_min <= self.jump_max:
@@ -121,7 +125,18 @@ def training_tuple(setup: DashSetup, x0, cond, cfg: DotTrainConfig, gen: torch.G
         "anchor_t": two(t_s.float()),
         "context": context,
         "target": target,
+        "sigma_step": two(sig_s - sig_i).reshape(-1),
     }
+
+
+def weighted_mse(pred, target, sigma_step, kind: str):
+    """Plain MSE (the paper), or weighted by the sigma step: an eps error moves the sampler's
+    x by (sigma step) x error, so large-noise jumps count for what they do to the sample."""
+    per_sample = (pred - target).pow(2).flatten(1).mean(1)
+    if kind == "none":
+        return per_sample.mean()
+    w = sigma_step.to(per_sample.dtype)
+    return (per_sample * w).sum() / w.sum().clamp(min=1e-12)
 
 
 def lr_at(step: int, cfg: DotTrainConfig) -> float:
@@ -196,7 +211,7 @@ def train_dot(
             unet, batch["x"], batch["t"], batch["anchor_x"], batch["anchor_z"], batch["anchor_t"],
             context=batch["context"], lora_hooks=False,
         )
-        loss = F.mse_loss(pred, batch["target"])
+        loss = weighted_mse(pred, batch["target"], batch["sigma_step"], cfg.loss_weight)
         if not torch.isfinite(loss):
             raise TrainingDiverged(
                 f"the loss became {loss.item()} at step {step + 1}; the last good checkpoint ({state_path}, step {last_saved}) "

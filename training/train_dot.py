@@ -51,6 +51,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--jump-min", type=int, default=d.jump_min, help="shortest jump t_s -> t_i in timesteps")
     p.add_argument("--jump-max", type=int, default=d.jump_max, help="longest jump t_s -> t_i in timesteps")
     p.add_argument("--sampler", default=d.sampler, choices=JUMP_SAMPLERS, help="the step that forms x_i from (x_s, z_s)")
+    p.add_argument("--loss-weight", default=d.loss_weight, choices=("none", "step"),
+                   help="step (default): weight each tuple by its sigma step, as the sampler update does; none: plain MSE as in the paper")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
     p.add_argument("--resume", action="store_true", help="continue from runs/<name>/train-state.safetensors")
@@ -82,6 +84,7 @@ def main(argv=None) -> int:
         jump_min=args.jump_min,
         jump_max=args.jump_max,
         sampler=args.sampler,
+        loss_weight=args.loss_weight,
         seed=args.seed,
         checkpoint_every=args.checkpoint_every,
     )
