@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import TinyBackbone
+from tiny_models import TinyBackbone
 from morse_engine import (
     DotConfig,
     DotFileError,

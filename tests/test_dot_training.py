@@ -4,7 +4,7 @@ import copy
 import pytest
 import torch
 
-from conftest import TinyBackbone
+from tiny_models import TinyBackbone
 from morse_engine import fingerprint_module
 from training.dash_setup import DashSetup
 from training.dot_trainer import DotTrainConfig, TrainingDiverged, peft_adapters, train_dot, training_tuple
@@ -111,3 +111,12 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
 
     with safe_open(str(state), "pt") as f:
         assert f.metadata()["step"] == "5"
+
+
+def test_step_weighting_counts_each_tuple_by_its_sigma_step():
+    from training.dot_trainer import weighted_mse
+
+    pred, target = torch.zeros(2, 1, 2, 2), torch.stack([torch.ones(1, 2, 2), 3 * torch.ones(1, 2, 2)])
+    steps = torch.tensor([1.0, 3.0])
+    assert weighted_mse(pred, target, steps, "none").item() == pytest.approx((1 + 9) / 2)
+    assert weighted_mse(pred, target, steps, "step").item() == pytest.approx((1 * 1 + 9 * 3) / 4)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from conftest import euler_sample, karras_sigmas
+from tiny_models import euler_sample, karras_sigmas
 from morse_engine import (
     DotConfig,
     DotFiller,

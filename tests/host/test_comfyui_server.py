@@ -9,7 +9,7 @@ import urllib.request
 
 import pytest
 
-from conftest import COMFYUI_PATH, REPO
+from comfy_host import COMFYUI_PATH, REPO
 
 PACK_NODES = {"MorseLoadDotModel", "MorseDashDotSchedule", "MorseKSampler", "MorseModelPatch"}
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, conditioning, save_test_dot
+from comfy_host import REPO, conditioning, save_test_dot
 
 STEPS = 4
 
@@ -239,7 +239,7 @@ def test_load_dot_model_names_a_broken_file(host, dot_folder):
 
 
 def test_dot_for_another_model_is_refused_when_sampling_starts(host, tiny, dot_folder):
-    from conftest import build_tiny_sd15
+    from comfy_host import build_tiny_sd15
 
     dot = node(host, "MorseLoadDotModel").execute(save_test_dot(host, tiny, dot_folder)).result[0]
     other = build_tiny_sd15(host, seed=99)
