@@ -60,3 +60,13 @@ def test_comfyui_starts_with_the_pack_and_lists_its_nodes_and_workflows(host, tm
     text = (tmp_path / "comfyui.log").read_text()
     failed = [line for line in text.splitlines() if "comfyui-morse" in line and ("IMPORT FAILED" in line or "Cannot import" in line)]
     assert not failed, failed
+
+
+def test_pyproject_is_valid_for_the_comfy_registry(host):
+    """ComfyUI's own parser of Registry metadata reads our pyproject.toml."""
+    from comfy_config import config_parser
+
+    config = config_parser.extract_node_configuration(str(REPO))
+    assert config.project.name == "comfyui-morse"
+    assert config.tool_comfy.publisher_id and config.tool_comfy.display_name
+    assert not [d for d in config.project.dependencies if d.lower().startswith("torch")]
