@@ -52,7 +52,7 @@ import torch
 from morse_engine import DotFiller, ExtrapolateFiller, MorseError, MorseRouter, Pattern, ReuseFiller, load_dot, plan_budget
 
 from . import evaluation_report as report_mod
-from .sampling import DETERMINISTIC, DiscreteEpsSampling, GuidedDenoiser, normal_sigmas, sample
+from .sampling import DETERMINISTIC, SAMPLERS, DiscreteEpsSampling, GuidedDenoiser, normal_sigmas, sample
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DOT = ROOT / "models" / "dot_models" / "reference_digits.safetensors"
@@ -326,15 +326,16 @@ def settings_from(args) -> dict:
     base["chunk"] = min(base["chunk"], base["samples"])
     base["reference_samples"] = min(base["reference_samples"], base["samples"])
     for name in base["samplers"]:
-        from .sampling import SAMPLERS
-
         if name not in SAMPLERS:
             raise SystemExit(f"error: --samplers: {name!r} is not one of {sorted(SAMPLERS)}")
     if min(base["budgets"]) < 1:
         raise SystemExit("error: --budgets must all be >= 1 LSD (one Dash step)")
     if min(base["plain_steps"]) < 1 or base["samples"] < 2:
         raise SystemExit("error: --plain-steps must be >= 1 and --samples >= 2")
-    Pattern(args.pattern)  # a bad pattern fails here with the engine's message
+    try:
+        Pattern(args.pattern)
+    except MorseError as exc:
+        raise SystemExit(f"error: --pattern: {exc}") from None
     return base
 
 
