@@ -9,13 +9,14 @@ against the test split, the value a perfect generator of new digits would reach.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .weights_file import read_weights_with_config
 
 DEFAULT_CLASSIFIER_PATH = Path(__file__).resolve().parent.parent / "models" / "reference" / "digits_classifier.safetensors"
 DEFAULT_CONFIG = {"in_channels": 1, "widths": [16, 32, 64], "feature_dim": 64, "num_classes": 10, "dropout": 0.3}
@@ -69,20 +70,12 @@ def accuracy(model: DigitsClassifier, images: torch.Tensor, labels: torch.Tensor
 
 def load_feature_classifier(path=None, device="cpu"):
     """Load the committed classifier: returns (model in eval mode, frozen; metadata dict)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     path = Path(path) if path is not None else DEFAULT_CLASSIFIER_PATH
-    if not path.is_file():
-        raise FileNotFoundError(f"digits classifier not found at {path}; "
-                                f"rebuild it with `python -m training.train_reference --only classifier`")
-    with safe_open(str(path), framework="pt") as f:
-        raw = f.metadata() or {}
-    if "config" not in raw:
-        raise ValueError(f"{path} has no 'config' metadata: not a digits classifier file")
-    meta = {k: json.loads(v) for k, v in raw.items()}
+    tensors, meta = read_weights_with_config(
+        path, "digits classifier", "python -m training.train_reference --only classifier", device
+    )
     model = DigitsClassifier(**meta["config"])
-    model.load_state_dict(load_file(str(path), device=str(device)))
+    model.load_state_dict(tensors)
     model.to(device).eval().requires_grad_(False)
     return model, meta
 

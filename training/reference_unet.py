@@ -328,19 +328,12 @@ class ClassConditioner(nn.Module):
 
 def load_reference_dash(path=None, device="cpu"):
     """Load the committed reference Dash model: returns (unet, conditioner, metadata dict), eval, frozen."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
+    from .weights_file import read_weights_with_config
 
     path = Path(path) if path is not None else DEFAULT_DASH_PATH
-    if not path.is_file():
-        raise FileNotFoundError(f"reference Dash weights not found at {path}; "
-                                f"rebuild them with `python -m training.train_reference --only unet`")
-    with safe_open(str(path), framework="pt") as f:
-        raw = f.metadata() or {}
-    if "config" not in raw:
-        raise ValueError(f"{path} has no 'config' metadata: not a reference Dash file")
-    meta = {k: json.loads(v) for k, v in raw.items()}
-    tensors = load_file(str(path), device=str(device))
+    tensors, meta = read_weights_with_config(
+        path, "reference Dash weights", "python -m training.train_reference --only unet", device
+    )
     unet = ReferenceUNet(UNetConfig.from_dict(meta["config"]["unet"]))
     cond = ClassConditioner(**meta["config"]["conditioner"])
     unet.load_state_dict({k[len("diffusion_model."):]: v for k, v in tensors.items()
