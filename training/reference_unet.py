@@ -18,7 +18,6 @@ Weights are stored in safetensors with keys ``diffusion_model.<unet key>`` and
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
