@@ -77,7 +77,8 @@ DEFAULTS = dict(
     n_repeats=15,
     n_warmup=2,
 )
-QUICK = dict(
+QUICK = dict(  # the test-sized run: only what differs from DEFAULTS
+    DEFAULTS,
     samplers=("euler",),
     budgets=(4, 8),
     plain_steps=(4, 8, 12),
@@ -85,8 +86,6 @@ QUICK = dict(
     chunk=64,
     reference_steps=50,
     reference_samples=64,
-    ablation_samplers=("euler",),
-    extrapolate=False,
     spread=False,
     n_repeats=5,
     n_warmup=1,
