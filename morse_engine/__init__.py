@@ -3,7 +3,7 @@
 Nothing here imports ComfyUI; the nodes in ``nodes/`` and the tools in ``training/`` use it.
 """
 from .adapter_file import DotAdapter, DotFileInfo, build_dot, check_compatible, load_dot, read_dot_file, read_dot_info, save_dot
-from .dot_model import DotConfig, DotModel, default_widths
+from .dot_model import DotConfig, DotModel, default_widths, step_deviation
 from .errors import DotFileError, DotInputError, DotMismatchError, MorseError, ScheduleError
 from .fillers import Anchor, DotFiller, ExtrapolateFiller, ReuseFiller
 from .fingerprint import BackboneFingerprint, fingerprint_module, fingerprint_state_dict

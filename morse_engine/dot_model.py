@@ -68,12 +68,20 @@ class DotConfig:
     trajectory: bool = True  # False: the Table 4 ablation, eta sees only x_i and t_i
     time_dim: int = 64
     pad_multiple: int = 1  # extra factor the backbone needs its input size divisible by
+    # How the Dot sees where the sampler went since the anchor: "x_s" (the paper: the anchor's input) or
+    # "deviation" (the part of the step x_s -> x that the anchor's own estimate does not explain; needs sigmas).
+    step_input: str = "x_s"
+    prediction: str = "eps"  # the backbone's output: "eps" or "v" (ComfyUI's EPS / V_PREDICTION)
 
     def __post_init__(self):
         if self.m < 1:
             raise ValueError(f"m (down-sampling blocks) must be >= 1 (got {self.m}); the paper uses m = 2")
         if len(self.widths) != self.m:
             raise ValueError(f"widths must list one width per level: m={self.m} but widths={self.widths}")
+        if self.step_input not in STEP_INPUTS:
+            raise ValueError(f"step_input {self.step_input!r} is not one of {STEP_INPUTS}")
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"prediction {self.prediction!r} is not one of {PREDICTIONS} (the Dot supports those model types)")
 
     @property
     def factor(self) -> int:
@@ -97,6 +105,37 @@ class DotConfig:
             widths=tuple(widths) if widths else default_widths(backbone, m),
             **kw,
         )
+
+
+STEP_INPUTS = ("x_s", "deviation")
+PREDICTIONS = ("eps", "v")
+
+
+def _bcast(v, like: torch.Tensor) -> torch.Tensor:
+    v = torch.as_tensor(v, dtype=like.dtype, device=like.device)
+    return v.reshape(-1, *([1] * (like.dim() - 1))) if v.dim() else v
+
+
+def step_deviation(x, sigma, anchor_x, anchor_sigma, anchor_z, prediction: str = "eps") -> torch.Tensor:
+    """How far the sampler's step from the anchor to x departs from the anchor's own estimate.
+
+    Inputs are in the backbone's scaled space (ComfyUI's ``calculate_input``: x / sqrt(sigma^2 + 1)).
+    With no guidance and a deterministic first-order step this is zero; with CFG it is the other
+    branch's pull ((w - 1)(z_c - z_u) for the cond half), with an ancestral sampler it holds the fresh
+    noise. The paper's Dot has to infer this from x_i and x_s through a few light convolutions.
+    """
+    s_i, s_s = _bcast(sigma, x), _bcast(anchor_sigma, x)
+    raw_i, raw_s = x * (s_i**2 + 1).sqrt(), anchor_x * (s_s**2 + 1).sqrt()
+    step = s_i - s_s
+    step = torch.where(step.abs() < 1e-6, torch.full_like(step, -1e-6), step)
+    velocity = (raw_i - raw_s) / step  # the eps (or eps-equivalent) the step was taken with
+    if prediction == "eps":
+        own = anchor_z
+    elif prediction == "v":  # the eps that V_PREDICTION's denoised implies: (x_scaled * sigma + v) / sqrt(sigma^2 + 1)
+        own = (anchor_x * s_s + anchor_z) / (s_s**2 + 1).sqrt()
+    else:
+        raise ValueError(f"prediction {prediction!r} is not one of {PREDICTIONS}")
+    return velocity - own
 
 
 def timestep_features(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -188,12 +227,15 @@ class DotModel(nn.Module):
         context=None,
         backbone_call=None,
         lora_hooks: bool = True,
+        sigma=None,
+        anchor_sigma=None,
         **backbone_kwargs,
     ) -> torch.Tensor:
         """Estimate at (x, t) from the anchor Dash step (anchor_x, anchor_z at anchor_t).
 
         ``backbone_call`` defaults to ``backbone`` itself; a host passes its own call chain.
         ``lora_hooks=False`` is for training, where peft layers in the backbone carry the LoRA.
+        ``sigma``/``anchor_sigma`` (floats or per-sample) are needed when ``step_input`` is "deviation".
         """
         cfg = self.config
         for name, tensor in (("x", x), ("anchor_x", anchor_x), ("anchor_z", anchor_z)):
@@ -212,6 +254,13 @@ class DotModel(nn.Module):
             v = v.to(dtype)
             return F.pad(v, (0, pad_w, 0, pad_h), mode="replicate") if (pad_h or pad_w) else v
 
+        if cfg.trajectory and cfg.step_input == "deviation":
+            if sigma is None or anchor_sigma is None:
+                raise DotInputError(
+                    "this Dot reads the sampler's step since the anchor and needs the sigmas of the call and of the "
+                    "anchor; pass sigma= and anchor_sigma= (the Morse router does this)"
+                )
+            anchor_x = step_deviation(x.float(), sigma, anchor_x.float(), anchor_sigma, anchor_z.float(), cfg.prediction)
         xi, xs, zs = prep(x), prep(anchor_x), prep(anchor_z)
         t = t.reshape(-1).expand(x.shape[0]) if t.numel() in (1, x.shape[0]) else t
         anchor_t = anchor_t.reshape(-1).expand(x.shape[0]) if anchor_t.numel() in (1, x.shape[0]) else anchor_t

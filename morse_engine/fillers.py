@@ -24,6 +24,7 @@ class Anchor:
     step: int
     prev_z: Optional[torch.Tensor] = None  # the Dash estimate before it, for extrapolation
     prev_t: Optional[torch.Tensor] = None
+    sigma: Optional[torch.Tensor] = None  # per entry; a Dot that reads the step since the anchor needs it
 
 
 class Filler:
@@ -31,7 +32,7 @@ class Filler:
     #: True when the filler calls the backbone (and so has a latency of its own to measure)
     uses_backbone = False
 
-    def __call__(self, backbone_call: Callable, x, t, anchor: Anchor, context, kwargs) -> torch.Tensor:
+    def __call__(self, backbone_call: Callable, x, t, anchor: Anchor, context, kwargs, sigma=None) -> torch.Tensor:
         raise NotImplementedError
 
 
@@ -40,7 +41,7 @@ class ReuseFiller(Filler):
 
     name = "reuse"
 
-    def __call__(self, backbone_call, x, t, anchor, context, kwargs):
+    def __call__(self, backbone_call, x, t, anchor, context, kwargs, sigma=None):
         return anchor.z.clone()
 
 
@@ -52,7 +53,7 @@ class ExtrapolateFiller(Filler):
 
     name = "extrapolate"
 
-    def __call__(self, backbone_call, x, t, anchor, context, kwargs):
+    def __call__(self, backbone_call, x, t, anchor, context, kwargs, sigma=None):
         if anchor.prev_z is None:
             return anchor.z.clone()
         t_s, t_p = anchor.t.float(), anchor.prev_t.float()
@@ -73,10 +74,11 @@ class DotFiller(Filler):
         self.dot = dot
         self.backbone = backbone
 
-    def __call__(self, backbone_call, x, t, anchor, context, kwargs):
+    def __call__(self, backbone_call, x, t, anchor, context, kwargs, sigma=None):
         with torch.no_grad():
             return self.dot(
-                self.backbone, x, t, anchor.x, anchor.z, anchor.t, context=context, backbone_call=backbone_call, **kwargs
+                self.backbone, x, t, anchor.x, anchor.z, anchor.t, context=context, backbone_call=backbone_call,
+                sigma=sigma, anchor_sigma=anchor.sigma, **kwargs
             )
 
 

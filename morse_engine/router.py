@@ -135,7 +135,7 @@ class MorseRun:
             if anchors is not None:
                 anchor = _stack(anchors)
                 out, secs = self._timed(
-                    lambda: self.filler(dash, x, timestep, anchor, context, kwargs)
+                    lambda: self.filler(dash, x, timestep, anchor, context, kwargs, sigma=sigma)
                 )
                 s.dot_calls += 1
                 s.dot_seconds += secs
@@ -148,10 +148,10 @@ class MorseRun:
         s.dash_seconds += secs
         s.dash_steps.add(step)
         if self.keep_anchors:
-            self._store(keys, x, out, timestep, step)
+            self._store(keys, x, out, timestep, step, sigma)
         return out
 
-    def _store(self, keys, x, out, timestep, step):
+    def _store(self, keys, x, out, timestep, step, sigma):
         n = len(keys)
         t = timestep.reshape(-1)
         if t.numel() == 1:
@@ -170,6 +170,7 @@ class MorseRun:
                 step=step,
                 prev_z=prev_z,
                 prev_t=prev_t,
+                sigma=torch.full((xc.shape[0],), float(sigma), dtype=torch.float32, device=xc.device),
             )
 
     def close(self):
@@ -187,6 +188,7 @@ def _stack(anchors: list[Anchor]) -> Anchor:
         step=min(a.step for a in anchors),
         prev_z=torch.cat([a.prev_z for a in anchors]) if prev_ok else None,
         prev_t=torch.cat([a.prev_t for a in anchors]) if prev_ok else None,
+        sigma=torch.cat([a.sigma for a in anchors]) if all(a.sigma is not None for a in anchors) else None,
     )
 
 

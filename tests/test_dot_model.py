@@ -167,3 +167,37 @@ def test_only_the_dot_trains_and_gradients_reach_light_blocks_and_lora(backbone)
     assert all(p.grad is None for p in backbone.parameters())
     assert dot.out.weight.grad is not None and dot.out.weight.grad.abs().sum() > 0
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in dot.named_parameters() if n.startswith("lora.down"))
+
+
+def _scaled(raw, sigma):
+    return raw / (sigma**2 + 1) ** 0.5
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_step_deviation_is_the_other_branch_pull_under_cfg(prediction):
+    """An Euler step taken with the guided estimate departs from the cond branch's own estimate by (w - 1)(c - u)."""
+    from morse_engine import step_deviation
+
+    g = torch.Generator().manual_seed(0)
+    sig_s, sig_i, w = torch.tensor([6.0, 1.5]), torch.tensor([4.0, 0.9]), 3.0
+    view = lambda v: v.view(-1, 1, 1, 1)  # noqa: E731
+    x_s = torch.randn(2, 4, 8, 8, generator=g) * view(sig_s)
+    eps_c, eps_u = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    x_i = x_s + (eps_u + w * (eps_c - eps_u)) * view(sig_i - sig_s)
+    xin_s = _scaled(x_s, view(sig_s))
+    if prediction == "eps":
+        z_c = eps_c
+    else:  # ComfyUI V_PREDICTION: v = (eps - sigma * x_scaled) * ... solved from its calculate_denoised
+        z_c = eps_c * (view(sig_s) ** 2 + 1) ** 0.5 - view(sig_s) * xin_s
+    dev = step_deviation(_scaled(x_i, view(sig_i)), sig_i, xin_s, sig_s, z_c, prediction)
+    torch.testing.assert_close(dev, (w - 1) * (eps_c - eps_u), atol=1e-4, rtol=1e-4)
+
+
+def test_deviation_dot_needs_the_sigmas_and_is_untrained_equal_to_the_anchor(backbone):
+    dot = make_dot(backbone, step_input="deviation")
+    x, xs, zs, ctx = inputs()
+    t, ts = torch.full((2,), 400.0), torch.full((2,), 500.0)
+    with torch.no_grad():
+        with pytest.raises(DotInputError, match="sigma"):
+            dot(backbone, x, t, xs, zs, ts, context=ctx)
+        assert torch.equal(dot(backbone, x, t, xs, zs, ts, context=ctx, sigma=2.0, anchor_sigma=3.0), zs)

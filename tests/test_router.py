@@ -210,3 +210,24 @@ def test_measured_n_and_lsd_in_the_summary(backbone):
     s = router.last_summary
     assert s.measured_n is not None and s.measured_n > 0
     assert s.lsd(2.0) == pytest.approx(3 + 3 / 2)
+
+
+def test_filler_gets_the_call_sigma_and_each_entry_its_anchor_sigma(backbone):
+    """A Dot that reads the sampler's step needs both sigmas; entries anchored at different steps keep their own."""
+    seen = []
+
+    class Recorder(ReuseFiller):
+        def __call__(self, backbone_call, x, t, anchor, context, kwargs, sigma=None):
+            seen.append((sigma, anchor.sigma.clone()))
+            return super().__call__(backbone_call, x, t, anchor, context, kwargs, sigma=sigma)
+
+    router = MorseRouter(Pattern("D.."), Recorder())
+    sigmas = torch.tensor([10.0, 6.0, 3.0, 0.0])
+    x = torch.randn(2, 4, 8, 8)
+    with torch.no_grad(), router.run(sigmas) as run:
+        run(backbone, x, torch.ones(2), 10.0, keys=["c", "u"])
+        run(backbone, x, torch.ones(2), 6.0, keys=["c", "u"])
+        run(backbone, x, torch.ones(2), 3.0, keys=["c", "u"])
+    assert [s for s, _ in seen] == [6.0, 3.0]
+    for _, anchor_sigma in seen:
+        assert torch.equal(anchor_sigma, torch.full((2,), 10.0))
