@@ -1,0 +1,35 @@
+import json
+
+import pytest
+import torch
+
+from training import bench_latency
+
+
+def test_schedule_bounds_follow_the_lsd_cost():
+    rows = {r["schedule"]: r for r in bench_latency.schedule_table(7.0)}
+    d = rows["D."]
+    assert (d["dash"], d["dot"]) == (15, 15)
+    assert d["lsd"] == pytest.approx(15 + 15 / 7)
+    assert d["speedup_bound"] == pytest.approx(30 / (15 + 15 / 7))
+    assert rows["D..."]["speedup_bound"] > rows["D.."]["speedup_bound"] > d["speedup_bound"]
+
+
+def test_tiny_benchmark_end_to_end_writes_measured_figures(tmp_path, monkeypatch):
+    monkeypatch.delenv("COMFYUI_PATH", raising=False)
+    torch.set_num_threads(1)
+    out = tmp_path / "bench.json"
+    assert bench_latency.main(["--arch", "tiny", "--m", "1,2", "--repeats", "1", "--warmup", "0",
+                               "--train-steps", "2", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert [r["m"] for r in report["rows"]] == [1, 2]
+    for row in report["rows"]:
+        assert row["dash_ms"] > 0 and row["dot_ms"] > 0
+        assert row["N"] == pytest.approx(row["dash_ms"] / row["dot_ms"])
+        assert 0 < row["dot_param_share"] < 1
+    assert report["training"]["samples_per_s"] > 0 and report["training"]["peak_mb"] > 0
+
+
+def test_unknown_architecture_is_named():
+    with pytest.raises(SystemExit, match="not one of"):
+        bench_latency.main(["--arch", "sd3"])

@@ -1,0 +1,318 @@
+"""Dash and Dot latency per CFG step on real architectures, and the N they give.
+
+    python -m training.bench_latency                       # SD1.5 at 512 px, m = 1, 2, 3
+    python -m training.bench_latency --arch sd15,sdxl --comfyui /path/to/ComfyUI
+
+Builds the UNet of an architecture with random weights (shapes and cost are what matter),
+the default Dot for it with m = 1, 2, 3, and times one CFG step (batch 2: cond + uncond)
+of each, interleaved, on the chosen device. Prints the table, the Dot's parameter share,
+and for a few Dash/Dot schedules the LSD cost and the speedup they would give if the Dot
+steps were as good as Dash steps (an upper bound; `training.evaluate` measures the real one).
+
+With ComfyUI (``--comfyui`` or ``COMFYUI_PATH``) the UNet is ComfyUI's own ``UNetModel``
+for SD1.5 / SDXL. Without it, SD1.5 is built from this project's UNet in the same layout
+(the same blocks, widths, depths and attention sizes; 40-channel heads everywhere, where
+SD1.5 has 8 heads per level); SDXL needs ComfyUI.
+Prints figures; asserts nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from morse_engine import DotConfig, DotModel, EveryK, Pattern, lsd_cost
+
+ARCHS = {
+    # resolution in pixels; the latent is 1/8 per side with 4 channels
+    "sd15": dict(resolution=512, context=(77, 768), adm=None),
+    "sdxl": dict(resolution=1024, context=(77, 2048), adm=2816),
+    # a seconds-long smoke run of the whole benchmark (the tests use it); always the project's UNet
+    "tiny": dict(resolution=128, context=(4, 32), adm=None),
+}
+SCHEDULES = (("D.", Pattern("D.")), ("D..", Pattern("D..")), ("D...", Pattern("D...")), ("every 4th", EveryK(4)))
+STEPS_FOR_SCHEDULES = 30
+
+
+def comfy_unet_config(arch: str) -> dict:
+    """The unet_config that ComfyUI's model detection produces for a real checkpoint of ``arch``."""
+    common = {"use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
+              "in_channels": 4, "out_channels": 4, "model_channels": 320, "use_temporal_attention": False,
+              "use_temporal_resblock": False}
+    if arch == "sd15":
+        return {**common, "num_res_blocks": [2, 2, 2, 2], "channel_mult": [1, 2, 4, 4],
+                "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+                # popped from the end by the output blocks, deepest level first
+                "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+                "transformer_depth_middle": 1, "context_dim": 768, "use_linear_in_transformer": False,
+                "adm_in_channels": None}
+    if arch == "sdxl":
+        return {**common, "num_res_blocks": [2, 2, 2], "channel_mult": [1, 2, 4],
+                "transformer_depth": [0, 0, 2, 2, 10, 10],
+                "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
+                "transformer_depth_middle": 10, "context_dim": 2048, "use_linear_in_transformer": True,
+                "adm_in_channels": 2816, "num_classes": "sequential"}
+    raise ValueError(f"unknown architecture {arch!r}; pick one of {sorted(ARCHS)}")
+
+
+def find_comfyui(explicit: str | None) -> str | None:
+    for candidate in (explicit, os.environ.get("COMFYUI_PATH")):
+        if candidate:
+            if not (Path(candidate) / "comfy").is_dir():
+                raise SystemExit(f"error: {candidate} has no comfy/ package; point --comfyui (or COMFYUI_PATH) at a ComfyUI checkout")
+            return candidate
+    return None
+
+
+def build_with_comfy(arch: str, comfy_path: str, device) -> torch.nn.Module:
+    sys.path.insert(0, comfy_path)
+    try:
+        import comfy.cli_args
+
+        comfy.cli_args.args.cpu = device.type == "cpu"  # before comfy.model_management is imported
+        import comfy.supported_models
+    except Exception as exc:
+        raise SystemExit(f"error: ComfyUI at {comfy_path} does not import with {sys.executable} ({exc!r}); "
+                         "run this with ComfyUI's own Python") from None
+    kind = {"sd15": comfy.supported_models.SD15, "sdxl": comfy.supported_models.SDXL}[arch]
+    model = kind(comfy_unet_config(arch)).get_model({}, device=torch.device("cpu"))
+    return model.diffusion_model
+
+
+def build_own(arch: str) -> torch.nn.Module:
+    from .reference_unet import ReferenceUNet, UNetConfig
+
+    if arch == "tiny":
+        return ReferenceUNet(UNetConfig(in_channels=4, out_channels=4, model_channels=32, channel_mult=(1, 2),
+                                        num_res_blocks=1, attention_resolutions=(2,), num_head_channels=16,
+                                        context_dim=32, norm_groups=8))
+    if arch != "sd15":
+        raise SystemExit(f"error: --arch {arch} needs ComfyUI's UNet; pass --comfyui PATH or set COMFYUI_PATH")
+    return ReferenceUNet(UNetConfig(in_channels=4, out_channels=4, model_channels=320, channel_mult=(1, 2, 4, 4),
+                                    num_res_blocks=2, attention_resolutions=(1, 2, 4), num_head_channels=40,
+                                    context_dim=768, transformer_depth=1, norm_groups=32))
+
+
+def randomize(module: torch.nn.Module, seed: int = 0) -> None:
+    """ComfyUI builds with uninitialised weights; random ones avoid denormals and NaNs skewing timings."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+
+
+@dataclass
+class Row:
+    arch: str
+    resolution: int
+    m: int
+    widths: tuple
+    dash_ms: float
+    dot_ms: float
+    dot_params: int
+    dash_params: int
+
+    @property
+    def n(self) -> float:
+        return self.dash_ms / self.dot_ms
+
+    def to_dict(self) -> dict:
+        return {"arch": self.arch, "resolution": self.resolution, "m": self.m, "widths": list(self.widths),
+                "dash_ms": self.dash_ms, "dot_ms": self.dot_ms, "N": self.n, "dot_params": self.dot_params,
+                "dash_params": self.dash_params, "dot_param_share": self.dot_params / self.dash_params}
+
+
+def timed(fn, sync) -> float:
+    if sync:
+        sync()
+    start = time.perf_counter()
+    fn()
+    if sync:
+        sync()
+    return time.perf_counter() - start
+
+
+@torch.no_grad()
+def bench_arch(arch: str, backbone, ms, device, dtype, repeats: int, warmup: int, progress) -> list[Row]:
+    spec = ARCHS[arch]
+    side = spec["resolution"] // 8
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, side, side, generator=g).to(device, dtype)  # cond + uncond of one image
+    t = torch.full((2,), 500.0, device=device)
+    t_s = torch.full((2,), 550.0, device=device)
+    context = torch.randn(2, *spec["context"], generator=g).to(device, dtype)
+    extra = {"y": torch.randn(2, spec["adm"], generator=g).to(device, dtype)} if spec["adm"] else {}
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
+    dash_params = sum(p.numel() for p in backbone.parameters())
+
+    dash = lambda: backbone(x, t, context=context, **extra)  # noqa: E731
+    z = dash()
+    rows = []
+    for m in ms:
+        cfg = DotConfig.for_backbone(backbone, m=m, step_input="deviation")
+        dot = DotModel.build(backbone, cfg)
+        randomize(dot, seed=m)
+        dot = dot.to(device, dtype).eval()
+        dot_call = lambda: dot(backbone, x, t, x, z, t_s, context=context, sigma=1.0, anchor_sigma=1.1, **extra)  # noqa: E731
+        for _ in range(warmup):
+            dash(), dot_call()
+        d_t, o_t = [], []
+        for _ in range(repeats):
+            d_t.append(timed(dash, sync))
+            o_t.append(timed(dot_call, sync))
+            progress.update(1)
+        rows.append(Row(arch, spec["resolution"], m, cfg.widths, statistics.median(d_t) * 1e3, statistics.median(o_t) * 1e3,
+                        sum(p.numel() for p in dot.parameters()), dash_params))
+    return rows
+
+
+def peak_memory_mb(device) -> float:
+    """Peak GPU memory allocated by torch, or on the CPU the process's peak resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def bench_training(arch: str, backbone, m: int, steps: int, batch: int, device) -> dict:
+    """Dot training throughput: each sample costs two Dash CFG passes (anchor and target, no grad)
+    plus the Dot's forward and backward through the frozen backbone at 1/2^m."""
+    import tempfile
+
+    from .dash_setup import DashSetup
+    from .dot_trainer import DotTrainConfig, train_dot
+    from .reference_unet import sd_alphas_cumprod
+    from .sampling import DiscreteEpsSampling
+
+    from morse_engine import fingerprint_module
+
+    spec = ARCHS[arch]
+    if spec["adm"]:
+        raise SystemExit(f"error: --train-steps is measured for SD1.x-family architectures; {arch} needs its y vector")
+    side = spec["resolution"] // 8
+
+    def batches(b, gen):
+        while True:  # conditions are the context itself here: encode is the identity
+            yield torch.randn(b, 4, side, side, generator=gen), torch.randn(b, *spec["context"], generator=gen)
+
+    setup = DashSetup(unet=backbone, sampling=DiscreteEpsSampling(sd_alphas_cumprod()), encode=lambda c: c,
+                      null_condition=lambda b: torch.zeros(b, *spec["context"]), batches=batches,
+                      base_family=arch, fingerprint=fingerprint_module(backbone), latent_shape=(4, side, side))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    before = peak_memory_mb(device)
+    cfg = DotTrainConfig(m=m, steps=steps, batch_size=batch, warmup=1, checkpoint_every=10**9)
+    with tempfile.TemporaryDirectory() as tmp:
+        result = train_dot(setup, cfg, Path(tmp) / "state.safetensors", progress=True)
+    return {"arch": arch, "m": m, "batch": batch, "steps": steps, "seconds": result.seconds,
+            "samples_per_s": steps * batch / result.seconds, "peak_mb": peak_memory_mb(device),
+            "peak_mb_before_training": before, "note": "includes the final checkpoint write"}
+
+
+def schedule_table(n: float) -> list[dict]:
+    out = []
+    for name, spec in SCHEDULES:
+        sched = spec.resolve(STEPS_FOR_SCHEDULES)
+        lsd = lsd_cost(sched.dash_steps, sched.dot_steps, n)
+        out.append({"schedule": name, "steps": STEPS_FOR_SCHEDULES, "dash": sched.dash_steps, "dot": sched.dot_steps,
+                    "lsd": lsd, "speedup_bound": STEPS_FOR_SCHEDULES / lsd})
+    return out
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m training.bench_latency", description=__doc__.splitlines()[0])
+    p.add_argument("--arch", default="sd15",
+                   help="comma-separated: sd15 (512 px), sdxl (1024 px; needs ComfyUI), tiny (a smoke run)")
+    p.add_argument("--m", default="1,2,3", help="Dot down-sampling depths to time, comma-separated")
+    p.add_argument("--repeats", type=int, default=3, help="timed calls of each (median reported)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, choices=("fp32", "fp16", "bf16"), help="default: fp16 on CUDA, fp32 on CPU")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's choice)")
+    p.add_argument("--comfyui", default=None, help="ComfyUI checkout (default: COMFYUI_PATH); builds ComfyUI's own UNet")
+    p.add_argument("--train-steps", type=int, default=0,
+                   help="also time this many Dot training steps on the first architecture (throughput, peak memory)")
+    p.add_argument("--train-batch", type=int, default=1, help="images per training step (each is a CFG pair)")
+    p.add_argument("--train-m", type=int, default=2)
+    p.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    return p
+
+
+def main(argv=None) -> int:
+    from tqdm.auto import tqdm
+
+    args = parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    archs = [a.strip() for a in args.arch.split(",") if a.strip()]
+    for a in archs:
+        if a not in ARCHS:
+            raise SystemExit(f"error: --arch {a!r} is not one of {sorted(ARCHS)}")
+    try:
+        ms = [int(v) for v in args.m.split(",") if v.strip()]
+    except ValueError:
+        raise SystemExit(f"error: --m must be whole numbers separated by commas (got {args.m!r})") from None
+    if not ms or min(ms) < 1:
+        raise SystemExit("error: --m values must be >= 1")
+    device = torch.device(args.device)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
+        args.dtype or ("fp16" if device.type == "cuda" else "fp32")]
+    comfy_path = find_comfyui(args.comfyui)
+
+    rows, sources, training = [], {}, None
+    with tqdm(total=len(archs) * len(ms) * args.repeats, desc="timing", dynamic_ncols=True) as bar:
+        for arch in archs:
+            if comfy_path and arch != "tiny":
+                backbone, sources[arch] = build_with_comfy(arch, comfy_path, device), "ComfyUI UNetModel"
+            else:
+                backbone = build_own(arch)
+                sources[arch] = "project UNet" + (" in SD1.5 layout (no ComfyUI given)" if arch == "sd15" else "")
+            randomize(backbone)
+            backbone = backbone.to(device, dtype).eval()
+            rows += bench_arch(arch, backbone, ms, device, dtype, args.repeats, args.warmup, bar)
+            if args.train_steps and arch == archs[0]:
+                if dtype != torch.float32:
+                    backbone = backbone.float()  # the trainer keeps fp32 master weights
+                training = bench_training(arch, backbone, args.train_m, args.train_steps, args.train_batch, device)
+            del backbone
+
+    machine = (f"{platform.machine()} {platform.processor() or ''}".strip() + f", {torch.get_num_threads()} threads"
+               if device.type == "cpu" else torch.cuda.get_device_name(device))
+    print(f"\n{machine}, torch {torch.__version__}, {str(dtype).replace('torch.', '')}, "
+          f"{datetime.date.today().isoformat()}; one CFG step = batch 2; median of {args.repeats}")
+    print(f"{'arch':6} {'px':>5} {'m':>2} {'widths':>10} {'Dash ms':>9} {'Dot ms':>8} {'N':>6} {'Dot params':>11}")
+    for r in rows:
+        print(f"{r.arch:6} {r.resolution:5d} {r.m:2d} {str(list(r.widths)):>10} {r.dash_ms:9.1f} {r.dot_ms:8.1f} "
+              f"{r.n:6.2f} {r.dot_params / 1e6:7.2f}M ({r.dot_params / r.dash_params:.1%})")
+    print(f"\nLSD cost of {STEPS_FOR_SCHEDULES} steps and the speedup bound (Dot steps as good as Dash steps):")
+    for r in rows:
+        cells = ", ".join(f"{s['schedule']} {s['lsd']:.1f} LSD -> <= {s['speedup_bound']:.2f}x" for s in schedule_table(r.n))
+        print(f"  {r.arch} m={r.m} (N {r.n:.2f}): {cells}")
+    if training:
+        print(f"\nDot training on {training['arch']} (m={training['m']}, batch {training['batch']}, {training['steps']} steps): "
+              f"{training['samples_per_s']:.3f} samples/s, peak memory {training['peak_mb']:.0f} MiB "
+              f"({training['peak_mb_before_training']:.0f} MiB before training)")
+    for arch, src in sources.items():
+        print(f"note: {arch} built as {src}")
+    if args.json:
+        report = {"machine": machine, "device": str(device), "dtype": str(dtype), "torch": torch.__version__,
+                  "date": datetime.date.today().isoformat(), "repeats": args.repeats, "sources": sources,
+                  "rows": [dict(r.to_dict(), schedules=schedule_table(r.n)) for r in rows], "training": training}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
