@@ -54,7 +54,8 @@ def fixed_batch(setup):
 
 def eval_loss(dot, unet, batch):
     with torch.no_grad():
-        pred = dot(unet, batch["x"], batch["t"], batch["anchor_x"], batch["anchor_z"], batch["anchor_t"], context=batch["context"])
+        pred = dot(unet, batch["x"], batch["t"], batch["anchor_x"], batch["anchor_z"], batch["anchor_t"], context=batch["context"],
+                   sigma=batch["sigma"], anchor_sigma=batch["anchor_sigma"])
     return torch.nn.functional.mse_loss(pred, batch["target"]).item()
 
 

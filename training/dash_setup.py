@@ -9,7 +9,7 @@ another (issue 5).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -29,6 +29,16 @@ class DashSetup:
     base_family: str
     fingerprint: BackboneFingerprint
     latent_shape: tuple[int, int, int]
+    # The backbone's native output: "eps" or "v" (ComfyUI's EPS / V_PREDICTION). Anchors and
+    # targets stay native; only the sampler step that forms x_i converts to eps.
+    prediction: str = "eps"
+    # conditions [B] -> keyword arguments the backbone needs besides the context (SDXL's ``y``),
+    # passed to every Dash call and to the Dot's backbone call. None: the context is all.
+    extra_kwargs: Optional[Callable[[torch.Tensor], dict]] = None
+    # Data-free training: when set, ``batches`` yields the unit noise a sampling run starts from
+    # (not clean latents), and training_tuple calls this as (noise, conditions, generator) ->
+    # (x_s, sigma_s [B]) to run Dash's own sampler with CFG to the anchor (under no_grad, LoRA off).
+    trajectory: Optional[Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple]] = None
 
 
 def _translate(images: torch.Tensor, generator: torch.Generator, max_shift: int = 2) -> torch.Tensor:

@@ -20,12 +20,17 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, inject_adapter_in_model
-from peft.tuners.tuners_utils import BaseTunerLayer
-from tqdm.auto import tqdm
 
-from morse_engine import DEFAULT_TARGETS, DotConfig, DotModel
+from .compat import hide_broken_torchaudio
 
+hide_broken_torchaudio()  # before peft: a torchaudio built for another CUDA breaks its import (common in ComfyUI installs)
+from peft import LoraConfig, inject_adapter_in_model  # noqa: E402
+from peft.tuners.tuners_utils import BaseTunerLayer  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from morse_engine import DEFAULT_TARGETS, DotConfig, DotModel, step_deviation
+
+from . import distributed
 from .dash_setup import DashSetup
 from .train_state import load_state, save_state
 
@@ -45,7 +50,8 @@ class DotTrainConfig:
     lora_alpha: Optional[float] = None  # default: equal to the rank
     lora_targets: tuple = DEFAULT_TARGETS
     trajectory: bool = True
-    steps: int = 3000
+    step_input: str = "deviation"  # "x_s": the anchor's input (the paper); "deviation": the step's departure from z_s
+    steps: int = 2500  # about 12 min on 2 idle CPU cores for the reference model (the 15-min bar)
     batch_size: int = 32
     lr: float = 1e-3
     warmup: int = 100
@@ -68,7 +74,7 @@ class DotTrainConfig:
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError("steps and batch_size must be >= 1")
 
-    def dot_config(self, backbone) -> DotConfig:
+    def dot_config(self, backbone, prediction: str = "eps") -> DotConfig:
         return DotConfig.for_backbone(
             backbone,
             m=self.m,
@@ -77,6 +83,8 @@ class DotTrainConfig:
             lora_alpha=float(self.lora_alpha if self.lora_alpha is not None else self.lora_rank),
             lora_targets=tuple(self.lora_targets),
             trajectory=self.trajectory,
+            step_input=self.step_input,
+            prediction=prediction,  # the Dash's native output (DashSetup.prediction): eps, or v for SD2.x-v
         )
 
 
@@ -93,30 +101,50 @@ def peft_adapters(model, enabled: bool):
 
 
 def training_tuple(setup: DashSetup, x0, cond, cfg: DotTrainConfig, gen: torch.Generator) -> dict:
-    """One batch of (anchor, current, target) tuples, all in the backbone's scaled input space."""
-    b = x0.shape[0]
+    """One batch of (anchor, current, target) tuples, all in the backbone's scaled input space.
+
+    ``x0`` are clean latents, noised here to t_s; with a data-free setup (``setup.trajectory``)
+    they are the noise a sampling run starts from, and the anchor is where Dash's own sampler
+    with CFG gets to. Anchor and target outputs stay in the model's native prediction (eps or v).
+    """
     sig = setup.sampling.sigmas
-    t_s = torch.randint(1, len(sig), (b,), generator=gen)
+    if setup.trajectory is None:
+        b = x0.shape[0]
+        t_s = torch.randint(1, len(sig), (b,), generator=gen)
+    else:
+        x_s, sig_s = setup.trajectory(x0, cond, gen)
+        b = x_s.shape[0]
+        t_s = setup.sampling.timestep(sig_s).long()  # the nearest discrete timestep, as ComfyUI feeds the model
     log_jump = torch.empty(b).uniform_(math.log(cfg.jump_min), math.log(cfg.jump_max + 1), generator=gen)
     t_i = (t_s - log_jump.exp().floor().long()).clamp(min=0)
     view = (b,) + (1,) * (x0.dim() - 1)
-    sig_s, sig_i = sig[t_s].view(view), sig[t_i].view(view)
-    noise = torch.randn(x0.shape, generator=gen)
-    x_s = x0 + sig_s * noise
+    if setup.trajectory is None:
+        sig_s, sig_i = sig[t_s].view(view), sig[t_i].view(view)
+        noise = torch.randn(x0.shape, generator=gen)
+        x_s = x0 + sig_s * noise
+    else:  # the run's own sigma, which the sampler's schedule need not put on the table
+        sig_s, sig_i = sig_s.reshape(view).to(sig.dtype), sig[t_i].view(view)
     scale = lambda x, s: x / (s**2 + 1) ** 0.5  # noqa: E731
     context = torch.cat([setup.encode(cond), setup.encode(setup.null_condition(b))])
+    kwargs = {} if setup.extra_kwargs is None else setup.extra_kwargs(torch.cat([cond, setup.null_condition(b)]))
     two = lambda v: torch.cat([v, v])  # noqa: E731
-    z_s = setup.unet(two(scale(x_s, sig_s)), two(t_s.float()), context=context)
+    z_s = setup.unet(two(scale(x_s, sig_s)), two(t_s.float()), context=context, **kwargs)
     z_c, z_u = z_s.chunk(2)
     w = torch.empty(view).uniform_(cfg.cfg_min, cfg.cfg_max, generator=gen)
     guided = z_u + w * (z_c - z_u)
+    if setup.prediction == "v":
+        # the sampler steps with eps: V_PREDICTION's denoised implies eps = (x_scaled * sigma + v) / sqrt(sigma^2 + 1);
+        # the map is affine in the output, so guiding v then converting equals guiding eps
+        guided = (scale(x_s, sig_s) * sig_s + guided) / (sig_s**2 + 1) ** 0.5
+    elif setup.prediction != "eps":
+        raise ValueError(f"prediction {setup.prediction!r} is not one of ('eps', 'v'); the Dot trainer supports those")
     if cfg.sampler == "euler":
         x_i = x_s + guided * (sig_i - sig_s)
     else:
         sig_up = torch.minimum(sig_i, (sig_i**2 * (sig_s**2 - sig_i**2) / sig_s**2).clamp(min=0) ** 0.5)
         sig_down = (sig_i**2 - sig_up**2).clamp(min=0) ** 0.5
         x_i = x_s + guided * (sig_down - sig_s) + torch.randn(x0.shape, generator=gen) * sig_up
-    target = setup.unet(two(scale(x_i, sig_i)), two(t_i.float()), context=context)
+    target = setup.unet(two(scale(x_i, sig_i)), two(t_i.float()), context=context, **kwargs)
     return {
         "x": two(scale(x_i, sig_i)),
         "t": two(t_i.float()),
@@ -126,6 +154,9 @@ def training_tuple(setup: DashSetup, x0, cond, cfg: DotTrainConfig, gen: torch.G
         "context": context,
         "target": target,
         "sigma_step": two(sig_s - sig_i).reshape(-1),
+        "sigma": two(sig_i.reshape(-1)),
+        "anchor_sigma": two(sig_s.reshape(-1)),
+        "backbone_kwargs": kwargs,  # e.g. SDXL's y, for the Dot's backbone call
     }
 
 
@@ -163,12 +194,24 @@ def train_dot(
     state_path: Path,
     resume: bool = False,
     progress: bool = True,
+    parallel: Optional[distributed.DataParallel] = None,
 ) -> TrainResult:
-    """Train and return the Dot. The backbone in ``setup`` gets peft layers; reload it to sample."""
-    torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    """Train and return the Dot. The backbone in ``setup`` gets peft layers; reload it to sample.
+
+    Under a launcher (``WORLD_SIZE`` > 1; see ``training/distributed.py``) each rank trains on
+    its own data stream with ``cfg.batch_size`` per rank, gradients are averaged across ranks
+    and only rank 0 writes checkpoints; ``parallel`` passes a group the caller already joined.
+    """
+    torch.manual_seed(cfg.seed)  # same on every rank: the same start weights
+    dp = parallel
+    own_group = False
+    if dp is None and distributed.world_size() > 1:
+        dp = distributed.from_env()
+        own_group = True
+    # Each rank draws its own data; rank 0's stream is the single-process run's.
+    gen = torch.Generator().manual_seed(dp.stream_seed(cfg.seed) if dp else cfg.seed)
     unet = setup.unet.requires_grad_(False)
-    dot = DotModel.build(unet, cfg.dot_config(unet))
+    dot = DotModel.build(unet, cfg.dot_config(unet, setup.prediction))
     inject_adapter_in_model(
         LoraConfig(r=cfg.lora_rank, lora_alpha=dot.config.lora_alpha, target_modules=list(cfg.lora_targets), lora_dropout=0.0),
         unet,
@@ -186,7 +229,13 @@ def train_dot(
     if resume:
         if not state_path.is_file():
             raise FileNotFoundError(f"--resume was given but there is no checkpoint at {state_path}; start without --resume")
-        start, extra = load_state(state_path, dot, optimizer, gen)
+        start, extra = load_state(state_path, dot, optimizer, gen, rank=dp.rank if dp else None)
+        world = dp.world_size if dp else 1
+        if extra.get("world_size", 1) != world:
+            raise ValueError(
+                f"the checkpoint at {state_path} was written by a run of {extra.get('world_size', 1)} process(es), this one has "
+                f"{world}; resume with as many (the data streams and the batch per step depend on it) or start a new run"
+            )
         saved_cfg = extra.get("config", {})
         mine = json_safe(asdict(cfg))
         differs = [k for k in mine if k not in ("steps", "checkpoint_every") and saved_cfg.get(k) != mine[k]]
@@ -197,44 +246,69 @@ def train_dot(
             )
         dot.lora.copy_to_peft(unet)
         history = extra.get("history", [])
+        loss_ema, reuse_ema = extra.get("loss_ema"), extra.get("reuse_ema")
+
+    trainable = [p for g in optimizer.param_groups for p in g["params"]]
+    if dp:
+        # Seeding makes the start weights equal already; broadcasting guarantees it (CUDA init
+        # kernels, a file changed on disk between ranks' reads).
+        dp.broadcast_(list(dot.state_dict(keep_vars=True).values()) + lora_params)
 
     batches = setup.batches(cfg.batch_size, gen)
     last_saved = start
     t0 = time.time()
-    loss_ema = reuse_ema = None
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train Dot", disable=not progress, dynamic_ncols=True)
+    if not resume:
+        loss_ema = reuse_ema = None
+    quiet = not progress or (dp is not None and not dp.is_main)
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train Dot", disable=quiet, dynamic_ncols=True)
     for step in bar:
         x0, cond = next(batches)
         with torch.no_grad(), peft_adapters(unet, False):
             batch = training_tuple(setup, x0, cond, cfg, gen)
         pred = dot(
             unet, batch["x"], batch["t"], batch["anchor_x"], batch["anchor_z"], batch["anchor_t"],
-            context=batch["context"], lora_hooks=False,
+            context=batch["context"], lora_hooks=False, sigma=batch["sigma"], anchor_sigma=batch["anchor_sigma"],
+            **batch["backbone_kwargs"],
         )
         loss = weighted_mse(pred, batch["target"], batch["sigma_step"], cfg.loss_weight)
-        if not torch.isfinite(loss):
+        # data-parallel: the mean over ranks, so a NaN on one rank stops all of them at this step
+        loss_value = dp.mean(loss) if dp else loss
+        if not torch.isfinite(loss_value):
             raise TrainingDiverged(
-                f"the loss became {loss.item()} at step {step + 1}; the last good checkpoint ({state_path}, step {last_saved}) "
+                f"the loss became {loss_value.item()} at step {step + 1}; the last good checkpoint ({state_path}, step {last_saved}) "
                 f"is kept. Lower --lr (now {cfg.lr:g}) and run again with --resume"
             )
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)
+        if dp:
+            dp.average_gradients(trainable)  # before clipping, so every rank clips the same gradient
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
-        reuse = F.mse_loss(batch["anchor_z"], batch["target"]).item()
-        loss_ema = loss.item() if loss_ema is None else 0.98 * loss_ema + 0.02 * loss.item()
+        # the training-free baseline, weighted like the loss so the two numbers compare
+        reuse = weighted_mse(batch["anchor_z"], batch["target"], batch["sigma_step"], cfg.loss_weight)
+        reuse = (dp.mean(reuse) if dp else reuse).item()
+        loss_ema = loss_value.item() if loss_ema is None else 0.98 * loss_ema + 0.02 * loss_value.item()
         reuse_ema = reuse if reuse_ema is None else 0.98 * reuse_ema + 0.02 * reuse
         bar.set_postfix(loss=f"{loss_ema:.4f}", reuse=f"{reuse_ema:.4f}")
         if (step + 1) % 50 == 0:
             history.append(round(loss_ema, 6))
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
             dot.lora.load_from_peft(unet)
-            extra = {"config": json_safe(asdict(cfg)), "history": history, "loss_ema": loss_ema}
-            save_state(state_path, dot, optimizer, step + 1, gen, extra)
+            extra = {"config": json_safe(asdict(cfg)), "history": history, "loss_ema": loss_ema, "reuse_ema": reuse_ema}
+            if dp:
+                extra["world_size"] = dp.world_size
+            # every rank takes part in the gather; rank 0 alone writes (weights and optimizer are the same on all)
+            rank_gens = dp.gather_generator_states(gen) if dp else None
+            if dp is None or dp.is_main:
+                save_state(state_path, dot, optimizer, step + 1, gen, extra, rank_generators=rank_gens)
             last_saved = step + 1
     bar.close()
+    if dp:
+        dp.barrier()  # no rank leaves before the last checkpoint is written
+        if own_group:
+            dp.close()
     dot.lora.load_from_peft(unet)
     dot.eval().requires_grad_(False)
     seconds = time.time() - t0

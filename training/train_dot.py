@@ -4,6 +4,10 @@ With no arguments it trains a Dot for the embedded reference Dash on the digits 
 split and writes ``models/dot_models/reference_digits.safetensors``. A run writes a
 resumable checkpoint every ``--checkpoint-every`` steps to ``runs/<name>/train-state.safetensors``;
 ``--resume`` continues a killed run from it.
+
+For your own checkpoint (SD1.x, SD2.x incl. v-prediction, SDXL; run with ComfyUI's Python):
+``--checkpoint model.safetensors --prompts prompts.txt`` (data-free) or ``--images DIR``
+(captions in name.txt); the Dot goes to ComfyUI's models/dot_models (see training/comfy_setup.py).
 """
 from __future__ import annotations
 
@@ -17,6 +21,8 @@ import torch
 
 from morse_engine import DEFAULT_TARGETS, save_dot
 
+from . import comfy_setup as comfy_cli
+from . import distributed
 from .dash_setup import reference_setup
 from .dot_trainer import JUMP_SAMPLERS, DotTrainConfig, TrainingDiverged, train_dot
 from .latency import measure_n
@@ -35,7 +41,9 @@ def _csv(kind):
 def parser() -> argparse.ArgumentParser:
     d = DotTrainConfig()
     p = argparse.ArgumentParser(prog="python -m training.train_dot", description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", type=Path, default=None, help="Dash weights (default: the embedded reference model)")
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="Dash weights: your checkpoint, loaded by ComfyUI (with --prompts or --images), or reference-format "
+                        "weights (default: the embedded reference model)")
     p.add_argument("--data", default="digits", choices=["digits"], help="training data (default: scikit-learn digits, train split)")
     p.add_argument("--name", default=None, help="output name (default: reference_digits, or reference_digits_no_trajectory)")
     p.add_argument("--out", type=Path, default=None, help="output .safetensors (default: models/dot_models/<name>.safetensors)")
@@ -45,8 +53,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
     p.add_argument("--lora-targets", type=_csv(str), default=DEFAULT_TARGETS, help="comma-separated module names")
     p.add_argument("--no-trajectory", action="store_true", help="ablation: the Dot does not see x_s, z_s, t_s (paper Table 4)")
+    p.add_argument("--step-input", default=d.step_input, choices=("deviation", "x_s"),
+                   help="how the Dot sees the sampler's step since the anchor: the part of it that the anchor's own "
+                        "estimate does not explain (default; carries the CFG scale and ancestral noise) or x_s itself "
+                        "(the paper)")
     p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="samples per step (per process under torchrun)")
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--jump-min", type=int, default=d.jump_min, help="shortest jump t_s -> t_i in timesteps")
     p.add_argument("--jump-max", type=int, default=d.jump_max, help="longest jump t_s -> t_i in timesteps")
@@ -56,8 +68,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
     p.add_argument("--resume", action="store_true", help="continue from runs/<name>/train-state.safetensors")
-    p.add_argument("--n-batch", type=int, default=512, help="batch on which N (Dot speed-up) is measured")
+    p.add_argument("--runs", type=Path, default=ROOT / "runs",
+                   help="folder of the run folders (checkpoints, cached latents and text embeddings; default: runs/ in the pack)")
+    p.add_argument("--n-batch", type=int, default=None,
+                   help="batch on which N (Dot speed-up) is measured (default: 512 for the reference model, 2 = one CFG pair for a checkpoint)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    comfy_cli.add_arguments(p)
     return p
 
 
@@ -65,12 +81,17 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    name = args.name or ("reference_digits_no_trajectory" if args.no_trajectory else "reference_digits")
-    out = args.out or DEFAULT_DOT_DIR / f"{name}.safetensors"
+    on_checkpoint = comfy_cli.wants_comfy(args)  # a ComfyUI checkpoint rather than the reference Dash
+    if on_checkpoint:
+        name = args.name or f"dot_{Path(args.checkpoint or 'checkpoint').stem}" + ("_no_trajectory" if args.no_trajectory else "")
+    else:
+        name = args.name or ("reference_digits_no_trajectory" if args.no_trajectory else "reference_digits")
+    n_batch = args.n_batch or (2 if on_checkpoint else 512)
+    out = args.out or (comfy_cli.default_dot_dir(args.comfyui) if on_checkpoint else DEFAULT_DOT_DIR) / f"{name}.safetensors"
     if out.suffix != ".safetensors":
         print(f"error: --out must end in .safetensors (got {out})", file=sys.stderr)
         return 2
-    state_path = ROOT / "runs" / name / "train-state.safetensors"
+    state_path = args.runs / name / "train-state.safetensors"
     cfg = DotTrainConfig(
         m=args.m,
         widths=args.widths,
@@ -78,6 +99,7 @@ def main(argv=None) -> int:
         lora_alpha=args.lora_alpha,
         lora_targets=tuple(args.lora_targets),
         trajectory=not args.no_trajectory,
+        step_input=args.step_input,
         steps=args.steps,
         batch_size=args.batch_size,
         lr=args.lr,
@@ -88,19 +110,43 @@ def main(argv=None) -> int:
         seed=args.seed,
         checkpoint_every=args.checkpoint_every,
     )
-    setup = reference_setup(args.checkpoint)
-    print(f"Training a Dot for {setup.base_family} ({sum(p.numel() for p in setup.unet.parameters()) / 1e6:.2f}M params), "
-          f"{cfg.steps} steps of batch {cfg.batch_size}; checkpoints in {state_path}")
+    # Under torchrun / accelerate launch: join the group before any model is built, so each
+    # rank's models land on its own GPU. None in a plain single-process run.
+    dp = distributed.from_env()
+    main_rank = dp is None or dp.is_main
     try:
-        result = train_dot(setup, cfg, state_path, resume=args.resume)
-    except TrainingDiverged as exc:
+        setup = comfy_cli.setup_from_args(args, state_path.parent) if on_checkpoint else reference_setup(args.checkpoint)
+    except (comfy_cli.ComfyUINotFound, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        if dp:
+            dp.close()
+        return 2
+    if main_rank:
+        ranks = f" on {dp.world_size} processes (batch {cfg.batch_size} each)" if dp else ""
+        print(f"Training a Dot for {setup.base_family} ({sum(p.numel() for p in setup.unet.parameters()) / 1e6:.2f}M params), "
+              f"{cfg.steps} steps of batch {cfg.batch_size}{ranks}; checkpoints in {state_path}")
+    try:
+        result = train_dot(setup, cfg, state_path, resume=args.resume, parallel=dp)
+    except TrainingDiverged as exc:
+        if main_rank:
+            print(f"error: {exc}", file=sys.stderr)
         return 3
+    finally:
+        if dp:
+            dp.close()
+    if not main_rank:
+        return 0  # every rank holds the same Dot; rank 0 alone measures N and writes the adapter
 
-    clean = reference_setup(args.checkpoint)  # training injected peft layers into the first copy
-    x = torch.randn(args.n_batch, *setup.latent_shape)
-    labels = torch.arange(args.n_batch) % 10
-    speed = measure_n(clean.unet, result.dot, x, clean.encode(labels))
+    # training injected peft layers into the first copy
+    if on_checkpoint:
+        clean = comfy_cli.setup_from_args(args, state_path.parent)
+        x, context, backbone_kwargs = comfy_cli.measure_inputs(clean, n_batch)
+        speed = measure_n(clean.unet, result.dot, x, context, **backbone_kwargs)
+    else:
+        clean = reference_setup(args.checkpoint)
+        x = torch.randn(n_batch, *setup.latent_shape)
+        labels = torch.arange(n_batch) % 10
+        speed = measure_n(clean.unet, result.dot, x, clean.encode(labels))
     dash_params = sum(p.numel() for p in clean.unet.parameters())
     dot_params = sum(p.numel() for p in result.dot.parameters())
     training = {
@@ -109,7 +155,7 @@ def main(argv=None) -> int:
         "seconds": round(result.seconds, 1),
         "final_loss": result.final_loss,
         "final_reuse_loss": result.final_reuse_loss,
-        "data": args.data,
+        "data": f"prompts {args.prompts}" if args.prompts else f"images {args.images}" if args.images else args.data,
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(cfg).items()},
         "dot_params": dot_params,
         "dash_params": dash_params,
@@ -126,7 +172,7 @@ def main(argv=None) -> int:
         f"({result.final_loss / result.final_reuse_loss:.0%})\n"
         f"  Dot adds {dot_params / 1e6:.3f}M params to Dash's {dash_params / 1e6:.3f}M ({dot_params / dash_params:.1%})\n"
         f"  N = {speed['N']:.2f} (Dash {speed['dash_seconds'] * 1e3:.1f} ms, Dot {speed['dot_seconds'] * 1e3:.1f} ms, "
-        f"batch {args.n_batch})\n  trained in {result.seconds / 60:.1f} min"
+        f"batch {n_batch})\n  trained in {result.seconds / 60:.1f} min"
     )
     return 0
 

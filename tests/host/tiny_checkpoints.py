@@ -1,0 +1,151 @@
+"""Tiny SD1.x / SD2.x-v / SDXL-family checkpoints, written to disk with ComfyUI's own saver.
+
+ComfyUI tells a checkpoint's family by the widths of its weights (``comfy/model_detection.py``),
+so a UNet with small widths is not detected as SD1.x. These helpers register, for the length
+of a test, subclasses of ComfyUI's own SD15 / SD20 / SDXL model configs whose detection keys
+are the tiny widths and whose text encoders are ComfyUI's CLIP classes with a tiny config
+(through the ``<name>_model_config`` override ComfyUI's SDClipModel reads). Everything else
+(the UNet classes, model_sampling, extra_conds, the loader and the saver) is ComfyUI's own.
+The VAE is ComfyUI's TAESD, which its VAE loader recognises inside a checkpoint.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+TINY_CLIP = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 3, "projection_dim": 32}  # 3: SD2/SDXL read layer -2
+
+UNET_COMMON = {
+    "use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
+    "in_channels": 4, "out_channels": 4, "num_res_blocks": [1, 1], "channel_mult": [1, 2],
+    "transformer_depth": [1, 1], "transformer_depth_output": [1, 1, 1, 1], "transformer_depth_middle": 1,
+    "use_temporal_resblock": False, "use_temporal_attention": False, "model_channels": 32,
+}
+
+
+def _tiny_clip(base, names):
+    """A ComfyUI text-encoder class with every named CLIP shrunk to TINY_CLIP."""
+
+    class Tiny(base):
+        def __init__(self, device="cpu", dtype=None, model_options={}, **kwargs):
+            model_options = {**model_options, **{f"{n}_model_config": dict(TINY_CLIP) for n in names}}
+            super().__init__(device=device, dtype=dtype, model_options=model_options, **kwargs)
+
+    Tiny.__name__ = f"Tiny{base.__name__}"
+    return Tiny
+
+
+def tiny_families(host):
+    """{family name: (model config class, full unet_config)} built from ComfyUI's own classes."""
+    comfy = host.comfy
+    import comfy.model_base
+    import comfy.sd1_clip
+    import comfy.sdxl_clip
+    import comfy.supported_models
+    import comfy.supported_models_base
+    import comfy.text_encoders.sd2_clip
+
+    ClipTarget = comfy.supported_models_base.ClipTarget
+    heads = {"num_heads": -1, "num_head_channels": 16}
+
+    class TinySD15(comfy.supported_models.SD15):
+        unet_config = {"context_dim": 32, "model_channels": 32, "use_linear_in_transformer": False,
+                       "adm_in_channels": None, "use_temporal_attention": False}
+
+        def clip_target(self, state_dict={}):
+            return ClipTarget(comfy.sd1_clip.SD1Tokenizer, _tiny_clip(comfy.sd1_clip.SD1ClipModel, ["clip_l"]))
+
+    class TinySD20V(comfy.supported_models.SD20):
+        unet_config = {"context_dim": 32, "model_channels": 32, "use_linear_in_transformer": True,
+                       "adm_in_channels": None, "use_temporal_attention": False}
+        unet_extra_config = {**heads, "attn_precision": torch.float32}
+
+        def model_type(self, state_dict, prefix=""):
+            # ComfyUI's SD2 check reads a norm of output block 11, which a 2-level UNet lacks; the saver marks
+            # v-prediction models with a "v_pred" key (as SDXL's detection reads it)
+            return comfy.model_base.ModelType.V_PREDICTION if "v_pred" in state_dict else comfy.model_base.ModelType.EPS
+
+        def clip_target(self, state_dict={}):
+            return ClipTarget(comfy.text_encoders.sd2_clip.SD2Tokenizer, _tiny_clip(comfy.text_encoders.sd2_clip.SD2ClipModel, ["clip_h"]))
+
+    class TinySDXL(comfy.supported_models.SDXL):
+        # context = clip_l (32) + clip_g (32); y = pooled clip_g (32) + 6 size embeddings of 256
+        unet_config = {"model_channels": 32, "use_linear_in_transformer": True, "transformer_depth": [1, 1],
+                       "context_dim": 64, "adm_in_channels": 32 + 6 * 256, "use_temporal_attention": False}
+        unet_extra_config = dict(heads)
+
+        def clip_target(self, state_dict={}):
+            return ClipTarget(comfy.sdxl_clip.SDXLTokenizer, _tiny_clip(comfy.sdxl_clip.SDXLClipModel, ["clip_l", "clip_g"]))
+
+    return {
+        "sd15": (TinySD15, {**UNET_COMMON, "context_dim": 32, "use_linear_in_transformer": False, "adm_in_channels": None}),
+        "sd20v": (TinySD20V, {**UNET_COMMON, "context_dim": 32, "use_linear_in_transformer": True, "adm_in_channels": None}),
+        "sdxl": (TinySDXL, {**UNET_COMMON, "context_dim": 64, "use_linear_in_transformer": True,
+                            "adm_in_channels": 32 + 6 * 256, "num_classes": "sequential"}),
+    }
+
+
+@contextmanager
+def tiny_families_registered(host):
+    """ComfyUI's detection knows the tiny families (first in its list) inside the block, and not after."""
+    import comfy.supported_models
+
+    families = tiny_families(host)
+    added = [cls for cls, _ in families.values()]
+    comfy.supported_models.models[:0] = added
+    try:
+        yield families
+    finally:
+        for cls in added:
+            comfy.supported_models.models.remove(cls)
+
+
+def _randomise(module: torch.nn.Module, generator: torch.Generator, std=None):
+    """ComfyUI's ops skip init (weights are torch.empty). ``std=None``: scaled by fan-in, with norms near 1,
+    so activations keep their size through the layers and the prompt visibly changes the output (with a
+    fixed small std the text's effect shrinks layer by layer to ~1e-5 and CFG would not be tested)."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if not p.is_floating_point():
+                continue
+            noise = torch.randn(p.shape, generator=generator)
+            if std is not None:
+                p.copy_(noise * std)
+            elif p.dim() >= 2:
+                p.copy_(noise / p[0].numel() ** 0.5)
+            elif name.endswith("weight"):  # norm scales
+                p.copy_(1 + 0.1 * noise)
+            else:
+                p.copy_(0.1 * noise)
+
+
+def write_tiny_checkpoint(host, families, family: str, path: Path, seed: int = 0, v_prediction: bool = False,
+                          in_channels: int = 4) -> Path:
+    """A full checkpoint (UNet, CLIP, TAESD VAE) of ``family`` saved with comfy.sd.save_checkpoint.
+
+    ``in_channels=9``: an inpainting model (latent, mask, masked image), as ComfyUI detects them."""
+    comfy = host.comfy
+    import comfy.model_base
+    import comfy.sd
+    import comfy.taesd.taesd
+
+    cls, unet_config = families[family]
+    config = cls({**unet_config, "in_channels": in_channels})
+    model = config.get_model({"v_pred": torch.tensor([])} if v_prediction else {}, device=torch.device("cpu"))
+    g = torch.Generator().manual_seed(seed)
+    _randomise(model.diffusion_model, g)
+    mm = comfy.model_management
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+
+    clip = comfy.sd.CLIP(config.clip_target(), embedding_directory=None)
+    _randomise(clip.cond_stage_model, g)
+    taesd = comfy.taesd.taesd.TAESD()
+    _randomise(taesd, g, std=0.05)
+    with torch.no_grad():
+        taesd.vae_scale.fill_(1.0)
+        taesd.vae_shift.fill_(0.0)
+    vae = comfy.sd.VAE(sd=taesd.state_dict())
+    comfy.sd.save_checkpoint(str(path), patcher, clip, vae)  # marks V_PREDICTION models with a "v_pred" key
+    return path

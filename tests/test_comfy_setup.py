@@ -1,0 +1,98 @@
+"""Host-free parts of training on a ComfyUI checkpoint: finding ComfyUI, the CLI's choices and errors.
+
+Nothing here imports ComfyUI (the ComfyUI path is covered by tests/host/test_train_checkpoint.py).
+"""
+import sys
+
+import pytest
+
+from training import comfy_setup, train_dot
+from training.reference_unet import DEFAULT_DASH_PATH
+
+
+@pytest.fixture
+def no_env(monkeypatch):
+    monkeypatch.delenv("COMFYUI_PATH", raising=False)
+
+
+def fake_comfyui(root):
+    (root / "comfy").mkdir(parents=True)
+    return root
+
+
+def test_comfyui_is_found_from_the_option_then_the_environment_then_custom_nodes(tmp_path, monkeypatch, no_env):
+    option, env, host = fake_comfyui(tmp_path / "a"), fake_comfyui(tmp_path / "b"), fake_comfyui(tmp_path / "ComfyUI")
+    pack = host / "custom_nodes" / "comfyui-morse"
+    pack.mkdir(parents=True)
+    monkeypatch.setattr(comfy_setup, "PACK_DIR", pack)
+    assert comfy_setup.find_comfyui() == host.resolve()
+    monkeypatch.setenv("COMFYUI_PATH", str(env))
+    assert comfy_setup.find_comfyui() == env.resolve()
+    assert comfy_setup.find_comfyui(str(option)) == option.resolve()
+
+
+def test_no_comfyui_names_all_three_ways(tmp_path, monkeypatch, no_env):
+    monkeypatch.setattr(comfy_setup, "PACK_DIR", tmp_path / "somewhere" / "pack")
+    with pytest.raises(comfy_setup.ComfyUINotFound) as exc:
+        comfy_setup.find_comfyui()
+    assert "--comfyui" in str(exc.value) and "COMFYUI_PATH" in str(exc.value) and "custom_nodes" in str(exc.value)
+    with pytest.raises(comfy_setup.ComfyUINotFound, match="has no comfy/ package"):
+        comfy_setup.find_comfyui(str(tmp_path))
+
+
+def test_a_comfyui_that_this_python_cannot_import_says_to_use_comfyuis_python(tmp_path, monkeypatch):
+    root = fake_comfyui(tmp_path / "ComfyUI")
+    (root / "comfy" / "__init__.py").write_text("")
+    (root / "comfy" / "cli_args.py").write_text("import a_module_only_comfyuis_python_has\n")
+    saved_path = list(sys.path)
+    try:
+        with pytest.raises(comfy_setup.ComfyUINotFound, match="ComfyUI's own Python"):
+            comfy_setup.import_comfy(root)
+    finally:  # the fake must not stay importable as 'comfy' for other tests
+        sys.path[:] = saved_path
+        for name in [n for n in sys.modules if n == "comfy" or n.startswith("comfy.")]:
+            del sys.modules[name]
+
+
+def test_train_dot_refuses_checkpoint_options_with_a_clear_message(tmp_path, monkeypatch, capsys, no_env):
+    monkeypatch.setattr(comfy_setup, "PACK_DIR", tmp_path / "pack")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n")
+    assert train_dot.main(["--prompts", str(prompts), "--runs", str(tmp_path)]) == 2
+    assert "--checkpoint" in capsys.readouterr().err
+    checkpoint = tmp_path / "model.safetensors"
+    checkpoint.write_bytes(b"not read before ComfyUI is found")
+    assert train_dot.main(["--checkpoint", str(checkpoint), "--prompts", str(prompts), "--runs", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "--comfyui" in err and "COMFYUI_PATH" in err and "custom_nodes" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors", "prompts.txt"]  # nothing written
+
+
+def test_the_reference_weights_keep_the_reference_path():
+    assert comfy_setup.is_reference_weights(DEFAULT_DASH_PATH)
+    args = train_dot.parser().parse_args(["--checkpoint", str(DEFAULT_DASH_PATH)])
+    assert not comfy_setup.wants_comfy(args)
+    args = train_dot.parser().parse_args(["--checkpoint", "my_sd15.safetensors"])
+    assert comfy_setup.wants_comfy(args)
+
+
+def test_data_source_errors_name_the_input(tmp_path):
+    with pytest.raises(FileNotFoundError, match="one prompt per line"):
+        comfy_setup.read_prompts(tmp_path / "missing.txt")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# only a comment\n\n")
+    with pytest.raises(ValueError, match="holds no prompts"):
+        comfy_setup.read_prompts(empty)
+    with pytest.raises(ValueError, match="holds no images"):
+        comfy_setup.find_images(tmp_path)
+    (tmp_path / "a.png").write_bytes(b"")
+    (tmp_path / "a.txt").write_text(" a caption \n")
+    (tmp_path / "b.jpg").write_bytes(b"")
+    assert comfy_setup.find_images(tmp_path) == [(tmp_path / "a.png", "a caption"), (tmp_path / "b.jpg", "")]
+
+
+def test_trajectory_ranges_parse_one_value_or_min_max():
+    args = train_dot.parser().parse_args(["--trajectory-steps", "12", "--trajectory-cfg", "3.5,7"])
+    assert args.trajectory_steps == (12, 12) and args.trajectory_cfg == (3.5, 7.0)
+    with pytest.raises(SystemExit):
+        train_dot.parser().parse_args(["--trajectory-steps", "1,2,3"])
