@@ -65,10 +65,10 @@ CALLS_PER_STEP = {"heun": 2}  # model calls per step; everything else in trainin
 
 DEFAULTS = dict(
     samplers=("euler", "dpmpp_2m", "euler_ancestral"),
-    budgets=(4, 6, 8, 11, 15, 20),
-    plain_steps=(3, 4, 6, 8, 10, 13, 16, 20, 28, 40),
-    samples=128,
-    chunk=128,
+    budgets=(4, 6, 8, 12, 20, 30, 50),
+    plain_steps=(3, 4, 6, 8, 12, 16, 24, 32, 48, 64),
+    samples=96,
+    chunk=96,
     reference_steps=200,
     reference_samples=48,
     ablation_samplers=("euler",),
@@ -226,7 +226,7 @@ def measure_latency(unet, dot, work: Workload, repeats: int = 9, warmup: int = 2
         return time.perf_counter() - start
 
     dash_call = lambda: unet(xin_i, t_i, context=ctx)  # noqa: E731
-    dot_call = lambda: dot(unet, xin_i, t_i, xin_s, z_s, t_s, context=ctx)  # noqa: E731
+    dot_call = lambda: dot(unet, xin_i, t_i, xin_s, z_s, t_s, context=ctx, sigma=s_i, anchor_sigma=s_s)  # noqa: E731
     for _ in range(warmup):
         dash_call(), dot_call()
     dash_t, dot_t = [], []
