@@ -121,3 +121,14 @@ def test_step_weighting_counts_each_tuple_by_its_sigma_step():
     steps = torch.tensor([1.0, 3.0])
     assert weighted_mse(pred, target, steps, "none").item() == pytest.approx((1 + 9) / 2)
     assert weighted_mse(pred, target, steps, "step").item() == pytest.approx((1 * 1 + 9 * 3) / 4)
+
+
+def test_cli_resume_without_a_checkpoint_is_a_clear_error_not_a_traceback(tmp_path, capsys):
+    from training import train_dot as cli
+
+    code = cli.main(["--resume", "--name", "nothing_here", "--runs", str(tmp_path), "--steps", "1",
+                     "--out", str(tmp_path / "dot.safetensors")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--resume" in err and "no checkpoint" in err
+    assert not (tmp_path / "dot.safetensors").exists()

@@ -131,6 +131,10 @@ def main(argv=None) -> int:
         if main_rank:
             print(f"error: {exc}", file=sys.stderr)
         return 3
+    except (FileNotFoundError, ValueError) as exc:  # --resume without a checkpoint, or with other settings / world size
+        if main_rank:
+            print(f"error: {exc}", file=sys.stderr)
+        return 2
     finally:
         if dp:
             dp.close()
