@@ -23,7 +23,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,24 +64,26 @@ def comfy_unet_config(arch: str) -> dict:
 
 
 def find_comfyui(explicit: str | None) -> str | None:
-    for candidate in (explicit, os.environ.get("COMFYUI_PATH")):
-        if candidate:
-            if not (Path(candidate) / "comfy").is_dir():
-                raise SystemExit(f"error: {candidate} has no comfy/ package; point --comfyui (or COMFYUI_PATH) at a ComfyUI checkout")
-            return candidate
-    return None
+    """The ComfyUI that train_dot would use; None (the project's own UNet) when none is given or installed around us."""
+    from .comfy_setup import ComfyUINotFound, find_comfyui as locate
+
+    try:
+        return str(locate(explicit))
+    except ComfyUINotFound as exc:
+        if explicit or os.environ.get("COMFYUI_PATH"):
+            raise SystemExit(f"error: {exc}") from None
+        return None
 
 
 def build_with_comfy(arch: str, comfy_path: str, device) -> torch.nn.Module:
-    sys.path.insert(0, comfy_path)
-    try:
-        import comfy.cli_args
+    from .comfy_setup import ComfyUINotFound, import_comfy
 
-        comfy.cli_args.args.cpu = device.type == "cpu"  # before comfy.model_management is imported
-        import comfy.supported_models
-    except Exception as exc:
-        raise SystemExit(f"error: ComfyUI at {comfy_path} does not import with {sys.executable} ({exc!r}); "
-                         "run this with ComfyUI's own Python") from None
+    try:
+        comfy = import_comfy(Path(comfy_path), device.type)
+    except ComfyUINotFound as exc:
+        raise SystemExit(f"error: {exc}") from None
+    import comfy.supported_models
+
     kind = {"sd15": comfy.supported_models.SD15, "sdxl": comfy.supported_models.SDXL}[arch]
     model = kind(comfy_unet_config(arch)).get_model({}, device=torch.device("cpu"))
     return model.diffusion_model
