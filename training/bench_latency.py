@@ -23,13 +23,14 @@ import json
 import os
 import platform
 import statistics
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from morse_engine import DotConfig, DotModel, EveryK, Pattern, lsd_cost
+
+from .latency import interleaved_times
 
 ARCHS = {
     # resolution in pixels; the latent is 1/8 per side with 4 channels
@@ -132,16 +133,6 @@ class Row:
                 "dash_params": self.dash_params, "dot_param_share": self.dot_params / self.dash_params}
 
 
-def timed(fn, sync) -> float:
-    if sync:
-        sync()
-    start = time.perf_counter()
-    fn()
-    if sync:
-        sync()
-    return time.perf_counter() - start
-
-
 @torch.no_grad()
 def bench_arch(arch: str, backbone, ms, device, dtype, repeats: int, warmup: int, progress) -> list[Row]:
     spec = ARCHS[arch]
@@ -164,13 +155,7 @@ def bench_arch(arch: str, backbone, ms, device, dtype, repeats: int, warmup: int
         randomize(dot, seed=m)
         dot = dot.to(device, dtype).eval()
         dot_call = lambda: dot(backbone, x, t, x, z, t_s, context=context, sigma=1.0, anchor_sigma=1.1, **extra)  # noqa: E731
-        for _ in range(warmup):
-            dash(), dot_call()
-        d_t, o_t = [], []
-        for _ in range(repeats):
-            d_t.append(timed(dash, sync))
-            o_t.append(timed(dot_call, sync))
-            progress.update(1)
+        d_t, o_t = interleaved_times(dash, dot_call, repeats, warmup, sync, on_repeat=lambda: progress.update(1))
         rows.append(Row(arch, spec["resolution"], m, cfg.widths, statistics.median(d_t) * 1e3, statistics.median(o_t) * 1e3,
                         sum(p.numel() for p in dot.parameters()), dash_params))
     return rows

@@ -52,6 +52,7 @@ import torch
 from morse_engine import DotFiller, ExtrapolateFiller, MorseError, MorseRouter, Pattern, ReuseFiller, load_dot, plan_budget
 
 from . import evaluation_report as report_mod
+from .latency import interleaved_times
 from .sampling import DETERMINISTIC, SAMPLERS, DiscreteEpsSampling, GuidedDenoiser, normal_sigmas, sample
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -216,23 +217,9 @@ def measure_latency(unet, dot, work: Workload, repeats: int = 9, warmup: int = 2
     x_i = x_s + z_s * (s_i - s_s)  # Euler: d = (x - denoised) / sigma = eps
     xin_i = work.ms.scale_input(s_i, x_i)
 
-    def timed(fn):
-        if work.sync:
-            work.sync()
-        start = time.perf_counter()
-        fn()
-        if work.sync:
-            work.sync()
-        return time.perf_counter() - start
-
     dash_call = lambda: unet(xin_i, t_i, context=ctx)  # noqa: E731
     dot_call = lambda: dot(unet, xin_i, t_i, xin_s, z_s, t_s, context=ctx, sigma=s_i, anchor_sigma=s_s)  # noqa: E731
-    for _ in range(warmup):
-        dash_call(), dot_call()
-    dash_t, dot_t = [], []
-    for _ in range(repeats):
-        dash_t.append(timed(dash_call))
-        dot_t.append(timed(dot_call))
+    dash_t, dot_t = interleaved_times(dash_call, dot_call, repeats, warmup, work.sync)
     dash_med, dot_med = statistics.median(dash_t), statistics.median(dot_t)
     return {
         "N": dash_med / dot_med,

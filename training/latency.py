@@ -7,15 +7,28 @@ import time
 import torch
 
 
-def median_seconds(fn, repeats: int = 5, warmup: int = 2) -> float:
+def timed(fn, sync=None) -> float:
+    """Wall seconds of one call; ``sync`` (e.g. torch.cuda.synchronize) brackets it on an async device."""
+    if sync:
+        sync()
+    start = time.perf_counter()
+    fn()
+    if sync:
+        sync()
+    return time.perf_counter() - start
+
+
+def interleaved_times(dash_call, dot_call, repeats: int, warmup: int, sync=None, on_repeat=None):
+    """Times of Dash and Dot calls taken in turns, so a change of machine load hits both alike."""
     for _ in range(warmup):
-        fn()
-    times = []
+        dash_call(), dot_call()
+    dash_t, dot_t = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        dash_t.append(timed(dash_call, sync))
+        dot_t.append(timed(dot_call, sync))
+        if on_repeat:
+            on_repeat()
+    return dash_t, dot_t
 
 
 @torch.no_grad()
@@ -27,9 +40,10 @@ def measure_n(unet, dot, x: torch.Tensor, context: torch.Tensor, t: float = 500.
     t_now = torch.full((b,), t)
     t_anchor = torch.full((b,), t + 50)
     z = unet(x, t_anchor, context=context, **backbone_kwargs)
-    dash = median_seconds(lambda: unet(x, t_now, context=context, **backbone_kwargs), repeats)
-    # sigmas only feed the Dot's step input; their values do not change its cost
-    dot_s = median_seconds(lambda: dot(unet, x, t_now, x, z, t_anchor, context=context, sigma=1.0, anchor_sigma=1.2,
-                                          **backbone_kwargs),
-                           repeats)
+    dash_t, dot_t = interleaved_times(
+        lambda: unet(x, t_now, context=context, **backbone_kwargs),
+        # sigmas only feed the Dot's step input; their values do not change its cost
+        lambda: dot(unet, x, t_now, x, z, t_anchor, context=context, sigma=1.0, anchor_sigma=1.2, **backbone_kwargs),
+        repeats, warmup=2)
+    dash, dot_s = statistics.median(dash_t), statistics.median(dot_t)
     return {"dash_seconds": dash, "dot_seconds": dot_s, "N": dash / dot_s, "batch": b, "shape": list(x.shape[1:])}
