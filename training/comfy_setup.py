@@ -537,7 +537,8 @@ def wants_comfy(args) -> bool:
     return args.checkpoint is not None and not is_reference_weights(Path(args.checkpoint))
 
 
-def setup_from_args(args, run_dir: Path) -> DashSetup:
+def setup_from_args(args, run_dir: Path, device: str = "cpu") -> DashSetup:
+    """``device``: where the UNet and the conditioning tables live (train_dot's --device)."""
     if args.checkpoint is None:
         raise ValueError("--prompts/--images train a Dot for your checkpoint: give it with --checkpoint PATH")
     if args.prompts is None and args.images is None:
@@ -549,6 +550,7 @@ def setup_from_args(args, run_dir: Path) -> DashSetup:
         Path(args.checkpoint), run_dir, prompts=args.prompts, images=args.images, resolution=args.resolution,
         comfyui=args.comfyui,
         trajectory=TrajectorySettings(args.trajectory_sampler, args.trajectory_scheduler, args.trajectory_steps, args.trajectory_cfg),
+        device=str(device),
     )
 
 

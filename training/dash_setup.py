@@ -50,12 +50,15 @@ def _translate(images: torch.Tensor, generator: torch.Generator, max_shift: int 
     return torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(b)])
 
 
-def reference_setup(path=None) -> DashSetup:
-    """The embedded default: the project's digits UNet and the digits training split."""
+def reference_setup(path=None, device="cpu") -> DashSetup:
+    """The embedded default: the project's digits UNet and the digits training split.
+
+    ``device``: where the UNet and the label embedding live; the data stay on the CPU, where
+    the trainer draws every batch (so the data do not depend on the device)."""
     from .digits_data import load_digits_split
     from .reference_unet import NULL_CLASS, load_reference_dash, sd_alphas_cumprod
 
-    unet, conditioner, _ = load_reference_dash(path)
+    unet, conditioner, _ = load_reference_dash(path, device)
     images, labels = load_digits_split("train")
 
     def batches(batch_size: int, generator: torch.Generator):

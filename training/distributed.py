@@ -19,6 +19,9 @@ all-reduce of that size per step.
 
 The rank's device (:attr:`DataParallel.device`) is where a setup should put its models;
 :func:`from_env` also makes it the current CUDA device, so code that asks for "cuda" gets it.
+``train_dot --device cuda`` (the default where CUDA exists) trains each rank on ``cuda:LOCAL_RANK``.
+With gradient accumulation the all-reduce runs once per optimizer step, after the last
+micro-batch, not once per micro-batch.
 """
 from __future__ import annotations
 
@@ -56,6 +59,11 @@ def _env_int(name: str, default: Optional[int] = None) -> int:
 def world_size() -> int:
     """The launcher's ``WORLD_SIZE``; 1 without a launcher."""
     return _env_int("WORLD_SIZE", 1)
+
+
+def local_rank() -> Optional[int]:
+    """The launcher's ``LOCAL_RANK`` (this process's GPU on its machine); None without a launcher."""
+    return _env_int("LOCAL_RANK") if world_size() > 1 else None
 
 
 def stream_seed(seed: int, rank: int) -> int:

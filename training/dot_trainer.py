@@ -8,6 +8,9 @@ the guidance scale that forms x_i is drawn per sample, as the paper does for SD.
 
 The backbone stays frozen. LoRA is trained with peft, injected into the backbone and
 switched off for the Dash passes, then copied into the Dot's own hook-applied LoRA.
+
+Device, mixed precision and gradient checkpointing come from a ``training.runtime.Runtime``;
+with ``grad_accum`` K an optimizer step takes K micro-batches (see ``accumulate_gradients``).
 """
 from __future__ import annotations
 
@@ -31,7 +34,9 @@ from tqdm.auto import tqdm  # noqa: E402
 from morse_engine import DEFAULT_TARGETS, DotConfig, DotModel, step_deviation
 
 from . import distributed
+from . import memory_estimate as mem
 from .dash_setup import DashSetup
+from .runtime import Runtime
 from .train_state import load_state, save_state
 
 JUMP_SAMPLERS = ("euler", "euler_ancestral")
@@ -52,7 +57,8 @@ class DotTrainConfig:
     trajectory: bool = True
     step_input: str = "deviation"  # "x_s": the anchor's input (the paper); "deviation": the step's departure from z_s
     steps: int = 2500  # about 12 min on 2 idle CPU cores for the reference model (the 15-min bar)
-    batch_size: int = 32
+    batch_size: int = 32  # per micro-batch (and per process under a launcher)
+    grad_accum: int = 1  # micro-batches per optimizer step: the step's batch is batch_size x grad_accum
     lr: float = 1e-3
     warmup: int = 100
     jump_min: int = 10  # jump from t_s to t_i, in timesteps, drawn log-uniformly
@@ -71,8 +77,8 @@ class DotTrainConfig:
             raise ValueError(f"sampler {self.sampler!r} is not one of {JUMP_SAMPLERS}; pick one of those")
         if not 1 <= self.jump_min <= self.jump_max:
             raise ValueError(f"jump range {self.jump_min}..{self.jump_max} is empty; give 1 <= jump_min <= jump_max")
-        if self.steps < 1 or self.batch_size < 1:
-            raise ValueError("steps and batch_size must be >= 1")
+        if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
+            raise ValueError("steps, batch_size and grad_accum must be >= 1")
 
     def dot_config(self, backbone, prediction: str = "eps") -> DotConfig:
         return DotConfig.for_backbone(
@@ -100,19 +106,35 @@ def peft_adapters(model, enabled: bool):
             layer.enable_adapters(True)
 
 
-def training_tuple(setup: DashSetup, x0, cond, cfg: DotTrainConfig, gen: torch.Generator) -> dict:
+def _runtime_of(setup: DashSetup, runtime: Optional[Runtime]) -> Runtime:
+    """Without a runtime: fp32 on the device the backbone is on (what callers got before runtimes existed)."""
+    if runtime is not None:
+        return runtime
+    return Runtime(next((p.device for p in setup.unet.parameters()), torch.device("cpu")))
+
+
+def training_tuple(setup: DashSetup, x0, cond, cfg: DotTrainConfig, gen: torch.Generator,
+                   runtime: Optional[Runtime] = None) -> dict:
     """One batch of (anchor, current, target) tuples, all in the backbone's scaled input space.
 
     ``x0`` are clean latents, noised here to t_s; with a data-free setup (``setup.trajectory``)
     they are the noise a sampling run starts from, and the anchor is where Dash's own sampler
     with CFG gets to. Anchor and target outputs stay in the model's native prediction (eps or v).
+
+    Every random draw is made on the CPU from ``gen`` (so a run's data do not depend on the
+    device); the tuple lives on ``runtime.device``. Dash runs under the runtime's autocast and
+    its outputs are kept in float32, where the sampler step and the loss are computed.
     """
+    rt = _runtime_of(setup, runtime)
+    dev = rt.device
     sig = setup.sampling.sigmas
     if setup.trajectory is None:
         b = x0.shape[0]
         t_s = torch.randint(1, len(sig), (b,), generator=gen)
     else:
-        x_s, sig_s = setup.trajectory(x0, cond, gen)
+        with rt.autocast():
+            x_s, sig_s = setup.trajectory(x0, cond, gen)
+        x_s, sig_s = x_s.float(), sig_s.cpu()
         b = x_s.shape[0]
         t_s = setup.sampling.timestep(sig_s).long()  # the nearest discrete timestep, as ComfyUI feeds the model
     log_jump = torch.empty(b).uniform_(math.log(cfg.jump_min), math.log(cfg.jump_max + 1), generator=gen)
@@ -121,16 +143,20 @@ def training_tuple(setup: DashSetup, x0, cond, cfg: DotTrainConfig, gen: torch.G
     if setup.trajectory is None:
         sig_s, sig_i = sig[t_s].view(view), sig[t_i].view(view)
         noise = torch.randn(x0.shape, generator=gen)
-        x_s = x0 + sig_s * noise
+        x_s = x0.to(dev) + sig_s.to(dev) * noise.to(dev)
     else:  # the run's own sigma, which the sampler's schedule need not put on the table
         sig_s, sig_i = sig_s.reshape(view).to(sig.dtype), sig[t_i].view(view)
+    # on the CPU, .to(dev) hands back the same tensors: the reference run is unchanged
+    x_s, sig_s, sig_i, t_s, t_i = (v.to(dev) for v in (x_s, sig_s, sig_i, t_s, t_i))
     scale = lambda x, s: x / (s**2 + 1) ** 0.5  # noqa: E731
-    context = torch.cat([setup.encode(cond), setup.encode(setup.null_condition(b))])
+    context = torch.cat([setup.encode(cond), setup.encode(setup.null_condition(b))]).to(dev)
     kwargs = {} if setup.extra_kwargs is None else setup.extra_kwargs(torch.cat([cond, setup.null_condition(b)]))
+    kwargs = {k: v.to(dev) for k, v in kwargs.items()}
     two = lambda v: torch.cat([v, v])  # noqa: E731
-    z_s = setup.unet(two(scale(x_s, sig_s)), two(t_s.float()), context=context, **kwargs)
+    with rt.autocast():
+        z_s = setup.unet(two(scale(x_s, sig_s)), two(t_s.float()), context=context, **kwargs).float()
     z_c, z_u = z_s.chunk(2)
-    w = torch.empty(view).uniform_(cfg.cfg_min, cfg.cfg_max, generator=gen)
+    w = torch.empty(view).uniform_(cfg.cfg_min, cfg.cfg_max, generator=gen).to(dev)
     guided = z_u + w * (z_c - z_u)
     if setup.prediction == "v":
         # the sampler steps with eps: V_PREDICTION's denoised implies eps = (x_scaled * sigma + v) / sqrt(sigma^2 + 1);
@@ -143,8 +169,9 @@ def training_tuple(setup: DashSetup, x0, cond, cfg: DotTrainConfig, gen: torch.G
     else:
         sig_up = torch.minimum(sig_i, (sig_i**2 * (sig_s**2 - sig_i**2) / sig_s**2).clamp(min=0) ** 0.5)
         sig_down = (sig_i**2 - sig_up**2).clamp(min=0) ** 0.5
-        x_i = x_s + guided * (sig_down - sig_s) + torch.randn(x0.shape, generator=gen) * sig_up
-    target = setup.unet(two(scale(x_i, sig_i)), two(t_i.float()), context=context, **kwargs)
+        x_i = x_s + guided * (sig_down - sig_s) + torch.randn(x0.shape, generator=gen).to(dev) * sig_up
+    with rt.autocast():
+        target = setup.unet(two(scale(x_i, sig_i)), two(t_i.float()), context=context, **kwargs).float()
     return {
         "x": two(scale(x_i, sig_i)),
         "t": two(t_i.float()),
@@ -188,30 +215,12 @@ class TrainResult:
     summary: dict = field(default_factory=dict)
 
 
-def train_dot(
-    setup: DashSetup,
-    cfg: DotTrainConfig,
-    state_path: Path,
-    resume: bool = False,
-    progress: bool = True,
-    parallel: Optional[distributed.DataParallel] = None,
-) -> TrainResult:
-    """Train and return the Dot. The backbone in ``setup`` gets peft layers; reload it to sample.
-
-    Under a launcher (``WORLD_SIZE`` > 1; see ``training/distributed.py``) each rank trains on
-    its own data stream with ``cfg.batch_size`` per rank, gradients are averaged across ranks
-    and only rank 0 writes checkpoints; ``parallel`` passes a group the caller already joined.
-    """
-    torch.manual_seed(cfg.seed)  # same on every rank: the same start weights
-    dp = parallel
-    own_group = False
-    if dp is None and distributed.world_size() > 1:
-        dp = distributed.from_env()
-        own_group = True
-    # Each rank draws its own data; rank 0's stream is the single-process run's.
-    gen = torch.Generator().manual_seed(dp.stream_seed(cfg.seed) if dp else cfg.seed)
-    unet = setup.unet.requires_grad_(False)
-    dot = DotModel.build(unet, cfg.dot_config(unet, setup.prediction))
+def build_trainable(unet, cfg: DotTrainConfig, prediction: str = "eps") -> tuple[DotModel, list]:
+    """The untrained Dot on the backbone's device and the peft LoRA injected into ``unet`` (frozen
+    otherwise), starting from the Dot's own LoRA; returns (dot, the LoRA parameters, in name order).
+    The Dot is built on the CPU, then moved, so its start weights do not depend on the device."""
+    dev = next(unet.parameters()).device
+    dot = DotModel.build(unet, cfg.dot_config(unet, prediction)).to(dev)
     inject_adapter_in_model(
         LoraConfig(r=cfg.lora_rank, lora_alpha=dot.config.lora_alpha, target_modules=list(cfg.lora_targets), lora_dropout=0.0),
         unet,
@@ -222,7 +231,117 @@ def train_dot(
         p.requires_grad_(False)
     for p in lora_params:
         p.requires_grad_(True)
+    return dot, lora_params
+
+
+def micro_batch_shares(batches: list[dict], kind: str) -> Optional[list]:
+    """What each micro-batch's loss counts for in the optimizer step's loss, so that K micro-batches
+    give the loss and gradient of one batch of all their samples: by sample count for plain MSE,
+    by summed sigma step for step weighting (the weights of ``weighted_mse``). None for one
+    micro-batch, whose loss is the step's as it is."""
+    if len(batches) == 1:
+        return None
+    if kind == "none":
+        sizes = [float(b["target"].shape[0]) for b in batches]
+        return [n / sum(sizes) for n in sizes]
+    sums = [b["sigma_step"].sum() for b in batches]
+    total = torch.stack(sums).sum().clamp(min=1e-12)
+    return [w / total for w in sums]
+
+
+def accumulate_gradients(dot: DotModel, unet, batches: list[dict], cfg: DotTrainConfig, runtime: Runtime,
+                         scaler: Optional[torch.amp.GradScaler] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward and backward of the Dot on each micro-batch in turn, gradients summed into ``.grad``.
+
+    Only one micro-batch's activations are alive at a time; the tuples themselves (Dash's
+    outputs, a few latents per sample) are all made first, so that each loss can be weighted by
+    its share of the whole step. Returns the step's (loss, reuse loss), detached.
+    """
+    shares = micro_batch_shares(batches, cfg.loss_weight)
+    call = runtime.backbone_call(unet)
+    total = reuse = None
+    for i, batch in enumerate(batches):
+        with runtime.autocast():
+            pred = dot(
+                unet, batch["x"], batch["t"], batch["anchor_x"], batch["anchor_z"], batch["anchor_t"],
+                context=batch["context"], backbone_call=call, lora_hooks=False, sigma=batch["sigma"],
+                anchor_sigma=batch["anchor_sigma"], **batch["backbone_kwargs"],
+            )
+        # in float32: the Dot returns anchor_z + eta in anchor_z's dtype, and Dash's outputs are kept in float32
+        loss = weighted_mse(pred, batch["target"], batch["sigma_step"], cfg.loss_weight)
+        # the training-free baseline, weighted like the loss so the two numbers compare
+        base = weighted_mse(batch["anchor_z"], batch["target"], batch["sigma_step"], cfg.loss_weight)
+        if shares is not None:
+            loss, base = loss * shares[i], base * shares[i]
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        total = loss.detach() if total is None else total + loss.detach()
+        reuse = base if reuse is None else reuse + base
+    return total, reuse
+
+
+def estimate_memory(setup: DashSetup, dot: DotModel, unet, lora_params: list, trainable: list, cfg: DotTrainConfig,
+                    runtime: Runtime) -> mem.MemoryEstimate:
+    """The memory estimate of this run, from one forward/backward of the Dot on a single CFG pair
+    of zeros (no random draws, no ``.grad`` left behind: the run itself is not touched)."""
+    dev = runtime.device
+    cond = setup.null_condition(2)  # the pair's conditions: any valid ones cost the same
+    x = torch.zeros((2,) + tuple(setup.latent_shape), device=dev)
+    t = torch.full((2,), 500.0, device=dev)
+    context = setup.encode(cond).to(dev)
+    kwargs = {k: v.to(dev) for k, v in (setup.extra_kwargs(cond) if setup.extra_kwargs else {}).items()}
+    call = runtime.backbone_call(unet)
+
+    def loss():
+        with runtime.autocast():
+            pred = dot(unet, x, t, x, x, t + 50, context=context, backbone_call=call, lora_hooks=False,
+                       sigma=torch.full((2,), 1.0, device=dev), anchor_sigma=torch.full((2,), 1.2, device=dev), **kwargs)
+        return pred.float().pow(2).mean()
+
+    def dash():  # one of training_tuple's full-resolution Dash passes, for the same single sample
+        with peft_adapters(unet, False), runtime.autocast():
+            unet(x, t, context=context, **kwargs)
+
+    weights = list(unet.parameters()) + list(dot.parameters())
+    per_sample, how = mem.activation_bytes(loss, trainable, dev, no_grad_fns=[dash], exclude=weights)
+    lora_ids = {id(p) for p in lora_params}
+    return mem.estimate([p for p in unet.parameters() if id(p) not in lora_ids], dot.parameters(), lora_params,
+                        trainable, per_sample, cfg.batch_size, how)
+
+
+def train_dot(
+    setup: DashSetup,
+    cfg: DotTrainConfig,
+    state_path: Path,
+    resume: bool = False,
+    progress: bool = True,
+    parallel: Optional[distributed.DataParallel] = None,
+    runtime: Optional[Runtime] = None,
+) -> TrainResult:
+    """Train and return the Dot. The backbone in ``setup`` gets peft layers; reload it to sample.
+
+    Under a launcher (``WORLD_SIZE`` > 1; see ``training/distributed.py``) each rank trains on
+    its own data stream with ``cfg.batch_size`` per rank, gradients are averaged across ranks
+    and only rank 0 writes checkpoints; ``parallel`` passes a group the caller already joined.
+
+    ``runtime`` (``training.runtime.resolve``): device, precision, gradient checkpointing; by
+    default fp32 on the backbone's device. The backbone is moved to the runtime's device (a
+    setup built for that device also keeps its conditioning tables there). Steps, checkpoints
+    and the learning-rate schedule count optimizer steps of ``cfg.grad_accum`` micro-batches.
+    """
+    runtime = _runtime_of(setup, runtime)
+    dev = runtime.device
+    torch.manual_seed(cfg.seed)  # same on every rank: the same start weights
+    dp = parallel
+    own_group = False
+    if dp is None and distributed.world_size() > 1:
+        dp = distributed.from_env(use_cuda=dev.type == "cuda")
+        own_group = True
+    # Each rank draws its own data; rank 0's stream is the single-process run's.
+    gen = torch.Generator().manual_seed(dp.stream_seed(cfg.seed) if dp else cfg.seed)
+    unet = setup.unet.requires_grad_(False).to(dev)
+    dot, lora_params = build_trainable(unet, cfg, setup.prediction)
     optimizer = torch.optim.AdamW([{"params": dot.light_parameters()}, {"params": lora_params}], lr=cfg.lr, weight_decay=0.0)
+    scaler = runtime.grad_scaler()
 
     start = 0
     history: list[float] = []
@@ -238,7 +357,8 @@ def train_dot(
             )
         saved_cfg = extra.get("config", {})
         mine = json_safe(asdict(cfg))
-        differs = [k for k in mine if k not in ("steps", "checkpoint_every") and saved_cfg.get(k) != mine[k]]
+        defaults = json_safe(asdict(DotTrainConfig()))  # a field the checkpoint predates had its default then
+        differs = [k for k in mine if k not in ("steps", "checkpoint_every") and saved_cfg.get(k, defaults[k]) != mine[k]]
         if differs:
             raise ValueError(
                 f"the checkpoint at {state_path} was made with other settings ({', '.join(differs)}); "
@@ -247,6 +367,8 @@ def train_dot(
         dot.lora.copy_to_peft(unet)
         history = extra.get("history", [])
         loss_ema, reuse_ema = extra.get("loss_ema"), extra.get("reuse_ema")
+        if scaler is not None and extra.get("grad_scaler"):
+            scaler.load_state_dict(extra["grad_scaler"])  # the loss scale the run had found
 
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
     if dp:
@@ -254,40 +376,46 @@ def train_dot(
         # kernels, a file changed on disk between ranks' reads).
         dp.broadcast_(list(dot.state_dict(keep_vars=True).values()) + lora_params)
 
+    quiet = not progress or (dp is not None and not dp.is_main)
+    if not quiet:
+        print(estimate_memory(setup, dot, unet, lora_params, trainable, cfg, runtime).line(), flush=True)
     batches = setup.batches(cfg.batch_size, gen)
     last_saved = start
     t0 = time.time()
     if not resume:
         loss_ema = reuse_ema = None
-    quiet = not progress or (dp is not None and not dp.is_main)
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train Dot", disable=quiet, dynamic_ncols=True)
     for step in bar:
-        x0, cond = next(batches)
-        with torch.no_grad(), peft_adapters(unet, False):
-            batch = training_tuple(setup, x0, cond, cfg, gen)
-        pred = dot(
-            unet, batch["x"], batch["t"], batch["anchor_x"], batch["anchor_z"], batch["anchor_t"],
-            context=batch["context"], lora_hooks=False, sigma=batch["sigma"], anchor_sigma=batch["anchor_sigma"],
-            **batch["backbone_kwargs"],
-        )
-        loss = weighted_mse(pred, batch["target"], batch["sigma_step"], cfg.loss_weight)
+        micro = []
+        for _ in range(cfg.grad_accum):
+            x0, cond = next(batches)
+            with torch.no_grad(), peft_adapters(unet, False):
+                micro.append(training_tuple(setup, x0, cond, cfg, gen, runtime))
+        optimizer.zero_grad(set_to_none=True)
+        loss, reuse = accumulate_gradients(dot, unet, micro, cfg, runtime, scaler)
+        del micro
         # data-parallel: the mean over ranks, so a NaN on one rank stops all of them at this step
         loss_value = dp.mean(loss) if dp else loss
         if not torch.isfinite(loss_value):
+            hint = "" if runtime.precision == "fp32" else f" (or train with --precision fp32; this run uses {runtime.precision})"
             raise TrainingDiverged(
                 f"the loss became {loss_value.item()} at step {step + 1}; the last good checkpoint ({state_path}, step {last_saved}) "
-                f"is kept. Lower --lr (now {cfg.lr:g}) and run again with --resume"
+                f"is kept. Lower --lr (now {cfg.lr:g}){hint} and run again with --resume"
             )
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
         if dp:
+            # once per optimizer step, on the accumulated (and, in fp16, still scaled) gradients: an
+            # overflow on one rank then reaches every rank, and all skip the step together
             dp.average_gradients(trainable)  # before clipping, so every rank clips the same gradient
+        if scaler is not None:
+            scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimizer.step()
-        # the training-free baseline, weighted like the loss so the two numbers compare
-        reuse = weighted_mse(batch["anchor_z"], batch["target"], batch["sigma_step"], cfg.loss_weight)
+        if scaler is not None:
+            scaler.step(optimizer)  # skipped where the fp16 gradients overflowed; the scale then shrinks
+            scaler.update()
+        else:
+            optimizer.step()
         reuse = (dp.mean(reuse) if dp else reuse).item()
         loss_ema = loss_value.item() if loss_ema is None else 0.98 * loss_ema + 0.02 * loss_value.item()
         reuse_ema = reuse if reuse_ema is None else 0.98 * reuse_ema + 0.02 * reuse
@@ -299,6 +427,8 @@ def train_dot(
             extra = {"config": json_safe(asdict(cfg)), "history": history, "loss_ema": loss_ema, "reuse_ema": reuse_ema}
             if dp:
                 extra["world_size"] = dp.world_size
+            if scaler is not None:
+                extra["grad_scaler"] = scaler.state_dict()  # plain numbers: the scale and its growth counter
             # every rank takes part in the gather; rank 0 alone writes (weights and optimizer are the same on all)
             rank_gens = dp.gather_generator_states(gen) if dp else None
             if dp is None or dp.is_main:

@@ -37,13 +37,14 @@ def measure_n(unet, dot, x: torch.Tensor, context: torch.Tensor, t: float = 500.
 
     ``backbone_kwargs``: what else the backbone takes (SDXL's ``y``), passed to both calls."""
     b = x.shape[0]
-    t_now = torch.full((b,), t)
-    t_anchor = torch.full((b,), t + 50)
+    t_now = torch.full((b,), t, device=x.device)
+    t_anchor = torch.full((b,), t + 50, device=x.device)
+    sync = torch.cuda.synchronize if x.is_cuda else None  # CUDA calls return before the work is done
     z = unet(x, t_anchor, context=context, **backbone_kwargs)
     dash_t, dot_t = interleaved_times(
         lambda: unet(x, t_now, context=context, **backbone_kwargs),
         # sigmas only feed the Dot's step input; their values do not change its cost
         lambda: dot(unet, x, t_now, x, z, t_anchor, context=context, sigma=1.0, anchor_sigma=1.2, **backbone_kwargs),
-        repeats, warmup=2)
+        repeats, warmup=2, sync=sync)
     dash, dot_s = statistics.median(dash_t), statistics.median(dot_t)
     return {"dash_seconds": dash, "dot_seconds": dot_s, "N": dash / dot_s, "batch": b, "shape": list(x.shape[1:])}

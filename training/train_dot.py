@@ -8,6 +8,10 @@ resumable checkpoint every ``--checkpoint-every`` steps to ``runs/<name>/train-s
 For your own checkpoint (SD1.x, SD2.x incl. v-prediction, SDXL; run with ComfyUI's Python):
 ``--checkpoint model.safetensors --prompts prompts.txt`` (data-free) or ``--images DIR``
 (captions in name.txt); the Dot goes to ComfyUI's models/dot_models (see training/comfy_setup.py).
+
+Cost (training/runtime.py): ``--device`` (default: CUDA where available), ``--precision``
+(default: bf16 on CUDA, fp16 where the GPU lacks bf16, fp32 on the CPU), ``--grad-checkpointing``
+(default: on for CUDA) and ``--grad-accum K``. A memory estimate is printed before training.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from morse_engine import DEFAULT_TARGETS, save_dot
 
 from . import comfy_setup as comfy_cli
 from . import distributed
+from . import runtime as runtimes
 from .dash_setup import reference_setup
 from .dot_trainer import JUMP_SAMPLERS, DotTrainConfig, TrainingDiverged, train_dot
 from .latency import measure_n
@@ -58,7 +63,11 @@ def parser() -> argparse.ArgumentParser:
                         "estimate does not explain (default; carries the CFG scale and ancestral noise) or x_s itself "
                         "(the paper)")
     p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="samples per step (per process under torchrun)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help="samples per micro-batch (per process under torchrun); each is a cond + uncond pair")
+    p.add_argument("--grad-accum", type=int, default=d.grad_accum, metavar="K",
+                   help="micro-batches per optimizer step (default 1): the step's batch is batch-size x K (x processes), "
+                        "for the memory of one micro-batch; --steps and --checkpoint-every count optimizer steps")
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--jump-min", type=int, default=d.jump_min, help="shortest jump t_s -> t_i in timesteps")
     p.add_argument("--jump-max", type=int, default=d.jump_max, help="longest jump t_s -> t_i in timesteps")
@@ -73,6 +82,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--n-batch", type=int, default=None,
                    help="batch on which N (Dot speed-up) is measured (default: 512 for the reference model, 2 = one CFG pair for a checkpoint)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    g = p.add_argument_group("cost: device, precision, memory")
+    g.add_argument("--device", default=None,
+                   help="where Dash, the Dot, the LoRA and the batches live: cpu, cuda, cuda:1, ... (default: cuda if "
+                        "available, else cpu; under torchrun each process uses cuda:LOCAL_RANK)")
+    g.add_argument("--precision", default=None, choices=runtimes.PRECISIONS,
+                   help="autocast for Dash's passes and the Dot's forward/backward; trainable weights stay fp32 "
+                        "(default: bf16 on CUDA, fp16 with loss scaling where the GPU has no bf16, fp32 on the CPU; "
+                        "fp16 needs CUDA)")
+    g.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute the backbone call inside the Dot during the backward instead of keeping its "
+                        "activations (default: on for CUDA, off on the CPU)")
     comfy_cli.add_arguments(p)
     return p
 
@@ -102,6 +122,7 @@ def main(argv=None) -> int:
         step_input=args.step_input,
         steps=args.steps,
         batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
         lr=args.lr,
         jump_min=args.jump_min,
         jump_max=args.jump_max,
@@ -110,23 +131,31 @@ def main(argv=None) -> int:
         seed=args.seed,
         checkpoint_every=args.checkpoint_every,
     )
+    try:
+        rt = runtimes.resolve(args.device, args.precision, args.grad_checkpointing, local_rank=distributed.local_rank())
+    except ValueError as exc:  # no CUDA for --device cuda, fp16 on the CPU, bf16 on a GPU without it
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     # Under torchrun / accelerate launch: join the group before any model is built, so each
     # rank's models land on its own GPU. None in a plain single-process run.
-    dp = distributed.from_env()
+    dp = distributed.from_env(use_cuda=rt.device.type == "cuda")
     main_rank = dp is None or dp.is_main
     try:
-        setup = comfy_cli.setup_from_args(args, state_path.parent) if on_checkpoint else reference_setup(args.checkpoint)
+        setup = (comfy_cli.setup_from_args(args, state_path.parent, device=str(rt.device)) if on_checkpoint
+                 else reference_setup(args.checkpoint, rt.device))
     except (comfy_cli.ComfyUINotFound, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         if dp:
             dp.close()
         return 2
     if main_rank:
-        ranks = f" on {dp.world_size} processes (batch {cfg.batch_size} each)" if dp else ""
+        accum = f" x {cfg.grad_accum} accumulated" if cfg.grad_accum > 1 else ""
+        ranks = f" on {dp.world_size} processes (batch {cfg.batch_size}{accum} each)" if dp else ""
         print(f"Training a Dot for {setup.base_family} ({sum(p.numel() for p in setup.unet.parameters()) / 1e6:.2f}M params), "
-              f"{cfg.steps} steps of batch {cfg.batch_size}{ranks}; checkpoints in {state_path}")
+              f"{cfg.steps} steps of batch {cfg.batch_size}{accum if not dp else ''}{ranks} on {rt.describe()}; "
+              f"checkpoints in {state_path}")
     try:
-        result = train_dot(setup, cfg, state_path, resume=args.resume, parallel=dp)
+        result = train_dot(setup, cfg, state_path, resume=args.resume, parallel=dp, runtime=rt)
     except TrainingDiverged as exc:
         if main_rank:
             print(f"error: {exc}", file=sys.stderr)
@@ -141,16 +170,19 @@ def main(argv=None) -> int:
     if not main_rank:
         return 0  # every rank holds the same Dot; rank 0 alone measures N and writes the adapter
 
-    # training injected peft layers into the first copy
-    if on_checkpoint:
-        clean = comfy_cli.setup_from_args(args, state_path.parent)
-        x, context, backbone_kwargs = comfy_cli.measure_inputs(clean, n_batch)
-        speed = measure_n(clean.unet, result.dot, x, context, **backbone_kwargs)
-    else:
-        clean = reference_setup(args.checkpoint)
-        x = torch.randn(n_batch, *setup.latent_shape)
-        labels = torch.arange(n_batch) % 10
-        speed = measure_n(clean.unet, result.dot, x, clean.encode(labels))
+    # training injected peft layers into the first copy; N is measured on the training device and precision
+    del setup
+    with rt.autocast():
+        if on_checkpoint:
+            clean = comfy_cli.setup_from_args(args, state_path.parent, device=str(rt.device))
+            x, context, backbone_kwargs = comfy_cli.measure_inputs(clean, n_batch)
+            backbone_kwargs = {k: v.to(rt.device) for k, v in backbone_kwargs.items()}
+            speed = measure_n(clean.unet, result.dot, x.to(rt.device), context.to(rt.device), **backbone_kwargs)
+        else:
+            clean = reference_setup(args.checkpoint, rt.device)
+            x = torch.randn(n_batch, *clean.latent_shape).to(rt.device)
+            labels = torch.arange(n_batch) % 10
+            speed = measure_n(clean.unet, result.dot, x, clean.encode(labels))
     dash_params = sum(p.numel() for p in clean.unet.parameters())
     dot_params = sum(p.numel() for p in result.dot.parameters())
     training = {
@@ -164,7 +196,11 @@ def main(argv=None) -> int:
         "dot_params": dot_params,
         "dash_params": dash_params,
         "latency": speed,
-        "machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads".strip(),
+        "machine": (torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda"
+                    else f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads".strip()),
+        "device": str(rt.device),
+        "precision": rt.precision,
+        "grad_checkpointing": rt.grad_checkpointing,
         "date": datetime.date.today().isoformat(),
         "loss_history": result.summary["history"],
     }
