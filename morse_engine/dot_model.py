@@ -72,6 +72,14 @@ class DotConfig:
     # "deviation" (the part of the step x_s -> x that the anchor's own estimate does not explain; needs sigmas).
     step_input: str = "x_s"
     prediction: str = "eps"  # the backbone's output: "eps" or "v" (ComfyUI's EPS / V_PREDICTION)
+    # Where the first light level runs: "full_res" (the paper: a block at the latent's resolution, then a
+    # strided conv) or "pixel_shuffle" (pixel-unshuffle the inputs first, so every light block runs at 1/2
+    # resolution or less and a Dot call costs less; the output is pixel-shuffled back).
+    stem: str = "full_res"
+    # "sigma_step": eta is scaled by the relative sigma step 1 - sigma/anchor_sigma, so the Dot's correction
+    # vanishes as the jump shrinks (like the true change of the estimate) and its errors shrink with the step
+    # size instead of piling up over many short steps. Needs sigmas. "none": eta as the network outputs it.
+    eta_scale: str = "none"
 
     def __post_init__(self):
         if self.m < 1:
@@ -82,6 +90,10 @@ class DotConfig:
             raise ValueError(f"step_input {self.step_input!r} is not one of {STEP_INPUTS}")
         if self.prediction not in PREDICTIONS:
             raise ValueError(f"prediction {self.prediction!r} is not one of {PREDICTIONS} (the Dot supports those model types)")
+        if self.eta_scale not in ETA_SCALES:
+            raise ValueError(f"eta_scale {self.eta_scale!r} is not one of {ETA_SCALES}")
+        if self.stem not in STEMS:
+            raise ValueError(f"stem {self.stem!r} is not one of {STEMS}")
 
     @property
     def factor(self) -> int:
@@ -109,6 +121,8 @@ class DotConfig:
 
 STEP_INPUTS = ("x_s", "deviation")
 PREDICTIONS = ("eps", "v")
+STEMS = ("full_res", "pixel_shuffle")
+ETA_SCALES = ("none", "sigma_step")
 
 
 def _bcast(v, like: torch.Tensor) -> torch.Tensor:
@@ -182,11 +196,15 @@ class DotModel(nn.Module):
         self.time_mlp = nn.Sequential(nn.Linear(n_times * e, 4 * e), nn.SiLU(), nn.Linear(4 * e, 4 * e))
         emb = 4 * e
         cin = 3 * c if config.trajectory else c  # x_i, x_s, z_s stacked
+        self.shuffled = config.stem == "pixel_shuffle"
+        if self.shuffled:
+            cin *= 4  # the first halving is a pixel-unshuffle: no block runs at full resolution
         self.down = nn.ModuleList()
         self.downsample = nn.ModuleList()
         for level, width in enumerate(w):
             self.down.append(LightResBlock(cin if level == 0 else w[level - 1], width, emb))
-            self.downsample.append(nn.Conv2d(width, width, 3, stride=2, padding=1))
+            first_is_shuffle = self.shuffled and level == 0
+            self.downsample.append(nn.Identity() if first_is_shuffle else nn.Conv2d(width, width, 3, stride=2, padding=1))
         self.to_backbone = nn.Conv2d(w[-1], c, 3, padding=1)
         self.from_backbone = nn.Conv2d(c, w[-1], 3, padding=1)
         self.up = nn.ModuleList()
@@ -194,7 +212,7 @@ class DotModel(nn.Module):
             cin_up = w[level + 1] if level + 1 < config.m else w[-1]
             self.up.append(LightResBlock(cin_up + w[level], w[level], emb))
         self.out_norm = _norm(w[0])
-        self.out = nn.Conv2d(w[0], c, 3, padding=1)
+        self.out = nn.Conv2d(w[0], 4 * c if self.shuffled else c, 3, padding=1)
         nn.init.zeros_(self.to_backbone.weight)
         nn.init.zeros_(self.to_backbone.bias)
         nn.init.zeros_(self.out.weight)
@@ -254,12 +272,13 @@ class DotModel(nn.Module):
             v = v.to(dtype)
             return F.pad(v, (0, pad_w, 0, pad_h), mode="replicate") if (pad_h or pad_w) else v
 
+        needs_sigmas = (cfg.trajectory and cfg.step_input == "deviation") or cfg.eta_scale == "sigma_step"
+        if needs_sigmas and (sigma is None or anchor_sigma is None):
+            raise DotInputError(
+                "this Dot reads the sampler's step since the anchor and needs the sigmas of the call and of the "
+                "anchor; pass sigma= and anchor_sigma= (the Morse router does this)"
+            )
         if cfg.trajectory and cfg.step_input == "deviation":
-            if sigma is None or anchor_sigma is None:
-                raise DotInputError(
-                    "this Dot reads the sampler's step since the anchor and needs the sigmas of the call and of the "
-                    "anchor; pass sigma= and anchor_sigma= (the Morse router does this)"
-                )
             anchor_x = step_deviation(x.float(), sigma, anchor_x.float(), anchor_sigma, anchor_z.float(), cfg.prediction)
         xi, xs, zs = prep(x), prep(anchor_x), prep(anchor_z)
         t = t.reshape(-1).expand(x.shape[0]) if t.numel() in (1, x.shape[0]) else t
@@ -272,6 +291,8 @@ class DotModel(nn.Module):
             h = xi
         emb = self.time_mlp(torch.cat(feats, dim=-1).to(dtype))
 
+        if self.shuffled:
+            h = F.pixel_unshuffle(h, 2)
         skips = []
         for block, down in zip(self.down, self.downsample):
             h = block(h, emb)
@@ -287,7 +308,15 @@ class DotModel(nn.Module):
         h = self.from_backbone(b.to(dtype))
 
         for block in self.up:
-            h = F.interpolate(h, scale_factor=2, mode="nearest")
-            h = block(torch.cat([h, skips.pop()], dim=1), emb)
-        eta = self.out(F.silu(self.out_norm(h)))[..., :h_in, :w_in]
+            skip = skips.pop()
+            if h.shape[-1] != skip.shape[-1]:  # the shuffled first level has no strided conv to undo
+                h = F.interpolate(h, scale_factor=2, mode="nearest")
+            h = block(torch.cat([h, skip], dim=1), emb)
+        eta = self.out(F.silu(self.out_norm(h)))
+        if self.shuffled:
+            eta = F.pixel_shuffle(eta, 2)
+        eta = eta[..., :h_in, :w_in]
+        if cfg.eta_scale == "sigma_step":
+            ratio = _bcast(sigma, eta).float() / _bcast(anchor_sigma, eta).float().clamp(min=1e-8)
+            eta = eta * (1 - ratio).clamp(0, 1).to(eta.dtype)
         return anchor_z + eta.to(anchor_z.dtype)

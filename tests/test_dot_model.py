@@ -201,3 +201,52 @@ def test_deviation_dot_needs_the_sigmas_and_is_untrained_equal_to_the_anchor(bac
         with pytest.raises(DotInputError, match="sigma"):
             dot(backbone, x, t, xs, zs, ts, context=ctx)
         assert torch.equal(dot(backbone, x, t, xs, zs, ts, context=ctx, sigma=2.0, anchor_sigma=3.0), zs)
+
+
+@pytest.mark.parametrize("m", [1, 2])
+def test_pixel_shuffle_stem_runs_no_block_at_full_resolution(backbone, m):
+    dot = DotModel.build(backbone, DotConfig.for_backbone(backbone, m=m, stem="pixel_shuffle"))
+    x, xs, zs, ctx = inputs(size=16)
+    t = torch.full((2,), 300.0)
+    with torch.no_grad():
+        assert torch.equal(dot(backbone, x, t, xs, zs, t + 50, context=ctx), zs)  # untrained: the anchor, exactly
+    randomize_outputs(dot)
+    seen = []
+    hooks = [blk.register_forward_hook(lambda mod, args, out: seen.append(out.shape[-1])) for blk in (*dot.down, *dot.up)]
+    with torch.no_grad():
+        out = dot(backbone, x, t, xs, zs, t + 50, context=ctx)
+    for h in hooks:
+        h.remove()
+    assert out.shape == x.shape and not torch.equal(out, zs)
+    assert max(seen) == 8  # every light block at 1/2 resolution or below
+    full = DotModel.build(backbone, DotConfig.for_backbone(backbone, m=m))
+    assert DotConfig.from_dict(full.config.to_dict()).stem == "full_res"  # the paper's layout stays the default for old files
+
+
+def test_pixel_shuffle_stem_pads_odd_sizes(backbone):
+    dot = DotModel.build(backbone, DotConfig.for_backbone(backbone, m=2, stem="pixel_shuffle"))
+    randomize_outputs(dot)
+    x, xs, zs, ctx = inputs(size=15)
+    t = torch.full((2,), 300.0)
+    with torch.no_grad():
+        out = dot(backbone, x, t, xs, zs, t + 50, context=ctx)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+def test_sigma_step_eta_scale_vanishes_with_the_jump(backbone):
+    dot = make_dot(backbone, eta_scale="sigma_step")
+    randomize_outputs(dot)
+    x, xs, zs, ctx = inputs()
+    t, ts = torch.full((2,), 400.0), torch.full((2,), 500.0)
+    with torch.no_grad():
+        with pytest.raises(DotInputError, match="sigma"):
+            dot(backbone, x, t, xs, zs, ts, context=ctx)
+        same = dot(backbone, x, t, xs, zs, ts, context=ctx, sigma=3.0, anchor_sigma=3.0)
+        small = dot(backbone, x, t, xs, zs, ts, context=ctx, sigma=2.9, anchor_sigma=3.0) - zs
+        large = dot(backbone, x, t, xs, zs, ts, context=ctx, sigma=1.5, anchor_sigma=3.0) - zs
+        unscaled = make_dot(backbone)
+        randomize_outputs(unscaled)
+        raw = unscaled(backbone, x, t, xs, zs, ts, context=ctx) - zs
+    assert torch.equal(same, zs)  # no jump, no correction
+    assert torch.allclose(small, raw * (1 - 2.9 / 3.0), atol=1e-6)
+    assert torch.allclose(large, raw * 0.5, atol=1e-6)
