@@ -63,7 +63,7 @@ def test_training_lowers_the_loss_below_reusing_the_anchor(tmp_path):
     setup = tiny_setup()
     batch = fixed_batch(setup)
     reuse = torch.nn.functional.mse_loss(batch["anchor_z"], batch["target"]).item()
-    result = train_dot(setup, DotTrainConfig(**CFG, steps=60), tmp_path / "s.safetensors", progress=False)
+    result = train_dot(setup, DotTrainConfig(**CFG, steps=150), tmp_path / "s.safetensors", progress=False)
     clean = tiny_setup().unet
     trained = eval_loss(result.dot, clean, batch)
     assert trained < 0.9 * reuse, (trained, reuse)
@@ -132,3 +132,20 @@ def test_cli_resume_without_a_checkpoint_is_a_clear_error_not_a_traceback(tmp_pa
     err = capsys.readouterr().err
     assert "--resume" in err and "no checkpoint" in err
     assert not (tmp_path / "dot.safetensors").exists()
+
+
+def test_guided_loss_sees_errors_that_cfg_amplifies_and_reuse_errors_that_cancel():
+    from training.dot_trainer import DotTrainConfig as Cfg
+    from training.dot_trainer import dot_loss
+
+    target = torch.zeros(4, 1, 2, 2)  # [cond, cond, uncond, uncond]
+    batch = {"target": target, "sigma_step": torch.ones(4), "guidance": torch.tensor([3.0, 3.0])}
+    same = torch.ones(4, 1, 2, 2)  # both branches off by +1: the guided estimate is off by 1
+    opposite = torch.cat([torch.ones(2, 1, 2, 2), -torch.ones(2, 1, 2, 2)])  # guided off by -1 + 3 * (1 - -1) = 5
+    branches, guided = Cfg(loss_on="branches"), Cfg()
+    assert dot_loss(same, batch, branches).item() == pytest.approx(1.0)
+    assert dot_loss(opposite, batch, branches).item() == pytest.approx(1.0)
+    assert dot_loss(same, batch, guided).item() == pytest.approx(1.0 + 1.0)
+    assert dot_loss(opposite, batch, guided).item() == pytest.approx(1.0 + 25.0)
+    with pytest.raises(ValueError, match="loss_on"):
+        Cfg(loss_on="both")

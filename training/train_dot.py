@@ -62,6 +62,10 @@ def parser() -> argparse.ArgumentParser:
                    help="how the Dot sees the sampler's step since the anchor: the part of it that the anchor's own "
                         "estimate does not explain (default; carries the CFG scale and ancestral noise) or x_s itself "
                         "(the paper)")
+    p.add_argument("--stem", default=d.stem, choices=("pixel_shuffle", "full_res"),
+                   help="first light level: pixel-unshuffle to 1/2 resolution (default, cheaper) or a block at full resolution (the paper)")
+    p.add_argument("--eta-scale", default=d.eta_scale, choices=("sigma_step", "none"),
+                   help="scale the Dot's correction by the relative sigma step (default) or not (the paper)")
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--batch-size", type=int, default=d.batch_size,
                    help="samples per micro-batch (per process under torchrun); each is a cond + uncond pair")
@@ -74,6 +78,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", default=d.sampler, choices=JUMP_SAMPLERS, help="the step that forms x_i from (x_s, z_s)")
     p.add_argument("--loss-weight", default=d.loss_weight, choices=("none", "step"),
                    help="step (default): weight each tuple by its sigma step, as the sampler update does; none: plain MSE as in the paper")
+    p.add_argument("--loss-on", default=d.loss_on, choices=("guided", "branches"),
+                   help="guided (default): also the error of the CFG-guided estimate the sampler uses; branches: per-branch MSE (the paper)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
     p.add_argument("--resume", action="store_true", help="continue from runs/<name>/train-state.safetensors")
@@ -120,6 +126,8 @@ def main(argv=None) -> int:
         lora_targets=tuple(args.lora_targets),
         trajectory=not args.no_trajectory,
         step_input=args.step_input,
+        stem=args.stem,
+        eta_scale=args.eta_scale,
         steps=args.steps,
         batch_size=args.batch_size,
         grad_accum=args.grad_accum,
@@ -128,6 +136,7 @@ def main(argv=None) -> int:
         jump_max=args.jump_max,
         sampler=args.sampler,
         loss_weight=args.loss_weight,
+        loss_on=args.loss_on,
         seed=args.seed,
         checkpoint_every=args.checkpoint_every,
     )
