@@ -30,6 +30,18 @@ def test_tiny_benchmark_end_to_end_writes_measured_figures(tmp_path, monkeypatch
     assert report["training"]["samples_per_s"] > 0 and report["training"]["peak_mb"] > 0
 
 
+def test_both_stems_are_timed_when_asked(tmp_path, monkeypatch):
+    monkeypatch.delenv("COMFYUI_PATH", raising=False)
+    torch.set_num_threads(1)
+    out = tmp_path / "bench.json"
+    assert bench_latency.main(["--arch", "tiny", "--m", "2", "--stem", "pixel_shuffle,full_res", "--repeats", "1",
+                               "--warmup", "0", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["stem"] for r in rows] == ["pixel_shuffle", "full_res"]
+    with pytest.raises(SystemExit, match="--stem"):
+        bench_latency.main(["--arch", "tiny", "--stem", "half"])
+
+
 def test_unknown_architecture_is_named():
     with pytest.raises(SystemExit, match="not one of"):
         bench_latency.main(["--arch", "sd3"])

@@ -28,7 +28,8 @@ from pathlib import Path
 
 import torch
 
-from morse_engine import DotConfig, DotModel, EveryK, Pattern, lsd_cost
+from morse_engine import DotModel, EveryK, Pattern, lsd_cost
+from morse_engine.dot_model import STEMS
 
 from .latency import interleaved_times
 
@@ -122,6 +123,7 @@ class Row:
     dot_ms: float
     dot_params: int
     dash_params: int
+    stem: str = "pixel_shuffle"
 
     @property
     def n(self) -> float:
@@ -130,11 +132,11 @@ class Row:
     def to_dict(self) -> dict:
         return {"arch": self.arch, "resolution": self.resolution, "m": self.m, "widths": list(self.widths),
                 "dash_ms": self.dash_ms, "dot_ms": self.dot_ms, "N": self.n, "dot_params": self.dot_params,
-                "dash_params": self.dash_params, "dot_param_share": self.dot_params / self.dash_params}
+                "dash_params": self.dash_params, "dot_param_share": self.dot_params / self.dash_params, "stem": self.stem}
 
 
 @torch.no_grad()
-def bench_arch(arch: str, backbone, ms, device, dtype, repeats: int, warmup: int, progress) -> list[Row]:
+def bench_arch(arch: str, backbone, ms, device, dtype, repeats: int, warmup: int, progress, stems=None) -> list[Row]:
     spec = ARCHS[arch]
     side = spec["resolution"] // 8
     g = torch.Generator().manual_seed(1)
@@ -149,15 +151,18 @@ def bench_arch(arch: str, backbone, ms, device, dtype, repeats: int, warmup: int
     dash = lambda: backbone(x, t, context=context, **extra)  # noqa: E731
     z = dash()
     rows = []
-    for m in ms:
-        cfg = DotConfig.for_backbone(backbone, m=m, step_input="deviation")
+    from .dot_trainer import DotTrainConfig
+
+    for m, stem in [(m, stem) for m in ms for stem in (stems or [DotTrainConfig.stem])]:
+        # the Dot train_dot writes by default (its eta scale, step input and stem), unless another stem is asked for
+        cfg = DotTrainConfig(m=m, stem=stem).dot_config(backbone)
         dot = DotModel.build(backbone, cfg)
         randomize(dot, seed=m)
         dot = dot.to(device, dtype).eval()
         dot_call = lambda: dot(backbone, x, t, x, z, t_s, context=context, sigma=1.0, anchor_sigma=1.1, **extra)  # noqa: E731
         d_t, o_t = interleaved_times(dash, dot_call, repeats, warmup, sync, on_repeat=lambda: progress.update(1))
         rows.append(Row(arch, spec["resolution"], m, cfg.widths, statistics.median(d_t) * 1e3, statistics.median(o_t) * 1e3,
-                        sum(p.numel() for p in dot.parameters()), dash_params))
+                        sum(p.numel() for p in dot.parameters()), dash_params, stem))
     return rows
 
 
@@ -220,6 +225,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", default="sd15",
                    help="comma-separated: sd15 (512 px), sdxl (1024 px; needs ComfyUI), tiny (a smoke run)")
     p.add_argument("--m", default="1,2,3", help="Dot down-sampling depths to time, comma-separated")
+    p.add_argument("--stem", default=None,
+                   help="Dot first level(s) to time, comma-separated: pixel_shuffle, full_res (default: train_dot's)")
     p.add_argument("--repeats", type=int, default=3, help="timed calls of each (median reported)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -250,13 +257,17 @@ def main(argv=None) -> int:
         raise SystemExit(f"error: --m must be whole numbers separated by commas (got {args.m!r})") from None
     if not ms or min(ms) < 1:
         raise SystemExit("error: --m values must be >= 1")
+    stems = [v.strip() for v in (args.stem or "").split(",") if v.strip()] or None
+    for stem in stems or []:
+        if stem not in STEMS:
+            raise SystemExit(f"error: --stem {stem!r} is not one of {STEMS}")
     device = torch.device(args.device)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
         args.dtype or ("fp16" if device.type == "cuda" else "fp32")]
     comfy_path = find_comfyui(args.comfyui)
 
     rows, sources, training = [], {}, None
-    with tqdm(total=len(archs) * len(ms) * args.repeats, desc="timing", dynamic_ncols=True) as bar:
+    with tqdm(total=len(archs) * len(ms) * len(stems or [0]) * args.repeats, desc="timing", dynamic_ncols=True) as bar:
         for arch in archs:
             if comfy_path and arch != "tiny":
                 backbone, sources[arch] = build_with_comfy(arch, comfy_path, device), "ComfyUI UNetModel"
@@ -265,7 +276,7 @@ def main(argv=None) -> int:
                 sources[arch] = "project UNet" + (" in SD1.5 layout (no ComfyUI given)" if arch == "sd15" else "")
             randomize(backbone)
             backbone = backbone.to(device, dtype).eval()
-            rows += bench_arch(arch, backbone, ms, device, dtype, args.repeats, args.warmup, bar)
+            rows += bench_arch(arch, backbone, ms, device, dtype, args.repeats, args.warmup, bar, stems)
             if args.train_steps and arch == archs[0]:
                 if dtype != torch.float32:
                     backbone = backbone.float()  # the trainer keeps fp32 master weights
@@ -276,14 +287,14 @@ def main(argv=None) -> int:
                if device.type == "cpu" else torch.cuda.get_device_name(device))
     print(f"\n{machine}, torch {torch.__version__}, {str(dtype).replace('torch.', '')}, "
           f"{datetime.date.today().isoformat()}; one CFG step = batch 2; median of {args.repeats}")
-    print(f"{'arch':6} {'px':>5} {'m':>2} {'widths':>10} {'Dash ms':>9} {'Dot ms':>8} {'N':>6} {'Dot params':>11}")
+    print(f"{'arch':6} {'px':>5} {'m':>2} {'stem':>13} {'widths':>10} {'Dash ms':>9} {'Dot ms':>8} {'N':>6} {'Dot params':>11}")
     for r in rows:
-        print(f"{r.arch:6} {r.resolution:5d} {r.m:2d} {str(list(r.widths)):>10} {r.dash_ms:9.1f} {r.dot_ms:8.1f} "
+        print(f"{r.arch:6} {r.resolution:5d} {r.m:2d} {r.stem:>13} {str(list(r.widths)):>10} {r.dash_ms:9.1f} {r.dot_ms:8.1f} "
               f"{r.n:6.2f} {r.dot_params / 1e6:7.2f}M ({r.dot_params / r.dash_params:.1%})")
     print(f"\nLSD cost of {STEPS_FOR_SCHEDULES} steps and the speedup bound (Dot steps as good as Dash steps):")
     for r in rows:
         cells = ", ".join(f"{s['schedule']} {s['lsd']:.1f} LSD -> <= {s['speedup_bound']:.2f}x" for s in schedule_table(r.n))
-        print(f"  {r.arch} m={r.m} (N {r.n:.2f}): {cells}")
+        print(f"  {r.arch} m={r.m} {r.stem} (N {r.n:.2f}): {cells}")
     if training:
         print(f"\nDot training on {training['arch']} (m={training['m']}, batch {training['batch']}, {training['steps']} steps): "
               f"{training['samples_per_s']:.3f} samples/s, peak memory {training['peak_mb']:.0f} MiB "
