@@ -149,3 +149,13 @@ def test_guided_loss_sees_errors_that_cfg_amplifies_and_reuse_errors_that_cancel
     assert dot_loss(opposite, batch, guided).item() == pytest.approx(1.0 + 25.0)
     with pytest.raises(ValueError, match="loss_on"):
         Cfg(loss_on="both")
+
+
+def test_cli_empty_cfg_range_is_a_clear_error(tmp_path, capsys):
+    from training import train_dot as cli
+
+    code = cli.main(["--cfg-min", "5", "--cfg-max", "2", "--runs", str(tmp_path), "--steps", "1",
+                     "--out", str(tmp_path / "dot.safetensors")])
+    assert code == 2
+    assert "CFG range 5.0..2.0 is empty" in capsys.readouterr().err
+    assert not (tmp_path / "dot.safetensors").exists()

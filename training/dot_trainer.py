@@ -85,6 +85,8 @@ class DotTrainConfig:
             raise ValueError(f"loss_on {self.loss_on!r} is not one of {LOSS_ON}; pick one of those")
         if self.sampler not in JUMP_SAMPLERS:
             raise ValueError(f"sampler {self.sampler!r} is not one of {JUMP_SAMPLERS}; pick one of those")
+        if not 0 < self.cfg_min <= self.cfg_max:
+            raise ValueError(f"CFG range {self.cfg_min}..{self.cfg_max} is empty; give 0 < cfg_min <= cfg_max")
         if not 1 <= self.jump_min <= self.jump_max:
             raise ValueError(f"jump range {self.jump_min}..{self.jump_max} is empty; give 1 <= jump_min <= jump_max")
         if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:

@@ -75,6 +75,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--jump-min", type=int, default=d.jump_min, help="shortest jump t_s -> t_i in timesteps")
     p.add_argument("--jump-max", type=int, default=d.jump_max, help="longest jump t_s -> t_i in timesteps")
+    p.add_argument("--cfg-min", type=float, default=None,
+                   help=f"lowest CFG scale that forms x_i, drawn uniformly per sample (default: {d.cfg_min:g} for the "
+                        "reference model, the low end of --trajectory-cfg for a checkpoint)")
+    p.add_argument("--cfg-max", type=float, default=None,
+                   help=f"highest CFG scale that forms x_i; cover the scales you sample with (default: {d.cfg_max:g} for "
+                        "the reference model, the high end of --trajectory-cfg for a checkpoint)")
     p.add_argument("--sampler", default=d.sampler, choices=JUMP_SAMPLERS, help="the step that forms x_i from (x_s, z_s)")
     p.add_argument("--loss-weight", default=d.loss_weight, choices=("none", "step"),
                    help="step (default): weight each tuple by its sigma step, as the sampler update does; none: plain MSE as in the paper")
@@ -118,7 +124,23 @@ def main(argv=None) -> int:
         print(f"error: --out must end in .safetensors (got {out})", file=sys.stderr)
         return 2
     state_path = args.runs / name / "train-state.safetensors"
-    cfg = DotTrainConfig(
+    # a checkpoint's Dot is trained at the guidance its own trajectories are sampled with
+    cfg_lo, cfg_hi = args.trajectory_cfg if on_checkpoint else (DotTrainConfig.cfg_min, DotTrainConfig.cfg_max)
+    try:
+        cfg = train_config(args, cfg_lo if args.cfg_min is None else args.cfg_min, cfg_hi if args.cfg_max is None else args.cfg_max)
+    except ValueError as exc:  # an empty jump or CFG range, a batch or step count below 1
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        rt = runtimes.resolve(args.device, args.precision, args.grad_checkpointing, local_rank=distributed.local_rank())
+    except ValueError as exc:  # no CUDA for --device cuda, fp16 on the CPU, bf16 on a GPU without it
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return run(args, cfg, rt, on_checkpoint, name, n_batch, out, state_path)
+
+
+def train_config(args, cfg_min: float, cfg_max: float) -> DotTrainConfig:
+    return DotTrainConfig(
         m=args.m,
         widths=args.widths,
         lora_rank=args.lora_rank,
@@ -134,17 +156,17 @@ def main(argv=None) -> int:
         lr=args.lr,
         jump_min=args.jump_min,
         jump_max=args.jump_max,
+        cfg_min=cfg_min,
+        cfg_max=cfg_max,
         sampler=args.sampler,
         loss_weight=args.loss_weight,
         loss_on=args.loss_on,
         seed=args.seed,
         checkpoint_every=args.checkpoint_every,
     )
-    try:
-        rt = runtimes.resolve(args.device, args.precision, args.grad_checkpointing, local_rank=distributed.local_rank())
-    except ValueError as exc:  # no CUDA for --device cuda, fp16 on the CPU, bf16 on a GPU without it
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+
+
+def run(args, cfg: DotTrainConfig, rt, on_checkpoint: bool, name: str, n_batch: int, out: Path, state_path: Path) -> int:
     # Under torchrun / accelerate launch: join the group before any model is built, so each
     # rank's models land on its own GPU. None in a plain single-process run.
     dp = distributed.from_env(use_cuda=rt.device.type == "cuda")
