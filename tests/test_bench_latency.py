@@ -15,13 +15,17 @@ def test_schedule_bounds_follow_the_lsd_cost():
     assert rows["D..."]["speedup_bound"] > rows["D.."]["speedup_bound"] > d["speedup_bound"]
 
 
-def test_tiny_benchmark_end_to_end_writes_measured_figures(tmp_path, monkeypatch):
+def run_tiny(tmp_path, monkeypatch, *args) -> dict:
+    """The benchmark on the tiny architecture without ComfyUI, one timed call each; its JSON report."""
     monkeypatch.delenv("COMFYUI_PATH", raising=False)
     torch.set_num_threads(1)
     out = tmp_path / "bench.json"
-    assert bench_latency.main(["--arch", "tiny", "--m", "1,2", "--repeats", "1", "--warmup", "0",
-                               "--train-steps", "2", "--json", str(out)]) == 0
-    report = json.loads(out.read_text())
+    assert bench_latency.main(["--arch", "tiny", "--repeats", "1", "--warmup", "0", *args, "--json", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+def test_tiny_benchmark_end_to_end_writes_measured_figures(tmp_path, monkeypatch):
+    report = run_tiny(tmp_path, monkeypatch, "--m", "1,2", "--train-steps", "2")
     assert [r["m"] for r in report["rows"]] == [1, 2]
     for row in report["rows"]:
         assert row["dash_ms"] > 0 and row["dot_ms"] > 0
@@ -31,12 +35,7 @@ def test_tiny_benchmark_end_to_end_writes_measured_figures(tmp_path, monkeypatch
 
 
 def test_both_stems_are_timed_when_asked(tmp_path, monkeypatch):
-    monkeypatch.delenv("COMFYUI_PATH", raising=False)
-    torch.set_num_threads(1)
-    out = tmp_path / "bench.json"
-    assert bench_latency.main(["--arch", "tiny", "--m", "2", "--stem", "pixel_shuffle,full_res", "--repeats", "1",
-                               "--warmup", "0", "--json", str(out)]) == 0
-    rows = json.loads(out.read_text())["rows"]
+    rows = run_tiny(tmp_path, monkeypatch, "--m", "2", "--stem", "pixel_shuffle,full_res")["rows"]
     assert [r["stem"] for r in rows] == ["pixel_shuffle", "full_res"]
     with pytest.raises(SystemExit, match="--stem"):
         bench_latency.main(["--arch", "tiny", "--stem", "half"])
