@@ -378,9 +378,9 @@ def plot_report(report: dict, path) -> Path:
             ax.set_ylabel(label)
             title = name
             if key == "fd" and rep.get("average_speedup") is not None:
-                title += f": average speedup {rep['average_speedup']:.2f}x"
+                title += f": average speedup at equal FD {rep['average_speedup']:.2f}x"
             if key == "rmse" and rep.get("trajectory_error"):
-                title += f": average speedup {rep['trajectory_error']['average_speedup']:.2f}x"
+                title += f": average speedup at equal RMSE {rep['trajectory_error']['average_speedup']:.2f}x"
             mono = (rep.get("plain_monotone") or {}).get(key)
             if mono and not mono["monotone"]:
                 title += "\n(plain curve not monotone: speedup not meaningful)"
