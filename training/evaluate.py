@@ -159,19 +159,8 @@ def run_morse(sampler: str, work: Workload, budget: float, pattern: str, filler,
     spec = Pattern(pattern)
     cps = CALLS_PER_STEP.get(sampler, 1)
     plan = plan_budget(max(1.0, budget / cps), n_speed, spec)
-    sigmas = normal_sigmas(work.ms, plan.steps)
-    router = MorseRouter(spec, filler, measure=True, sync=work.sync)
-    gen = work.generator()
-    out = []
-    totals = dict(dash_calls=0, dot_calls=0, fallback_calls=0, dash_seconds=0.0, dot_seconds=0.0)
     start = time.perf_counter()
-    for sl in work.chunks():
-        with router.run(sigmas) as run:
-            den = GuidedDenoiser(work.unet, work.ms, work.cond[sl], work.uncond[sl], work.cfg, run=run)
-            out.append(sample(sampler, den, work.noise[sl], sigmas, work.ms, gen))
-        s = router.last_summary
-        for k in totals:
-            totals[k] += getattr(s, k)
+    x, totals = sample_routed(sampler, work, plan.steps, spec, filler)
     seconds = time.perf_counter() - start
     n = work.n_chunks
     dash_per, dot_per = totals["dash_calls"] / n, totals["dot_calls"] / n
@@ -191,7 +180,26 @@ def run_morse(sampler: str, work: Workload, budget: float, pattern: str, filler,
         "seconds": seconds,
         "_timing": totals,
     }
-    return torch.cat(out), point
+    return x, point
+
+
+@torch.no_grad()
+def sample_routed(sampler: str, work: Workload, steps: int, spec, filler) -> tuple[torch.Tensor, dict]:
+    """Sample ``steps`` steps with every model call going through the Morse router under ``spec``;
+    returns the samples and the router's call counts and times summed over the chunks."""
+    sigmas = normal_sigmas(work.ms, steps)
+    router = MorseRouter(spec, filler, measure=True, sync=work.sync)
+    gen = work.generator()
+    out = []
+    totals = dict(dash_calls=0, dot_calls=0, fallback_calls=0, dash_seconds=0.0, dot_seconds=0.0)
+    for sl in work.chunks():
+        with router.run(sigmas) as run:
+            den = GuidedDenoiser(work.unet, work.ms, work.cond[sl], work.uncond[sl], work.cfg, run=run)
+            out.append(sample(sampler, den, work.noise[sl], sigmas, work.ms, gen))
+        s = router.last_summary
+        for k in totals:
+            totals[k] += getattr(s, k)
+    return torch.cat(out), totals
 
 
 # --------------------------------------------------------------------------- N
