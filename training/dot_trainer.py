@@ -169,9 +169,8 @@ def training_tuple(setup: DashSetup, x0, cond, cfg: DotTrainConfig, gen: torch.G
     two = lambda v: torch.cat([v, v])  # noqa: E731
     with rt.autocast():
         z_s = setup.unet(two(scale(x_s, sig_s)), two(t_s.float()), context=context, **kwargs).float()
-    z_c, z_u = z_s.chunk(2)
     w = torch.empty(view).uniform_(cfg.cfg_min, cfg.cfg_max, generator=gen).to(dev)
-    guided = z_u + w * (z_c - z_u)
+    guided = cfg_combine(z_s, w)
     if setup.prediction == "v":
         # the sampler steps with eps: V_PREDICTION's denoised implies eps = (x_scaled * sigma + v) / sqrt(sigma^2 + 1);
         # the map is affine in the output, so guiding v then converting equals guiding eps
@@ -218,9 +217,14 @@ def dot_loss(pred, batch: dict, cfg: "DotTrainConfig") -> torch.Tensor:
     if cfg.loss_on == "branches":
         return branches
     w = batch["guidance"].reshape(-1, *([1] * (pred.dim() - 1))).to(pred.dtype)
-    guide = lambda z: z.chunk(2)[1] + w * (z.chunk(2)[0] - z.chunk(2)[1])  # noqa: E731
     half = batch["sigma_step"].chunk(2)[0]
-    return branches + weighted_mse(guide(pred), guide(batch["target"]), half, cfg.loss_weight)
+    return branches + weighted_mse(cfg_combine(pred, w), cfg_combine(batch["target"], w), half, cfg.loss_weight)
+
+
+def cfg_combine(z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The guided estimate u + w (c - u) of a [cond half, uncond half] batch: what the sampler steps with."""
+    cond, uncond = z.chunk(2)
+    return uncond + w * (cond - uncond)
 
 
 def lr_at(step: int, cfg: DotTrainConfig) -> float:
