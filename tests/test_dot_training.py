@@ -123,6 +123,21 @@ def test_step_weighting_counts_each_tuple_by_its_sigma_step():
     assert weighted_mse(pred, target, steps, "step").item() == pytest.approx((1 * 1 + 9 * 3) / 4)
 
 
+def test_relative_weighting_scores_each_tuple_against_reusing_its_anchor():
+    from training.dot_trainer import weighted_mse
+
+    target = torch.stack([torch.full((1, 2, 2), 0.1), torch.full((1, 2, 2), 10.0)])
+    reuse = torch.zeros_like(target)  # errs 0.01 on the short jump, 100 on the long one
+    pred = target * 0.5  # halves both errors: a quarter of reuse's squared error on each tuple
+    steps = torch.tensor([1.0, 3.0])
+    assert weighted_mse(pred, target, steps, "relative", reuse).item() == pytest.approx(0.25, rel=1e-2)
+    assert weighted_mse(reuse, target, steps, "relative", reuse).item() == pytest.approx(1.0, rel=1e-2)
+    # under step weighting the short jump is invisible next to the long one
+    assert weighted_mse(pred, target, steps, "step").item() == pytest.approx((0.0025 + 25 * 3) / 4)
+    with pytest.raises(ValueError, match="baseline"):
+        weighted_mse(pred, target, steps, "relative")
+
+
 def test_cli_resume_without_a_checkpoint_is_a_clear_error_not_a_traceback(tmp_path, capsys):
     from training import train_dot as cli
 
@@ -159,3 +174,56 @@ def test_cli_empty_cfg_range_is_a_clear_error(tmp_path, capsys):
     assert code == 2
     assert "CFG range 5.0..2.0 is empty" in capsys.readouterr().err
     assert not (tmp_path / "dot.safetensors").exists()
+
+
+def test_dpmpp_2m_correction_is_the_solvers_step_minus_euler():
+    from training.dot_trainer import dpmpp_2m_correction
+    from training.sampling import sample_dpmpp_2m
+
+    gen = torch.Generator().manual_seed(5)
+    x_p = torch.randn(3, 1, 4, 4, generator=gen)
+    d_p, d_s = torch.randn(2, 3, 1, 4, 4, generator=gen).unbind(0)
+    sigmas = torch.tensor([9.0, 4.0, 1.5, 0.0], dtype=torch.float64)
+    calls = iter([d_p.double(), d_s.double()])
+    seen = []
+
+    def model(x, sigma):
+        seen.append(x.clone())
+        return next(calls)
+
+    def stop_after_two(model, x, sigmas):  # the solver's x after its second step (sigma_s -> sigma_i)
+        return sample_dpmpp_2m(model, x, sigmas[:3])
+
+    x_i = stop_after_two(model, x_p.double(), sigmas)
+    x_s = seen[1]
+    eps_s = (x_s - d_s.double()) / sigmas[1]
+    euler = x_s + eps_s * (sigmas[2] - sigmas[1])
+    correction = dpmpp_2m_correction(sigmas[0], sigmas[1], sigmas[2], d_p.double(), d_s.double())
+    assert correction.abs().max() > 1e-3  # the second-order part is not negligible here
+    torch.testing.assert_close(euler + correction, x_i)
+    # no previous step, a step to sigma 0, or a masked-out sample: the first-order (Euler) step
+    assert dpmpp_2m_correction(sigmas[1], sigmas[1], sigmas[2], d_p, d_s).abs().max() == 0
+    assert dpmpp_2m_correction(sigmas[0], sigmas[1], sigmas[3], d_p, d_s).abs().max() == 0
+    keep = torch.tensor([True, False, True]).view(3, 1, 1, 1)
+    masked = dpmpp_2m_correction(sigmas[0], sigmas[1], sigmas[2], d_p, d_s, keep)
+    assert masked[1].abs().max() == 0 and masked[0].abs().max() > 0
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "mixed"])
+def test_multistep_jumps_move_x_i_off_the_euler_step_and_keep_the_anchor(sampler):
+    setup = tiny_setup()
+
+    def tuple_for(name):
+        gen = torch.Generator().manual_seed(7)
+        x0, cond = next(setup.batches(16, gen))
+        with torch.no_grad():
+            return training_tuple(setup, x0, cond, DotTrainConfig(**{**CFG, "sampler": name}, steps=1), gen)
+
+    euler, multi = tuple_for("euler"), tuple_for(sampler)
+    for key in ("anchor_x", "anchor_z", "anchor_t", "t", "guidance"):
+        torch.testing.assert_close(multi[key], euler[key])  # same draws up to the step itself
+    moved = (multi["x"] - euler["x"]).flatten(1).abs().amax(1).chunk(2)[0] > 1e-6
+    assert moved.any()
+    if sampler == "mixed":
+        assert not moved.all()  # about half the batch keeps the Euler step
+    assert not torch.equal(multi["target"], euler["target"])  # Dash is asked at the point the step reached

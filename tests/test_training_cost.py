@@ -68,7 +68,7 @@ def grads(dot_params, fn):
     return loss, [p.grad.clone() for p in dot_params]
 
 
-@pytest.mark.parametrize("loss_weight", ["none", "step"])
+@pytest.mark.parametrize("loss_weight", ["none", "step", "relative"])
 def test_two_accumulated_micro_batches_give_the_gradient_of_one_batch_twice_as_large(loss_weight):
     setup = tiny_setup()
     cfg = DotTrainConfig(**dict(CFG, loss_weight=loss_weight), steps=1)

@@ -39,8 +39,11 @@ from .dash_setup import DashSetup
 from .runtime import Runtime
 from .train_state import load_state, save_state
 
-JUMP_SAMPLERS = ("euler", "euler_ancestral")
-LOSS_WEIGHTS = ("none", "step")
+# "dpmpp_2m": DPM-Solver++(2M)'s step, Euler plus a correction from the previous step's estimate (one more Dash
+# pass per tuple); "mixed": that for half of each batch and Euler for the other half, so one Dot serves both.
+JUMP_SAMPLERS = ("euler", "euler_ancestral", "dpmpp_2m", "mixed")
+MULTISTEP = ("dpmpp_2m", "mixed")
+LOSS_WEIGHTS = ("none", "step", "relative")
 LOSS_ON = ("guided", "branches")
 
 
@@ -68,7 +71,7 @@ class DotTrainConfig:
     jump_max: int = 300
     cfg_min: float = 1.0  # guidance scale that forms x_i, drawn uniformly
     cfg_max: float = 4.0
-    sampler: str = "euler"  # the step that forms x_i: euler (= DDIM) or euler_ancestral
+    sampler: str = "euler"  # the step that forms x_i: euler (= DDIM), euler_ancestral, dpmpp_2m or mixed
     loss_weight: str = "step"  # weight each tuple by its sigma step (what an eps error does to x); "none": plain MSE
     # "guided": also penalise the error of the guided estimate u + w (c - u) that the sampler steps with. Reusing
     # an estimate errs alike in both CFG branches and the errors cancel there; a Dot trained per branch only errs
@@ -177,8 +180,10 @@ def training_tuple(setup: DashSetup, x0, cond, cfg: DotTrainConfig, gen: torch.G
         guided = (scale(x_s, sig_s) * sig_s + guided) / (sig_s**2 + 1) ** 0.5
     elif setup.prediction != "eps":
         raise ValueError(f"prediction {setup.prediction!r} is not one of ('eps', 'v'); the Dot trainer supports those")
-    if cfg.sampler == "euler":
+    if cfg.sampler in ("euler", *MULTISTEP):
         x_i = x_s + guided * (sig_i - sig_s)
+        if cfg.sampler in MULTISTEP:
+            x_i = x_i + multistep_correction(setup, rt, x_s, sig_s, sig_i, t_s, t_i, guided, w, context, kwargs, cfg, gen)
     else:
         sig_up = torch.minimum(sig_i, (sig_i**2 * (sig_s**2 - sig_i**2) / sig_s**2).clamp(min=0) ** 0.5)
         sig_down = (sig_i**2 - sig_up**2).clamp(min=0) ** 0.5
@@ -201,24 +206,80 @@ def training_tuple(setup: DashSetup, x0, cond, cfg: DotTrainConfig, gen: torch.G
     }
 
 
-def weighted_mse(pred, target, sigma_step, kind: str):
-    """Plain MSE (the paper), or weighted by the sigma step: an eps error moves the sampler's
-    x by (sigma step) x error, so large-noise jumps count for what they do to the sample."""
+def multistep_correction(setup: DashSetup, rt: Runtime, x_s, sig_s, sig_i, t_s, t_i, guided, w, context, kwargs,
+                         cfg: DotTrainConfig, gen: torch.Generator) -> torch.Tensor:
+    """What DPM-Solver++(2M) adds to the Euler step x_s -> x_i: (1 - sigma_i/sigma_s) (D_s - D_p) / 2r.
+
+    Its first-order part is Euler (DDIM) exactly; the rest extrapolates the denoised estimate from
+    the previous step's, D_p at sigma_p > sigma_s with r = log(sigma_p/sigma_s) / log(sigma_s/sigma_i).
+    Trained on Euler jumps only, the Dot never sees this part of a step and answers it out of
+    distribution, which is where its fills did worse than reuse under dpmpp_2m. The previous
+    point is taken one Euler step back from x_s along the anchor's guided estimate, which needs no
+    clean sample (so it works for the data-free checkpoint setup too); its jump is the current
+    one's times e^U(-0.4, 0.4), as schedules change step length slowly.
+    """
+    b = x_s.shape[0]
+    view = sig_s.shape
+    sig = setup.sampling.sigmas
+    ratio = torch.empty(b).uniform_(-0.4, 0.4, generator=gen).exp().to(t_s.device)
+    t_p = (t_s + ((t_s - t_i).float() * ratio).round().long().clamp(min=1)).clamp(max=len(sig) - 1)
+    sig_p = sig[t_p.cpu()].to(x_s.device).view(view).to(sig_s.dtype)
+    x_p = x_s + guided * (sig_p - sig_s)
+    scale = lambda x, s: x / (s**2 + 1) ** 0.5  # noqa: E731
+    two = lambda v: torch.cat([v, v])  # noqa: E731
+    with rt.autocast():
+        z_p = setup.unet(two(scale(x_p, sig_p)), two(t_p.float()), context=context, **kwargs).float()
+    guided_p = cfg_combine(z_p, w)
+    if setup.prediction == "v":
+        guided_p = (scale(x_p, sig_p) * sig_p + guided_p) / (sig_p**2 + 1) ** 0.5
+    keep = None
+    if cfg.sampler == "mixed":
+        keep = (torch.rand(b, generator=gen) < 0.5).to(x_s.device).view(view)
+    return dpmpp_2m_correction(sig_p, sig_s, sig_i, x_p - sig_p * guided_p, x_s - sig_s * guided, keep)
+
+
+def dpmpp_2m_correction(sig_p, sig_s, sig_i, d_p, d_s, keep=None) -> torch.Tensor:
+    """DPM-Solver++(2M)'s step from sigma_s to sigma_i minus the Euler step, given the denoised
+    estimates at the previous (d_p at sigma_p) and current (d_s) points; zero where ``keep`` is False."""
+    h = (sig_s / sig_i.clamp(min=1e-8)).log()
+    h_prev = (sig_p / sig_s).log()
+    # no previous step (the schedule's first) or a last step to sigma 0: dpmpp_2m takes the first-order step
+    usable = (h_prev > 1e-6) & (sig_i > 0) & (h > 1e-6)
+    if keep is not None:
+        usable = usable & keep
+    r = torch.where(usable, h_prev / h.clamp(min=1e-6), torch.ones_like(h))
+    correction = (1 - sig_i / sig_s) * (d_s - d_p) / (2 * r)
+    return torch.where(usable, correction, torch.zeros_like(correction))
+
+
+def weighted_mse(pred, target, sigma_step, kind: str, baseline=None):
+    """Plain MSE (the paper), weighted by the sigma step (an eps error moves the sampler's x by
+    (sigma step) x error, so large-noise jumps count for what they do to the sample), or relative:
+    each tuple's error over the error of ``baseline`` (reusing the anchor) on the same tuple, so a
+    short jump, whose errors are small in absolute terms, counts as much as a long one."""
     per_sample = (pred - target).pow(2).flatten(1).mean(1)
     if kind == "none":
         return per_sample.mean()
+    if kind == "relative":
+        if baseline is None:
+            raise ValueError("loss_weight 'relative' needs the reuse baseline of each tuple")
+        base = (baseline - target).pow(2).flatten(1).mean(1).detach()
+        # a floor for tuples where reusing is already near exact, so their ratio cannot explode
+        return (per_sample / (base + 1e-6 * base.mean() + 1e-12)).mean()
     w = sigma_step.to(per_sample.dtype)
     return (per_sample * w).sum() / w.sum().clamp(min=1e-12)
 
 
 def dot_loss(pred, batch: dict, cfg: "DotTrainConfig") -> torch.Tensor:
     """The training loss of estimates ``pred`` (the Dot's, or the anchor's for the reuse baseline)."""
-    branches = weighted_mse(pred, batch["target"], batch["sigma_step"], cfg.loss_weight)
+    anchor = batch["anchor_z"] if cfg.loss_weight == "relative" else None
+    branches = weighted_mse(pred, batch["target"], batch["sigma_step"], cfg.loss_weight, anchor)
     if cfg.loss_on == "branches":
         return branches
     w = batch["guidance"].reshape(-1, *([1] * (pred.dim() - 1))).to(pred.dtype)
     half = batch["sigma_step"].chunk(2)[0]
-    return branches + weighted_mse(cfg_combine(pred, w), cfg_combine(batch["target"], w), half, cfg.loss_weight)
+    return branches + weighted_mse(cfg_combine(pred, w), cfg_combine(batch["target"], w), half, cfg.loss_weight,
+                                   None if anchor is None else cfg_combine(anchor, w))
 
 
 def cfg_combine(z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -271,7 +332,7 @@ def micro_batch_shares(batches: list[dict], kind: str) -> Optional[list]:
     micro-batch, whose loss is the step's as it is."""
     if len(batches) == 1:
         return None
-    if kind == "none":
+    if kind in ("none", "relative"):  # per-tuple means
         sizes = [float(b["target"].shape[0]) for b in batches]
         return [n / sum(sizes) for n in sizes]
     sums = [b["sigma_step"].sum() for b in batches]

@@ -29,7 +29,7 @@ from . import comfy_setup as comfy_cli
 from . import distributed
 from . import runtime as runtimes
 from .dash_setup import reference_setup
-from .dot_trainer import JUMP_SAMPLERS, DotTrainConfig, TrainingDiverged, train_dot
+from .dot_trainer import JUMP_SAMPLERS, LOSS_WEIGHTS, DotTrainConfig, TrainingDiverged, train_dot
 from .latency import measure_n
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,9 +81,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg-max", type=float, default=None,
                    help=f"highest CFG scale that forms x_i; cover the scales you sample with (default: {d.cfg_max:g} for "
                         "the reference model, the high end of --trajectory-cfg for a checkpoint)")
-    p.add_argument("--sampler", default=d.sampler, choices=JUMP_SAMPLERS, help="the step that forms x_i from (x_s, z_s)")
-    p.add_argument("--loss-weight", default=d.loss_weight, choices=("none", "step"),
-                   help="step (default): weight each tuple by its sigma step, as the sampler update does; none: plain MSE as in the paper")
+    p.add_argument("--sampler", default=d.sampler, choices=JUMP_SAMPLERS, help="the step that forms x_i from (x_s, z_s): euler (= DDIM), euler_ancestral, dpmpp_2m (Euler plus the "
+                        "solver's second-order correction; one more Dash pass per tuple, ~35%% slower), or mixed (half each)")
+    p.add_argument("--loss-weight", default=d.loss_weight, choices=LOSS_WEIGHTS,
+                   help="step (default): weight each tuple by its sigma step, as the sampler update does; none: plain MSE as in the "
+                        "paper; relative: each tuple's error over reusing its anchor's, so short jumps count as much as long ones")
     p.add_argument("--loss-on", default=d.loss_on, choices=("guided", "branches"),
                    help="guided (default): also the error of the CFG-guided estimate the sampler uses; branches: per-branch MSE (the paper)")
     p.add_argument("--seed", type=int, default=d.seed)
