@@ -80,6 +80,10 @@ class DotConfig:
     # vanishes as the jump shrinks (like the true change of the estimate) and its errors shrink with the step
     # size instead of piling up over many short steps. Needs sigmas. "none": eta as the network outputs it.
     eta_scale: str = "none"
+    # What eta is added to: "anchor" (the paper: the last Dash estimate) or "extrapolate" (the line in t through
+    # the last two Dash estimates, as the training-free extrapolating filler guesses; where there is no earlier
+    # Dash estimate, the anchor). The Dot also reads that line's change as an input. Needs trajectory inputs.
+    base: str = "anchor"
 
     def __post_init__(self):
         if self.m < 1:
@@ -94,6 +98,11 @@ class DotConfig:
             raise ValueError(f"eta_scale {self.eta_scale!r} is not one of {ETA_SCALES}")
         if self.stem not in STEMS:
             raise ValueError(f"stem {self.stem!r} is not one of {STEMS}")
+        if self.base not in BASES:
+            raise ValueError(f"base {self.base!r} is not one of {BASES}")
+        if self.base == "extrapolate" and not self.trajectory:
+            raise ValueError("base 'extrapolate' reads the last two Dash estimates, which a Dot without trajectory "
+                             "inputs does not see; use base 'anchor' for the no-trajectory ablation")
 
     @property
     def factor(self) -> int:
@@ -123,6 +132,7 @@ STEP_INPUTS = ("x_s", "deviation")
 PREDICTIONS = ("eps", "v")
 STEMS = ("full_res", "pixel_shuffle")
 ETA_SCALES = ("none", "sigma_step")
+BASES = ("anchor", "extrapolate")
 
 
 def _bcast(v, like: torch.Tensor) -> torch.Tensor:
@@ -150,6 +160,21 @@ def step_deviation(x, sigma, anchor_x, anchor_sigma, anchor_z, prediction: str =
     else:
         raise ValueError(f"prediction {prediction!r} is not one of {PREDICTIONS}")
     return velocity - own
+
+
+def extrapolated_change(anchor_z, anchor_t, prev_z, prev_t, t) -> torch.Tensor:
+    """(t - t_s) / (t_s - t_p) (z_s - z_p): how far the line in t through the previous Dash estimate
+    (z_p at t_p) and the anchor's (z_s at t_s) moves from z_s by t. Zero where t_p = t_s (no earlier
+    estimate) or where there is none at all (``prev_z`` None)."""
+    if prev_z is None:
+        return torch.zeros_like(anchor_z)
+    b = anchor_z.shape[0]
+    per = lambda v: torch.as_tensor(v, device=anchor_z.device).float().reshape(-1).expand(b)  # noqa: E731
+    t_s, t_p, t_now = per(anchor_t), per(prev_t), per(t)
+    span = t_s - t_p
+    usable = span.abs() > 1e-8
+    ratio = (t_now - t_s) / torch.where(usable, span, torch.ones_like(span)) * usable
+    return ratio.reshape(-1, *([1] * (anchor_z.dim() - 1))).to(anchor_z.dtype) * (anchor_z - prev_z)
 
 
 def timestep_features(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -195,7 +220,8 @@ class DotModel(nn.Module):
         n_times = 2 if config.trajectory else 1
         self.time_mlp = nn.Sequential(nn.Linear(n_times * e, 4 * e), nn.SiLU(), nn.Linear(4 * e, 4 * e))
         emb = 4 * e
-        cin = 3 * c if config.trajectory else c  # x_i, x_s, z_s stacked
+        # x_i, x_s (or the step's deviation), z_s stacked, and the extrapolated change for that base
+        cin = (4 if config.base == "extrapolate" else 3) * c if config.trajectory else c
         self.shuffled = config.stem == "pixel_shuffle"
         if self.shuffled:
             cin *= 4  # the first halving is a pixel-unshuffle: no block runs at full resolution
@@ -247,6 +273,8 @@ class DotModel(nn.Module):
         lora_hooks: bool = True,
         sigma=None,
         anchor_sigma=None,
+        prev_z=None,
+        prev_t=None,
         **backbone_kwargs,
     ) -> torch.Tensor:
         """Estimate at (x, t) from the anchor Dash step (anchor_x, anchor_z at anchor_t).
@@ -254,6 +282,8 @@ class DotModel(nn.Module):
         ``backbone_call`` defaults to ``backbone`` itself; a host passes its own call chain.
         ``lora_hooks=False`` is for training, where peft layers in the backbone carry the LoRA.
         ``sigma``/``anchor_sigma`` (floats or per-sample) are needed when ``step_input`` is "deviation".
+        ``prev_z``/``prev_t``: the Dash estimate before the anchor, read when ``base`` is "extrapolate"
+        (without them that base is the anchor's estimate).
         """
         cfg = self.config
         for name, tensor in (("x", x), ("anchor_x", anchor_x), ("anchor_z", anchor_z)):
@@ -280,13 +310,22 @@ class DotModel(nn.Module):
             )
         if cfg.trajectory and cfg.step_input == "deviation":
             anchor_x = step_deviation(x.float(), sigma, anchor_x.float(), anchor_sigma, anchor_z.float(), cfg.prediction)
+        base = anchor_z
+        if cfg.base == "extrapolate":
+            if prev_z is not None:
+                self._check(prev_z, "prev_z")
+                if prev_z.shape != anchor_z.shape:
+                    raise DotInputError(f"prev_z has shape {tuple(prev_z.shape)}, the anchor {tuple(anchor_z.shape)}; "
+                                        "both are Dash estimates of the same batch")
+            change = extrapolated_change(anchor_z.float(), anchor_t, None if prev_z is None else prev_z.float(), prev_t, t)
+            base = anchor_z + change.to(anchor_z.dtype)
         xi, xs, zs = prep(x), prep(anchor_x), prep(anchor_z)
         t = t.reshape(-1).expand(x.shape[0]) if t.numel() in (1, x.shape[0]) else t
         anchor_t = anchor_t.reshape(-1).expand(x.shape[0]) if anchor_t.numel() in (1, x.shape[0]) else anchor_t
         feats = [timestep_features(t, cfg.time_dim)]
         if cfg.trajectory:
             feats.append(timestep_features(anchor_t, cfg.time_dim))
-            h = torch.cat([xi, xs, zs], dim=1)
+            h = torch.cat([xi, xs, zs] + ([prep(change)] if cfg.base == "extrapolate" else []), dim=1)
         else:
             h = xi
         emb = self.time_mlp(torch.cat(feats, dim=-1).to(dtype))
@@ -319,4 +358,4 @@ class DotModel(nn.Module):
         if cfg.eta_scale == "sigma_step":
             ratio = _bcast(sigma, eta).float() / _bcast(anchor_sigma, eta).float().clamp(min=1e-8)
             eta = eta * (1 - ratio).clamp(0, 1).to(eta.dtype)
-        return anchor_z + eta.to(anchor_z.dtype)
+        return base + eta.to(anchor_z.dtype)

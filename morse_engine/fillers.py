@@ -11,7 +11,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from .dot_model import DotModel
+from .dot_model import DotModel, extrapolated_change
 
 
 @dataclass
@@ -56,12 +56,7 @@ class ExtrapolateFiller(Filler):
     def __call__(self, backbone_call, x, t, anchor, context, kwargs, sigma=None):
         if anchor.prev_z is None:
             return anchor.z.clone()
-        t_s, t_p = anchor.t.float(), anchor.prev_t.float()
-        span = t_s - t_p
-        usable = span.abs() > 1e-8
-        ratio = (t.float().reshape(-1) - t_s) / torch.where(usable, span, torch.ones_like(span)) * usable
-        ratio = ratio.reshape(-1, *([1] * (anchor.z.dim() - 1))).to(anchor.z.dtype)
-        return anchor.z + ratio * (anchor.z - anchor.prev_z)
+        return anchor.z + extrapolated_change(anchor.z, anchor.t, anchor.prev_z, anchor.prev_t, t)
 
 
 class DotFiller(Filler):
@@ -78,7 +73,7 @@ class DotFiller(Filler):
         with torch.no_grad():
             return self.dot(
                 self.backbone, x, t, anchor.x, anchor.z, anchor.t, context=context, backbone_call=backbone_call,
-                sigma=sigma, anchor_sigma=anchor.sigma, **kwargs
+                sigma=sigma, anchor_sigma=anchor.sigma, prev_z=anchor.prev_z, prev_t=anchor.prev_t, **kwargs
             )
 
 

@@ -250,3 +250,36 @@ def test_sigma_step_eta_scale_vanishes_with_the_jump(backbone):
     assert torch.equal(same, zs)  # no jump, no correction
     assert torch.allclose(small, raw * (1 - 2.9 / 3.0), atol=1e-6)
     assert torch.allclose(large, raw * 0.5, atol=1e-6)
+
+
+def test_extrapolating_base_untrained_is_the_extrapolating_filler_and_reads_the_line(backbone):
+    from morse_engine import ExtrapolateFiller
+    from morse_engine.fillers import Anchor
+
+    dot = make_dot(backbone, base="extrapolate")
+    x, xs, zs, ctx = inputs()
+    zp = torch.randn_like(zs)
+    t, ts, tp = torch.full((2,), 400.0), torch.full((2,), 500.0), torch.tensor([700.0, 500.0])  # entry 1: no earlier step
+    with torch.no_grad():
+        out = dot(backbone, x, t, xs, zs, ts, context=ctx, prev_z=zp, prev_t=tp)
+        anchor = Anchor(x=xs, z=zs, t=ts, step=2, prev_z=zp, prev_t=tp)
+        torch.testing.assert_close(out, ExtrapolateFiller()(None, x, t, anchor, ctx, {}))
+        torch.testing.assert_close(out[0], zs[0] + 0.5 * (zs[0] - zp[0]))
+        assert torch.equal(out[1], zs[1])
+        assert torch.equal(dot(backbone, x, t, xs, zs, ts, context=ctx), zs)  # no earlier estimate at all
+        randomize_outputs(dot)
+        moved = dot(backbone, x, t, xs, zs, ts, context=ctx, prev_z=zp, prev_t=tp)
+        other_line = dot(backbone, x, t, xs, zs, ts, context=ctx, prev_z=zp * 2, prev_t=tp)
+    assert not torch.equal(moved - out, other_line - (zs + 0.5 * (zs - 2 * zp)))  # eta reads the change too
+    with pytest.raises(DotInputError, match="prev_z"):
+        dot(backbone, x, t, xs, zs, ts, context=ctx, prev_z=zp[:1], prev_t=tp)
+    with pytest.raises(ValueError, match="trajectory"):
+        DotConfig.for_backbone(backbone, m=2, base="extrapolate", trajectory=False)
+    with pytest.raises(ValueError, match="base"):
+        DotConfig.for_backbone(backbone, m=2, base="reuse")
+
+
+def test_configs_written_before_the_base_option_load_as_the_anchor_base(backbone):
+    d = DotConfig.for_backbone(backbone, m=2).to_dict()
+    del d["base"]
+    assert DotConfig.from_dict(d).base == "anchor"

@@ -227,3 +227,19 @@ def test_multistep_jumps_move_x_i_off_the_euler_step_and_keep_the_anchor(sampler
     if sampler == "mixed":
         assert not moved.all()  # about half the batch keeps the Euler step
     assert not torch.equal(multi["target"], euler["target"])  # Dash is asked at the point the step reached
+
+
+def test_extrapolating_base_tuples_carry_the_dash_estimate_before_the_anchor():
+    setup = tiny_setup()
+    gen = torch.Generator().manual_seed(11)
+    x0, cond = next(setup.batches(64, gen))
+    with torch.no_grad():
+        batch = training_tuple(setup, x0, cond, DotTrainConfig(**{**CFG, "base": "extrapolate"}, steps=1), gen)
+    assert batch["prev_z"].shape == batch["anchor_z"].shape and batch["prev_t"].shape == batch["anchor_t"].shape
+    later = batch["prev_t"] - batch["anchor_t"]
+    assert (later >= 0).all()
+    first = later == 0  # a run's first Dash step: no earlier estimate, the extrapolated change is zero
+    assert 0 < first.sum() < len(first) / 2
+    assert not torch.equal(batch["prev_z"][~first], batch["anchor_z"][~first])
+    anchor_only = DotTrainConfig(**CFG, steps=1)
+    assert "prev_z" not in training_tuple(setup, x0, cond, anchor_only, torch.Generator().manual_seed(11))

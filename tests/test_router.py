@@ -231,3 +231,19 @@ def test_filler_gets_the_call_sigma_and_each_entry_its_anchor_sigma(backbone):
     assert [s for s, _ in seen] == [6.0, 3.0]
     for _, anchor_sigma in seen:
         assert torch.equal(anchor_sigma, torch.full((2,), 10.0))
+
+
+def test_dot_filler_hands_the_dot_the_estimate_before_the_anchor(backbone):
+    """An untrained Dot with the extrapolating base routes exactly like the training-free extrapolation."""
+    dot = DotModel.build(backbone, DotConfig.for_backbone(backbone, m=1, base="extrapolate")).eval()
+    sigmas = karras_sigmas(7)
+    x = torch.randn(1, 4, 8, 8)
+    outs = []
+    for filler in (DotFiller(dot, backbone), ExtrapolateFiller()):
+        router = MorseRouter(Pattern("D."), filler)
+        with torch.no_grad(), router.run(sigmas) as run:
+            outs.append(euler_sample(routed(run, backbone), x.clone(), sigmas))
+    torch.testing.assert_close(outs[0], outs[1])
+    reuse = MorseRouter(Pattern("D."), ReuseFiller())
+    with torch.no_grad(), reuse.run(sigmas) as run:
+        assert not torch.allclose(euler_sample(routed(run, backbone), x.clone(), sigmas), outs[0])

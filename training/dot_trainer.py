@@ -62,6 +62,7 @@ class DotTrainConfig:
     step_input: str = "deviation"  # "x_s": the anchor's input (the paper); "deviation": the step's departure from z_s
     eta_scale: str = "sigma_step"  # "none": the paper's eta, whose errors do not shrink with the step size
     stem: str = "pixel_shuffle"  # "full_res": the paper's first light block at full resolution (a Dot call costs ~2x)
+    base: str = "anchor"  # "extrapolate": eta on top of the line through the last two Dash estimates (one more Dash pass)
     steps: int = 2200  # about 12 min on 2 idle CPU cores for the reference model (the 15-min bar)
     batch_size: int = 32  # per micro-batch (and per process under a launcher)
     grad_accum: int = 1  # micro-batches per optimizer step: the step's batch is batch_size x grad_accum
@@ -107,6 +108,7 @@ class DotTrainConfig:
             step_input=self.step_input,
             stem=self.stem,
             eta_scale=self.eta_scale,
+            base=self.base,
             prediction=prediction,  # the Dash's native output (DashSetup.prediction): eps, or v for SD2.x-v
         )
 
@@ -190,7 +192,12 @@ def training_tuple(setup: DashSetup, x0, cond, cfg: DotTrainConfig, gen: torch.G
         x_i = x_s + guided * (sig_down - sig_s) + torch.randn(x0.shape, generator=gen).to(dev) * sig_up
     with rt.autocast():
         target = setup.unet(two(scale(x_i, sig_i)), two(t_i.float()), context=context, **kwargs).float()
+    prev = {}
+    if cfg.base == "extrapolate":
+        z_p, t_p = previous_dash_estimate(setup, rt, x_s, sig_s, t_s, t_i, guided, context, kwargs, gen)
+        prev = {"prev_z": z_p, "prev_t": t_p}
     return {
+        **prev,
         "x": two(scale(x_i, sig_i)),
         "t": two(t_i.float()),
         "anchor_x": two(scale(x_s, sig_s)),
@@ -223,19 +230,45 @@ def multistep_correction(setup: DashSetup, rt: Runtime, x_s, sig_s, sig_i, t_s, 
     sig = setup.sampling.sigmas
     ratio = torch.empty(b).uniform_(-0.4, 0.4, generator=gen).exp().to(t_s.device)
     t_p = (t_s + ((t_s - t_i).float() * ratio).round().long().clamp(min=1)).clamp(max=len(sig) - 1)
-    sig_p = sig[t_p.cpu()].to(x_s.device).view(view).to(sig_s.dtype)
-    x_p = x_s + guided * (sig_p - sig_s)
-    scale = lambda x, s: x / (s**2 + 1) ** 0.5  # noqa: E731
-    two = lambda v: torch.cat([v, v])  # noqa: E731
-    with rt.autocast():
-        z_p = setup.unet(two(scale(x_p, sig_p)), two(t_p.float()), context=context, **kwargs).float()
+    x_p, sig_p, z_p = dash_one_step_back(setup, rt, x_s, sig_s, t_p, guided, context, kwargs)
     guided_p = cfg_combine(z_p, w)
     if setup.prediction == "v":
-        guided_p = (scale(x_p, sig_p) * sig_p + guided_p) / (sig_p**2 + 1) ** 0.5
+        guided_p = (x_p / (sig_p**2 + 1) ** 0.5 * sig_p + guided_p) / (sig_p**2 + 1) ** 0.5
     keep = None
     if cfg.sampler == "mixed":
         keep = (torch.rand(b, generator=gen) < 0.5).to(x_s.device).view(view)
     return dpmpp_2m_correction(sig_p, sig_s, sig_i, x_p - sig_p * guided_p, x_s - sig_s * guided, keep)
+
+
+def dash_one_step_back(setup: DashSetup, rt: Runtime, x_s, sig_s, t_p, guided, context, kwargs):
+    """Dash's outputs (both CFG branches, native prediction) at timestep t_p >= t_s, at the point one
+    Euler step back from x_s along the anchor's guided estimate: where an earlier Dash step of the
+    run would have been, to first order, with no clean sample needed (so also for the data-free
+    checkpoint setup). Returns (x_p, sigma_p, z_p)."""
+    sig_p = setup.sampling.sigmas[t_p.cpu()].to(x_s.device).view(sig_s.shape).to(sig_s.dtype)
+    x_p = x_s + guided * (sig_p - sig_s)
+    two = lambda v: torch.cat([v, v])  # noqa: E731
+    with rt.autocast():
+        z_p = setup.unet(two(x_p / (sig_p**2 + 1) ** 0.5), two(t_p.float()), context=context, **kwargs).float()
+    return x_p, sig_p, z_p
+
+
+def previous_dash_estimate(setup: DashSetup, rt: Runtime, x_s, sig_s, t_s, t_i, guided, context, kwargs,
+                           gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Dash estimate before the anchor, for a Dot whose base extrapolates from the last two.
+
+    The earlier Dash step lies 1-3 fill jumps before the anchor (2 with the pattern 'D.', 1.5 or 3
+    with 'D..'), drawn log-uniformly; one tuple in ten has none (a run's first Dash step), marked
+    by t_p = t_s, where the extrapolated change is zero. Returns (z_p, t_p) for both CFG halves.
+    """
+    b = x_s.shape[0]
+    sig = setup.sampling.sigmas
+    k = torch.empty(b).uniform_(0.0, math.log(3.0), generator=gen).exp().to(t_s.device)
+    t_p = (t_s + ((t_s - t_i).float() * k).round().long()).clamp(max=len(sig) - 1)
+    first = (torch.rand(b, generator=gen) < 0.1).to(t_s.device)
+    t_p = torch.where(first, t_s, t_p)
+    _, _, z_p = dash_one_step_back(setup, rt, x_s, sig_s, t_p, guided, context, kwargs)
+    return z_p, torch.cat([t_p, t_p]).float()
 
 
 def dpmpp_2m_correction(sig_p, sig_s, sig_i, d_p, d_s, keep=None) -> torch.Tensor:
@@ -356,7 +389,8 @@ def accumulate_gradients(dot: DotModel, unet, batches: list[dict], cfg: DotTrain
             pred = dot(
                 unet, batch["x"], batch["t"], batch["anchor_x"], batch["anchor_z"], batch["anchor_t"],
                 context=batch["context"], backbone_call=call, lora_hooks=False, sigma=batch["sigma"],
-                anchor_sigma=batch["anchor_sigma"], **batch["backbone_kwargs"],
+                anchor_sigma=batch["anchor_sigma"], prev_z=batch.get("prev_z"), prev_t=batch.get("prev_t"),
+                **batch["backbone_kwargs"],
             )
         # in float32: the Dot returns anchor_z + eta in anchor_z's dtype, and Dash's outputs are kept in float32
         loss = dot_loss(pred, batch, cfg)
@@ -385,7 +419,8 @@ def estimate_memory(setup: DashSetup, dot: DotModel, unet, lora_params: list, tr
     def loss():
         with runtime.autocast():
             pred = dot(unet, x, t, x, x, t + 50, context=context, backbone_call=call, lora_hooks=False,
-                       sigma=torch.full((2,), 1.0, device=dev), anchor_sigma=torch.full((2,), 1.2, device=dev), **kwargs)
+                       sigma=torch.full((2,), 1.0, device=dev), anchor_sigma=torch.full((2,), 1.2, device=dev),
+                       prev_z=x, prev_t=t + 150, **kwargs)
         return pred.float().pow(2).mean()
 
     def dash():  # one of training_tuple's full-resolution Dash passes, for the same single sample

@@ -44,7 +44,8 @@ def measure_n(unet, dot, x: torch.Tensor, context: torch.Tensor, t: float = 500.
     dash_t, dot_t = interleaved_times(
         lambda: unet(x, t_now, context=context, **backbone_kwargs),
         # sigmas only feed the Dot's step input; their values do not change its cost
-        lambda: dot(unet, x, t_now, x, z, t_anchor, context=context, sigma=1.0, anchor_sigma=1.2, **backbone_kwargs),
+        lambda: dot(unet, x, t_now, x, z, t_anchor, context=context, sigma=1.0, anchor_sigma=1.2, prev_z=z, prev_t=t_anchor + 50,
+                    **backbone_kwargs),
         repeats, warmup=2, sync=sync)
     dash, dot_s = statistics.median(dash_t), statistics.median(dot_t)
     return {"dash_seconds": dash, "dot_seconds": dot_s, "N": dash / dot_s, "batch": b, "shape": list(x.shape[1:])}
