@@ -241,5 +241,18 @@ def test_extrapolating_base_tuples_carry_the_dash_estimate_before_the_anchor():
     first = later == 0  # a run's first Dash step: no earlier estimate, the extrapolated change is zero
     assert 0 < first.sum() < len(first) / 2
     assert not torch.equal(batch["prev_z"][~first], batch["anchor_z"][~first])
-    anchor_only = DotTrainConfig(**CFG, steps=1)
+    anchor_only = DotTrainConfig(**CFG, base="anchor", steps=1)
     assert "prev_z" not in training_tuple(setup, x0, cond, anchor_only, torch.Generator().manual_seed(11))
+
+
+def test_cli_base_is_extrapolate_except_for_the_no_trajectory_ablation(tmp_path, capsys):
+    from training import train_dot as cli
+
+    p = cli.parser()
+    assert cli.train_config(p.parse_args([]), 1.0, 4.0).base == "extrapolate"
+    assert cli.train_config(p.parse_args(["--no-trajectory"]), 1.0, 4.0).base == "anchor"
+    assert cli.train_config(p.parse_args(["--base", "anchor"]), 1.0, 4.0).base == "anchor"
+    rc = cli.main(["--no-trajectory", "--base", "extrapolate", "--steps", "1", "--out", str(tmp_path / "x.safetensors"),
+                   "--runs", str(tmp_path)])
+    assert rc == 2 and "--base anchor" in capsys.readouterr().err
+    assert not (tmp_path / "x.safetensors").exists()

@@ -79,7 +79,7 @@ def test_two_accumulated_micro_batches_give_the_gradient_of_one_batch_twice_as_l
     (loss1, reuse1), g1 = grads(params, lambda: accumulate_gradients(dot, setup.unet, [joined(a, b)], cfg, CPU))
     assert all(g.abs().sum() > 0 for g in g1)
     for x, y in zip(g2, g1):
-        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)  # float32 sums in another order
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)  # float32 sums in another order (thread count varies)
     torch.testing.assert_close(loss2, loss1, rtol=1e-5, atol=0)
     torch.testing.assert_close(reuse2, reuse1, rtol=1e-5, atol=0)
     # step weighting: micro-batches with different sigma steps count by them, not equally

@@ -62,8 +62,10 @@ class DotTrainConfig:
     step_input: str = "deviation"  # "x_s": the anchor's input (the paper); "deviation": the step's departure from z_s
     eta_scale: str = "sigma_step"  # "none": the paper's eta, whose errors do not shrink with the step size
     stem: str = "pixel_shuffle"  # "full_res": the paper's first light block at full resolution (a Dot call costs ~2x)
-    base: str = "anchor"  # "extrapolate": eta on top of the line through the last two Dash estimates (one more Dash pass)
-    steps: int = 2200  # about 12 min on 2 idle CPU cores for the reference model (the 15-min bar)
+    # "extrapolate": eta on top of the line through the last two Dash estimates (one more Dash pass per tuple);
+    # "anchor": on top of the last one (the paper; the only choice without trajectory inputs)
+    base: str = "extrapolate"
+    steps: int = 1700  # about 12 min on 2 idle CPU cores for the reference model (the 15-min bar)
     batch_size: int = 32  # per micro-batch (and per process under a launcher)
     grad_accum: int = 1  # micro-batches per optimizer step: the step's batch is batch_size x grad_accum
     lr: float = 1e-3
@@ -89,6 +91,9 @@ class DotTrainConfig:
             raise ValueError(f"loss_on {self.loss_on!r} is not one of {LOSS_ON}; pick one of those")
         if self.sampler not in JUMP_SAMPLERS:
             raise ValueError(f"sampler {self.sampler!r} is not one of {JUMP_SAMPLERS}; pick one of those")
+        if self.base == "extrapolate" and not self.trajectory:
+            raise ValueError("base 'extrapolate' reads the last two Dash estimates, which a Dot without trajectory inputs "
+                             "does not see; the no-trajectory ablation takes --base anchor")
         if not 0 < self.cfg_min <= self.cfg_max:
             raise ValueError(f"CFG range {self.cfg_min}..{self.cfg_max} is empty; give 0 < cfg_min <= cfg_max")
         if not 1 <= self.jump_min <= self.jump_max:

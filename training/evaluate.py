@@ -73,7 +73,7 @@ DEFAULTS = dict(
     reference_steps=200,
     reference_samples=48,
     ablation_samplers=("euler",),
-    extrapolate=False,
+    extrapolate=True,
     spread=True,
     n_repeats=15,
     n_warmup=2,
@@ -88,6 +88,7 @@ QUICK = dict(  # the test-sized run: only what differs from DEFAULTS
     reference_steps=50,
     reference_samples=64,
     spread=False,
+    extrapolate=False,
     n_repeats=5,
     n_warmup=1,
 )
@@ -295,7 +296,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk", type=int, default=None, help="samples per sampling run (batch = 2 x chunk with CFG)")
     p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default: the Dash file's, else 2.0)")
     p.add_argument("--pattern", default="D.", help="Dash/Dot pattern for Morse budgets ('D' Dash, '.' Dot); default 'D.'")
-    p.add_argument("--extrapolate", action="store_true", default=None, help="also the training-free extrapolation curve")
+    p.add_argument("--extrapolate", action=argparse.BooleanOptionalAction, default=None,
+                   help="the training-free extrapolation curve beside reuse (default: on; off with --quick)")
     p.add_argument("--no-spread", action="store_true", help="skip the FD spread check across two noise seeds")
     p.add_argument("--n-repeats", type=int, default=None, help="timed repeats of each call for N")
     p.add_argument("--seed", type=int, default=0)

@@ -64,9 +64,10 @@ def parser() -> argparse.ArgumentParser:
                         "(the paper)")
     p.add_argument("--stem", default=d.stem, choices=("pixel_shuffle", "full_res"),
                    help="first light level: pixel-unshuffle to 1/2 resolution (default, cheaper) or a block at full resolution (the paper)")
-    p.add_argument("--base", default=d.base, choices=("anchor", "extrapolate"),
-                   help="what the Dot's residual is added to: anchor (the paper: the last Dash estimate) or extrapolate "
-                        "(the line in t through the last two Dash estimates; one more Dash pass per training tuple)")
+    p.add_argument("--base", default=None, choices=("anchor", "extrapolate"),
+                   help="what the Dot's residual is added to: extrapolate (default: the line in t through the last two "
+                        "Dash estimates; one more Dash pass per training tuple) or anchor (the paper: the last Dash "
+                        "estimate; the default with --no-trajectory)")
     p.add_argument("--eta-scale", default=d.eta_scale, choices=("sigma_step", "none"),
                    help="scale the Dot's correction by the relative sigma step (default) or not (the paper)")
     p.add_argument("--steps", type=int, default=d.steps)
@@ -164,7 +165,7 @@ def train_config(args, cfg_min: float, cfg_max: float) -> DotTrainConfig:
         cfg_min=cfg_min,
         cfg_max=cfg_max,
         sampler=args.sampler,
-        base=args.base,
+        base=args.base or ("anchor" if args.no_trajectory else DotTrainConfig.base),
         loss_weight=args.loss_weight,
         loss_on=args.loss_on,
         seed=args.seed,
