@@ -180,13 +180,7 @@ def training_tuple(setup: DashSetup, x0, cond, cfg: DotTrainConfig, gen: torch.G
     with rt.autocast():
         z_s = setup.unet(two(scale(x_s, sig_s)), two(t_s.float()), context=context, **kwargs).float()
     w = torch.empty(view).uniform_(cfg.cfg_min, cfg.cfg_max, generator=gen).to(dev)
-    guided = cfg_combine(z_s, w)
-    if setup.prediction == "v":
-        # the sampler steps with eps: V_PREDICTION's denoised implies eps = (x_scaled * sigma + v) / sqrt(sigma^2 + 1);
-        # the map is affine in the output, so guiding v then converting equals guiding eps
-        guided = (scale(x_s, sig_s) * sig_s + guided) / (sig_s**2 + 1) ** 0.5
-    elif setup.prediction != "eps":
-        raise ValueError(f"prediction {setup.prediction!r} is not one of ('eps', 'v'); the Dot trainer supports those")
+    guided = guided_eps(setup, x_s, sig_s, z_s, w)
     if cfg.sampler in ("euler", *MULTISTEP):
         x_i = x_s + guided * (sig_i - sig_s)
         if cfg.sampler in MULTISTEP:
@@ -236,13 +230,23 @@ def multistep_correction(setup: DashSetup, rt: Runtime, x_s, sig_s, sig_i, t_s, 
     ratio = torch.empty(b).uniform_(-0.4, 0.4, generator=gen).exp().to(t_s.device)
     t_p = (t_s + ((t_s - t_i).float() * ratio).round().long().clamp(min=1)).clamp(max=len(sig) - 1)
     x_p, sig_p, z_p = dash_one_step_back(setup, rt, x_s, sig_s, t_p, guided, context, kwargs)
-    guided_p = cfg_combine(z_p, w)
-    if setup.prediction == "v":
-        guided_p = (x_p / (sig_p**2 + 1) ** 0.5 * sig_p + guided_p) / (sig_p**2 + 1) ** 0.5
+    guided_p = guided_eps(setup, x_p, sig_p, z_p, w)
     keep = None
     if cfg.sampler == "mixed":
         keep = (torch.rand(b, generator=gen) < 0.5).to(x_s.device).view(view)
     return dpmpp_2m_correction(sig_p, sig_s, sig_i, x_p - sig_p * guided_p, x_s - sig_s * guided, keep)
+
+
+def guided_eps(setup: DashSetup, x, sig, z, w) -> torch.Tensor:
+    """The guided estimate of Dash's outputs ``z`` at (x, sigma) as the eps the sampler steps with."""
+    guided = cfg_combine(z, w)
+    if setup.prediction == "v":
+        # V_PREDICTION's denoised implies eps = (x_scaled * sigma + v) / sqrt(sigma^2 + 1); the map is affine in
+        # the output, so guiding v then converting equals guiding eps
+        return (x / (sig**2 + 1) ** 0.5 * sig + guided) / (sig**2 + 1) ** 0.5
+    if setup.prediction != "eps":
+        raise ValueError(f"prediction {setup.prediction!r} is not one of ('eps', 'v'); the Dot trainer supports those")
+    return guided
 
 
 def dash_one_step_back(setup: DashSetup, rt: Runtime, x_s, sig_s, t_p, guided, context, kwargs):
