@@ -98,11 +98,7 @@ class DotConfig:
             raise ValueError(f"eta_scale {self.eta_scale!r} is not one of {ETA_SCALES}")
         if self.stem not in STEMS:
             raise ValueError(f"stem {self.stem!r} is not one of {STEMS}")
-        if self.base not in BASES:
-            raise ValueError(f"base {self.base!r} is not one of {BASES}")
-        if self.base == "extrapolate" and not self.trajectory:
-            raise ValueError("base 'extrapolate' reads the last two Dash estimates, which a Dot without trajectory "
-                             "inputs does not see; use base 'anchor' for the no-trajectory ablation")
+        check_base(self.base, self.trajectory)
 
     @property
     def factor(self) -> int:
@@ -133,6 +129,15 @@ PREDICTIONS = ("eps", "v")
 STEMS = ("full_res", "pixel_shuffle")
 ETA_SCALES = ("none", "sigma_step")
 BASES = ("anchor", "extrapolate")
+
+
+def check_base(base: str, trajectory: bool) -> None:
+    """Refuse a base the Dot cannot have (shared by the Dot's config and the trainer's, which checks first)."""
+    if base not in BASES:
+        raise ValueError(f"base {base!r} is not one of {BASES}")
+    if base == "extrapolate" and not trajectory:
+        raise ValueError("base 'extrapolate' reads the last two Dash estimates, which a Dot without trajectory inputs "
+                         "does not see; the no-trajectory ablation takes base 'anchor' (train_dot --base anchor)")
 
 
 def _bcast(v, like: torch.Tensor) -> torch.Tensor:

@@ -32,6 +32,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from morse_engine import DEFAULT_TARGETS, DotConfig, DotModel, step_deviation
+from morse_engine.dot_model import check_base
 
 from . import distributed
 from . import memory_estimate as mem
@@ -91,9 +92,7 @@ class DotTrainConfig:
             raise ValueError(f"loss_on {self.loss_on!r} is not one of {LOSS_ON}; pick one of those")
         if self.sampler not in JUMP_SAMPLERS:
             raise ValueError(f"sampler {self.sampler!r} is not one of {JUMP_SAMPLERS}; pick one of those")
-        if self.base == "extrapolate" and not self.trajectory:
-            raise ValueError("base 'extrapolate' reads the last two Dash estimates, which a Dot without trajectory inputs "
-                             "does not see; the no-trajectory ablation takes --base anchor")
+        check_base(self.base, self.trajectory)
         if not 0 < self.cfg_min <= self.cfg_max:
             raise ValueError(f"CFG range {self.cfg_min}..{self.cfg_max} is empty; give 0 < cfg_min <= cfg_max")
         if not 1 <= self.jump_min <= self.jump_max:
