@@ -24,7 +24,18 @@ from .errors import DotFileError, DotMismatchError
 from .fingerprint import BackboneFingerprint, fingerprint_module
 
 FORMAT = "morse-dot"
-FORMAT_VERSION = 1
+# 2: the layout fields (step_input, prediction, stem, eta_scale, base) are always written. Version 1 files
+# written before those fields existed meant the paper's layout; migrate_config says so explicitly.
+FORMAT_VERSION = 2
+# What a field that a version-1 file lacks meant when it was written: the paper's Dot.
+PAPER_LAYOUT = {"step_input": "x_s", "prediction": "eps", "stem": "full_res", "eta_scale": "none", "base": "anchor"}
+
+
+def migrate_config(config: dict, version: int) -> dict:
+    """A Dot file's config in today's fields: the one place old files are read differently."""
+    if version == 1:
+        return {**PAPER_LAYOUT, **config}
+    return dict(config)
 
 
 @dataclass
@@ -108,13 +119,15 @@ def read_dot_info(path) -> DotFileInfo:
             "it is not a Dot adapter: load it with the node meant for it, or train a Dot with training.train_dot"
         )
     version = meta.get("format_version", "")
-    if version != str(FORMAT_VERSION):
+    if not version.isdigit() or int(version) < 1:
+        raise DotFileError(f"'{path.name}' has no readable Dot format version ({version!r}); train or download the Dot again")
+    if int(version) > FORMAT_VERSION:
         raise DotFileError(
-            f"'{path.name}' is Dot format version {version!r}, this pack reads version {FORMAT_VERSION}; "
-            "update the node pack or retrain the Dot"
+            f"'{path.name}' is Dot format version {version}, made by a newer version of the pack; update it "
+            f"(this pack reads versions 1 to {FORMAT_VERSION})"
         )
     try:
-        config = DotConfig.from_dict(json.loads(meta["config"]))
+        config = DotConfig.from_dict(migrate_config(json.loads(meta["config"]), int(version)))
         fingerprint = BackboneFingerprint(meta["dash_architecture"], tuple(json.loads(meta["dash_weights_probe"])))
         measured_n = float(meta["measured_n"]) if meta.get("measured_n") else None
         training = json.loads(meta.get("training") or "{}")

@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .errors import DotInputError
+from .parameterization import PREDICTIONS, to_eps, unscale_input
 from .lora import DEFAULT_TARGETS, LoRAWeights, find_targets
 
 # Keyword arguments of a diffusion-model call that describe full-resolution features and
@@ -57,39 +59,65 @@ def latent_channels_of(backbone: nn.Module) -> int:
     return int(channels)
 
 
+STEP_INPUTS = ("x_s", "deviation")
+STEMS = ("full_res", "pixel_shuffle")
+ETA_SCALES = ("none", "sigma_step")
+BASES = ("anchor", "extrapolate")
+
+
+def _opt(default, help: str, choices=None, cli: bool = True):
+    """A field with what the training command line says of it (its flags are derived from these fields)."""
+    meta = {"help": help, "cli": cli}
+    if choices:
+        meta["choices"] = choices
+    return field(default=default, metadata=meta)
+
+
 @dataclass(frozen=True)
 class DotConfig:
-    latent_channels: int
-    m: int = 2
-    widths: tuple[int, ...] = (32, 48)
-    lora_rank: int = 8
-    lora_alpha: float = 8.0
-    lora_targets: tuple[str, ...] = DEFAULT_TARGETS
-    trajectory: bool = True  # False: the Table 4 ablation, eta sees only x_i and t_i
-    time_dim: int = 64
-    pad_multiple: int = 1  # extra factor the backbone needs its input size divisible by
-    # How the Dot sees where the sampler went since the anchor: "x_s" (the paper: the anchor's input) or
-    # "deviation" (the part of the step x_s -> x that the anchor's own estimate does not explain; needs sigmas).
-    step_input: str = "x_s"
-    prediction: str = "eps"  # the backbone's output: "eps" or "v" (ComfyUI's EPS / V_PREDICTION)
-    # Where the first light level runs: "full_res" (the paper: a block at the latent's resolution, then a
-    # strided conv) or "pixel_shuffle" (pixel-unshuffle the inputs first, so every light block runs at 1/2
-    # resolution or less and a Dot call costs less; the output is pixel-shuffled back).
-    stem: str = "full_res"
-    # "sigma_step": eta is scaled by the relative sigma step 1 - sigma/anchor_sigma, so the Dot's correction
-    # vanishes as the jump shrinks (like the true change of the estimate) and its errors shrink with the step
-    # size instead of piling up over many short steps. Needs sigmas. "none": eta as the network outputs it.
-    eta_scale: str = "none"
-    # What eta is added to: "anchor" (the paper: the last Dash estimate) or "extrapolate" (the line in t through
-    # the last two Dash estimates, as the training-free extrapolating filler guesses; where there is no earlier
-    # Dash estimate, the anchor). The Dot also reads that line's change as an input. Needs trajectory inputs.
-    base: str = "anchor"
+    """What a Dot is: its layout and inputs. Stored in every Dot file; ``train_dot``'s flags come from these fields.
+
+    The defaults are the paper's layout (what a file that predates a field meant); the trainer's
+    recipe sets the measured improvements (see ``training.trainer.config``). ``latent_channels``
+    and ``widths`` may stay None until the config is bound to a backbone (:meth:`bound_to`).
+    """
+
+    latent_channels: Optional[int] = _opt(None, "the Dash latent's channels (from the backbone)", cli=False)
+    m: int = _opt(2, "light down/up-sampling blocks; the backbone runs at 1/2^m per side")
+    widths: Optional[tuple[int, ...]] = _opt(None, "light block widths, one per level (default: from the backbone's width)")
+    lora_rank: int = _opt(8, "LoRA rank on the backbone's attention projections")
+    lora_alpha: Optional[float] = _opt(None, "LoRA alpha (default: the rank)")
+    lora_targets: tuple[str, ...] = _opt(DEFAULT_TARGETS, "comma-separated module names that get LoRA")
+    trajectory: bool = _opt(True, "the trajectory inputs x_s, z_s, t_s; --no-trajectory is the paper's Table 4 ablation")
+    time_dim: int = _opt(64, "sinusoidal timestep features", cli=False)
+    pad_multiple: int = _opt(1, "extra factor the backbone needs its input size divisible by", cli=False)
+    # "deviation": the part of the step x_s -> x that the anchor's own estimate does not explain (carries the CFG
+    # pull and ancestral noise; needs sigmas)
+    step_input: str = _opt("x_s", "how the Dot sees the sampler's step since the anchor: deviation (the step's "
+                           "departure from z_s) or x_s (the paper)", STEP_INPUTS)
+    prediction: str = _opt("eps", "the backbone's output (from the Dash)", PREDICTIONS, cli=False)
+    # "pixel_shuffle": pixel-unshuffle the inputs first, so every light block runs at 1/2 resolution or less and a
+    # Dot call costs less (N 6 -> 12 on the reference model); the output is pixel-shuffled back
+    stem: str = _opt("full_res", "first light level: pixel_shuffle (to 1/2 resolution, cheaper) or full_res (the paper)", STEMS)
+    # "sigma_step": eta scaled by the relative sigma step 1 - sigma/anchor_sigma, so the correction vanishes as the
+    # jump shrinks (like the true change of the estimate) and its errors do not pile up over many short steps
+    eta_scale: str = _opt("none", "sigma_step: scale the Dot's correction by the relative sigma step; none: the paper",
+                          ETA_SCALES)
+    # "extrapolate": eta on top of the line in t through the last two Dash estimates (the training-free extrapolating
+    # fill's guess; the anchor where there is no earlier one); the Dot also reads that line's change
+    base: str = _opt("anchor", "what the residual is added to: extrapolate (the line through the last two Dash "
+                     "estimates) or anchor (the paper; the only choice with --no-trajectory)", BASES)
 
     def __post_init__(self):
         if self.m < 1:
             raise ValueError(f"m (down-sampling blocks) must be >= 1 (got {self.m}); the paper uses m = 2")
-        if len(self.widths) != self.m:
-            raise ValueError(f"widths must list one width per level: m={self.m} but widths={self.widths}")
+        if self.widths is not None:
+            object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
+            if len(self.widths) != self.m:
+                raise ValueError(f"widths must list one width per level: m={self.m} but widths={self.widths}")
+        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+        if self.lora_alpha is None:
+            object.__setattr__(self, "lora_alpha", float(self.lora_rank))
         if self.step_input not in STEP_INPUTS:
             raise ValueError(f"step_input {self.step_input!r} is not one of {STEP_INPUTS}")
         if self.prediction not in PREDICTIONS:
@@ -109,26 +137,23 @@ class DotConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "DotConfig":
-        d = dict(d)
-        d["widths"] = tuple(d["widths"])
-        d["lora_targets"] = tuple(d["lora_targets"])
         return cls(**d)
+
+    def bound_to(self, backbone: nn.Module, prediction: Optional[str] = None) -> "DotConfig":
+        """This config for ``backbone``: its latent channels, widths from its base width where none were
+        given, and the Dash's native prediction."""
+        return replace(
+            self,
+            latent_channels=latent_channels_of(backbone),
+            widths=self.widths or default_widths(backbone, self.m),
+            prediction=prediction or self.prediction,
+        )
 
     @classmethod
     def for_backbone(cls, backbone: nn.Module, m: int = 2, widths=None, **kw) -> "DotConfig":
-        return cls(
-            latent_channels=latent_channels_of(backbone),
-            m=m,
-            widths=tuple(widths) if widths else default_widths(backbone, m),
-            **kw,
-        )
+        return cls(m=m, widths=widths, **kw).bound_to(backbone)
 
 
-STEP_INPUTS = ("x_s", "deviation")
-PREDICTIONS = ("eps", "v")
-STEMS = ("full_res", "pixel_shuffle")
-ETA_SCALES = ("none", "sigma_step")
-BASES = ("anchor", "extrapolate")
 
 
 def check_base(base: str, trajectory: bool) -> None:
@@ -154,16 +179,11 @@ def step_deviation(x, sigma, anchor_x, anchor_sigma, anchor_z, prediction: str =
     noise. The paper's Dot has to infer this from x_i and x_s through a few light convolutions.
     """
     s_i, s_s = _bcast(sigma, x), _bcast(anchor_sigma, x)
-    raw_i, raw_s = x * (s_i**2 + 1).sqrt(), anchor_x * (s_s**2 + 1).sqrt()
+    raw_i, raw_s = unscale_input(x, s_i), unscale_input(anchor_x, s_s)
     step = s_i - s_s
     step = torch.where(step.abs() < 1e-6, torch.full_like(step, -1e-6), step)
     velocity = (raw_i - raw_s) / step  # the eps (or eps-equivalent) the step was taken with
-    if prediction == "eps":
-        own = anchor_z
-    elif prediction == "v":  # the eps that V_PREDICTION's denoised implies: (x_scaled * sigma + v) / sqrt(sigma^2 + 1)
-        own = (anchor_x * s_s + anchor_z) / (s_s**2 + 1).sqrt()
-    else:
-        raise ValueError(f"prediction {prediction!r} is not one of {PREDICTIONS}")
+    own = to_eps(anchor_x, s_s, anchor_z, prediction)
     return velocity - own
 
 
@@ -220,6 +240,8 @@ class DotModel(nn.Module):
 
     def __init__(self, config: DotConfig, lora: LoRAWeights):
         super().__init__()
+        if config.latent_channels is None or config.widths is None:
+            raise ValueError("the Dot's config is not bound to a backbone yet; build it with DotModel.build(backbone, config)")
         self.config = config
         c, w, e = config.latent_channels, config.widths, config.time_dim
         n_times = 2 if config.trajectory else 1
@@ -252,6 +274,8 @@ class DotModel(nn.Module):
 
     @classmethod
     def build(cls, backbone: nn.Module, config: DotConfig) -> "DotModel":
+        if config.latent_channels is None or config.widths is None:
+            config = config.bound_to(backbone)
         lora = LoRAWeights(find_targets(backbone, config.lora_targets), config.lora_rank, config.lora_alpha)
         return cls(config, lora)
 

@@ -28,9 +28,11 @@ class Anchor:
 
 
 class Filler:
+    """A fill's cost is explicit: ``free`` (training-free arithmetic, ~0 LSD) or, where it calls a network,
+    a measured speed ratio N against Dash (never assumed)."""
+
     name = "filler"
-    #: True when the filler calls the backbone (and so has a latency of its own to measure)
-    uses_backbone = False
+    free = True
 
     def __call__(self, backbone_call: Callable, x, t, anchor: Anchor, context, kwargs, sigma=None) -> torch.Tensor:
         raise NotImplementedError
@@ -63,7 +65,7 @@ class DotFiller(Filler):
     """The trained Dot: anchor estimate plus its learned residual."""
 
     name = "dot"
-    uses_backbone = True
+    free = False  # costs 1/N LSD a call, N measured
 
     def __init__(self, dot: DotModel, backbone: nn.Module):
         self.dot = dot
@@ -77,4 +79,5 @@ class DotFiller(Filler):
             )
 
 
-FILLERS = {"reuse": ReuseFiller, "extrapolate": ExtrapolateFiller}
+#: The training-free fills by the name a user picks them with (nodes, evaluation).
+TRAINING_FREE_FILLS = {"reuse": ReuseFiller, "extrapolate": ExtrapolateFiller}

@@ -41,26 +41,38 @@ class RunSummary:
     dot_seconds: float = 0.0
     filler: str = ""
 
+    free_fill: bool = True  # the filler's cost: free, or 1/N LSD a call with N measured
+
     @property
     def measured_n(self) -> Optional[float]:
-        if not self.dash_calls or not self.dot_calls or self.dot_seconds <= 0:
+        if self.free_fill or not self.dash_calls or not self.dot_calls or self.dot_seconds <= 0:
             return None
         return (self.dash_seconds / self.dash_calls) / (self.dot_seconds / self.dot_calls)
 
+    @property
+    def steps_run(self) -> int:
+        """Steps the run reached (fewer than ``steps`` when it was interrupted or raised)."""
+        return len(self.dash_steps | self.dot_steps)
+
     def lsd(self, n_speed: Optional[float]) -> float:
-        """Steps spent in LSD; a training-free filler costs ~nothing (N = inf)."""
-        dot_cost = 0.0 if not n_speed else len(self.dot_steps - self.dash_steps) / n_speed
+        """Steps spent in LSD: a free fill costs nothing, a Dot step 1/N."""
+        fills = len(self.dot_steps - self.dash_steps)
+        dot_cost = 0.0 if self.free_fill or not n_speed else fills / n_speed
         return len(self.dash_steps) + dot_cost
 
     def log_line(self, n_speed: Optional[float] = None) -> str:
-        n = self.measured_n or n_speed
-        dot_only = len(self.dot_steps - self.dash_steps)
-        n_txt = f"{n:.2f}" if n else "n/a"
-        lsd = self.lsd(n if self.filler == "dot" else None)
+        """One honest line: the steps each side took, the LSD spent against the plain sampler over the same
+        steps, and N only where the fill has a cost (measured in this run, else the Dot file's)."""
+        fills = len(self.dot_steps - self.dash_steps)
+        ran = self.steps_run
+        of = f"of {self.steps}" if ran == self.steps else f"of the {ran} run before it stopped ({self.steps} planned)"
+        n = None if self.free_fill else (self.measured_n or n_speed)
+        cost = "free" if self.free_fill else (f"N {n:.2f} measured" if self.measured_n else
+                                              f"N {n:.2f} from the Dot file" if n else "N unmeasured")
         return (
-            f"Morse: {len(self.dash_steps)} Dash steps, {dot_only} {self.filler} steps of {self.steps} "
+            f"Morse: {len(self.dash_steps)} Dash steps, {fills} {self.filler} steps {of} "
             f"({self.dash_calls} Dash calls, {self.dot_calls} {self.filler} calls, {self.fallback_calls} fell back to Dash); "
-            f"{lsd:.2f} LSD spent vs {self.steps} for the plain sampler; N measured {n_txt}"
+            f"{self.lsd(n):.2f} LSD spent vs {ran} for the plain sampler; {self.filler} fill {cost}"
         )
 
 
@@ -76,7 +88,7 @@ class MorseRun:
         self.keep_anchors = not schedule.all_dash
         self.measure = measure
         self.sync = sync
-        self.summary = RunSummary(steps=schedule.steps, schedule=schedule.pattern(), filler=filler.name)
+        self.summary = RunSummary(steps=schedule.steps, schedule=schedule.pattern(), filler=filler.name, free_fill=filler.free)
 
     def step_of(self, sigma: float) -> int:
         """The step at or above ``sigma`` (sigmas descend)."""

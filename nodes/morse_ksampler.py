@@ -6,7 +6,8 @@ import nodes as comfy_nodes
 from comfy_api.latest import io
 
 from ..morse_engine import BudgetSchedule, MorseError
-from .sampling_hooks import FILLS, MorseSettings, apply_morse
+from ..morse_engine.fillers import TRAINING_FREE_FILLS
+from .sampling_hooks import MorseSettings, apply_morse
 from .types import CATEGORY, DotModelType, ScheduleType
 
 log = logging.getLogger("morse")
@@ -18,7 +19,7 @@ def morse_inputs():
             "The Dot adapter for this checkpoint (Load Dot Model). Without one, non-Dash steps reuse or "
             "extrapolate the last Dash estimate (training-free).")),
         ScheduleType.Input("schedule", optional=True, tooltip="Which steps run Dash (Dash/Dot Schedule). Default: every 2nd step."),
-        io.Combo.Input("fill_without_dot", options=list(FILLS), default="reuse", optional=True, tooltip=(
+        io.Combo.Input("fill_without_dot", options=list(TRAINING_FREE_FILLS), default="reuse", optional=True, tooltip=(
             "Only without a Dot: reuse the last Dash estimate, or extrapolate from the last two.")),
         io.Boolean.Input("allow_other_weights", default=False, optional=True, tooltip=(
             "Use a Dot trained on other weights of the same architecture (a fine-tune or merge). Quality may drop.")),

@@ -22,15 +22,13 @@ from ..morse_engine import (
     DotAdapter,
     DotFiller,
     EveryK,
-    ExtrapolateFiller,
     MorseRouter,
-    ReuseFiller,
     fingerprint_state_dict,
 )
+from ..morse_engine.fillers import TRAINING_FREE_FILLS
 
 KEY = "morse"  # wrapper key and transformer_options entry of the settings
 RUN_KEY = "morse_run"  # transformer_options entry of the live run
-FILLS = {"reuse": ReuseFiller, "extrapolate": ExtrapolateFiller}
 log = logging.getLogger("morse")
 
 
@@ -54,7 +52,7 @@ class MorseSettings:
     def router_for(self, model_patcher, device, dtype) -> MorseRouter:
         backbone = model_patcher.model.diffusion_model
         if self.dot is None:
-            filler = FILLS[self.fill]()
+            filler = TRAINING_FREE_FILLS[self.fill]()
         else:
             dot = self.dot.dot_for(
                 backbone,

@@ -6,8 +6,9 @@ import sys
 
 import pytest
 
-from training import comfy_setup, train_dot
-from training.reference_unet import DEFAULT_DASH_PATH
+from training import train_dot
+from training.host import comfy_setup, comfyui, data
+from training.reference.unet import DEFAULT_DASH_PATH
 
 
 @pytest.fixture
@@ -24,20 +25,20 @@ def test_comfyui_is_found_from_the_option_then_the_environment_then_custom_nodes
     option, env, host = fake_comfyui(tmp_path / "a"), fake_comfyui(tmp_path / "b"), fake_comfyui(tmp_path / "ComfyUI")
     pack = host / "custom_nodes" / "comfyui-morse"
     pack.mkdir(parents=True)
-    monkeypatch.setattr(comfy_setup, "PACK_DIR", pack)
-    assert comfy_setup.find_comfyui() == host.resolve()
+    monkeypatch.setattr(comfyui, "PACK_DIR", pack)
+    assert comfyui.find_comfyui() == host.resolve()
     monkeypatch.setenv("COMFYUI_PATH", str(env))
-    assert comfy_setup.find_comfyui() == env.resolve()
-    assert comfy_setup.find_comfyui(str(option)) == option.resolve()
+    assert comfyui.find_comfyui() == env.resolve()
+    assert comfyui.find_comfyui(str(option)) == option.resolve()
 
 
 def test_no_comfyui_names_all_three_ways(tmp_path, monkeypatch, no_env):
-    monkeypatch.setattr(comfy_setup, "PACK_DIR", tmp_path / "somewhere" / "pack")
-    with pytest.raises(comfy_setup.ComfyUINotFound) as exc:
-        comfy_setup.find_comfyui()
+    monkeypatch.setattr(comfyui, "PACK_DIR", tmp_path / "somewhere" / "pack")
+    with pytest.raises(comfyui.ComfyUINotFound) as exc:
+        comfyui.find_comfyui()
     assert "--comfyui" in str(exc.value) and "COMFYUI_PATH" in str(exc.value) and "custom_nodes" in str(exc.value)
-    with pytest.raises(comfy_setup.ComfyUINotFound, match="has no comfy/ package"):
-        comfy_setup.find_comfyui(str(tmp_path))
+    with pytest.raises(comfyui.ComfyUINotFound, match="has no comfy/ package"):
+        comfyui.find_comfyui(str(tmp_path))
 
 
 def test_a_comfyui_that_this_python_cannot_import_says_to_use_comfyuis_python(tmp_path, monkeypatch):
@@ -46,8 +47,8 @@ def test_a_comfyui_that_this_python_cannot_import_says_to_use_comfyuis_python(tm
     (root / "comfy" / "cli_args.py").write_text("import a_module_only_comfyuis_python_has\n")
     saved_path = list(sys.path)
     try:
-        with pytest.raises(comfy_setup.ComfyUINotFound, match="ComfyUI's own Python"):
-            comfy_setup.import_comfy(root)
+        with pytest.raises(comfyui.ComfyUINotFound, match="ComfyUI's own Python"):
+            comfyui.import_comfy(root)
     finally:  # the fake must not stay importable as 'comfy' for other tests
         sys.path[:] = saved_path
         for name in [n for n in sys.modules if n == "comfy" or n.startswith("comfy.")]:
@@ -55,7 +56,7 @@ def test_a_comfyui_that_this_python_cannot_import_says_to_use_comfyuis_python(tm
 
 
 def test_train_dot_refuses_checkpoint_options_with_a_clear_message(tmp_path, monkeypatch, capsys, no_env):
-    monkeypatch.setattr(comfy_setup, "PACK_DIR", tmp_path / "pack")
+    monkeypatch.setattr(comfyui, "PACK_DIR", tmp_path / "pack")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a cat\n")
     assert train_dot.main(["--prompts", str(prompts), "--runs", str(tmp_path)]) == 2
@@ -78,17 +79,17 @@ def test_the_reference_weights_keep_the_reference_path():
 
 def test_data_source_errors_name_the_input(tmp_path):
     with pytest.raises(FileNotFoundError, match="one prompt per line"):
-        comfy_setup.read_prompts(tmp_path / "missing.txt")
+        data.read_prompts(tmp_path / "missing.txt")
     empty = tmp_path / "empty.txt"
     empty.write_text("# only a comment\n\n")
     with pytest.raises(ValueError, match="holds no prompts"):
-        comfy_setup.read_prompts(empty)
+        data.read_prompts(empty)
     with pytest.raises(ValueError, match="holds no images"):
-        comfy_setup.find_images(tmp_path)
+        data.find_images(tmp_path)
     (tmp_path / "a.png").write_bytes(b"")
     (tmp_path / "a.txt").write_text(" a caption \n")
     (tmp_path / "b.jpg").write_bytes(b"")
-    assert comfy_setup.find_images(tmp_path) == [(tmp_path / "a.png", "a caption"), (tmp_path / "b.jpg", "")]
+    assert data.find_images(tmp_path) == [(tmp_path / "a.png", "a caption"), (tmp_path / "b.jpg", "")]
 
 
 def test_trajectory_ranges_parse_one_value_or_min_max():

@@ -1,7 +1,7 @@
 """Data-parallel Dot training: 2 CPU processes (gloo), started the way torchrun starts them.
 
 Each worker gets torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT) and
-joins through ``training.distributed.from_env``, the same call the CLI makes; one spawn runs
+joins through ``training.trainer.distributed.from_env``, the same call the CLI makes; one spawn runs
 every scenario so the processes start (and import torch) only once.
 """
 import json
@@ -16,8 +16,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from morse_engine import DotModel
-from training import distributed
-from training.dot_trainer import DotTrainConfig, train_dot
+from training.trainer import distributed
+from training.trainer.config import DotTrainConfig
+from training.trainer.loop import train_dot
 from test_dot_training import CFG, tiny_setup
 
 WORLD = 2
@@ -37,8 +38,8 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     from pathlib import Path
 
-    from training import dot_trainer
-    from training.dot_trainer import TrainingDiverged
+    from training.trainer import loop as dot_trainer
+    from training.trainer.loop import TrainingDiverged
 
     out = Path(out)
     writes = []
@@ -56,7 +57,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         p = torch.nn.Parameter(torch.zeros(5))
         p.grad = torch.full((5,), float(rank + 1))
         dp.average_gradients([p])
-        cfg = DotTrainConfig(**CFG, steps=STEPS)
+        cfg = DotTrainConfig.of(**CFG, steps=STEPS)
         straight = train_dot(tiny_setup(), cfg, out / "a.safetensors", progress=False, parallel=dp)
         try:
             train_dot(tiny_setup(kill_after=7), cfg, out / "b.safetensors", progress=False, parallel=dp)
@@ -124,9 +125,9 @@ def test_both_ranks_end_with_identical_trained_weights(two_ranks):
     assert m0["final_loss"] == m1["final_loss"]  # the logged loss is the mean over ranks
 
     setup = tiny_setup()
-    cfg = DotTrainConfig(**CFG, steps=STEPS)
+    cfg = DotTrainConfig.of(**CFG, steps=STEPS)
     torch.manual_seed(cfg.seed)  # how train_dot builds its start weights
-    initial = DotModel.build(setup.unet, cfg.dot_config(setup.unet)).state_dict()
+    initial = DotModel.build(setup.unet, cfg.dot.bound_to(setup.unet)).state_dict()
     moved = [k for k in w0 if not torch.equal(w0[k], initial[k])]
     assert len(moved) > len(w0) // 2, f"only {moved} changed"
     assert w0["out.weight"].abs().sum() > 0  # the zero-initialised output learned something
@@ -136,7 +137,7 @@ def test_the_result_is_not_a_single_process_run_on_rank_0s_data(two_ranks, tmp_p
     # Rank 0 draws the single-process run's data; had rank 1's gradients not been averaged in,
     # rank 0 would end exactly where a single process ends.
     _, ((t0, _), _) = two_ranks
-    single = train_dot(tiny_setup(), DotTrainConfig(**CFG, steps=STEPS), tmp_path / "s.safetensors", progress=False)
+    single = train_dot(tiny_setup(), DotTrainConfig.of(**CFG, steps=STEPS), tmp_path / "s.safetensors", progress=False)
     w0 = _weights(t0, "straight.")
     assert any(not torch.allclose(w0[k], v, atol=1e-4) for k, v in single.dot.state_dict().items())
 
@@ -166,7 +167,7 @@ def test_a_nan_on_one_rank_stops_every_rank_at_the_same_step(two_ranks):
 def test_a_single_process_does_not_resume_a_two_process_checkpoint(two_ranks):
     out, _ = two_ranks
     with pytest.raises(ValueError, match="2 process"):
-        train_dot(tiny_setup(), DotTrainConfig(**CFG, steps=STEPS + 5), out / "a.safetensors", resume=True, progress=False)
+        train_dot(tiny_setup(), DotTrainConfig.of(**CFG, steps=STEPS + 5), out / "a.safetensors", resume=True, progress=False)
 
 
 def test_without_a_launcher_training_stays_single_process(monkeypatch):

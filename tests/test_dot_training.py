@@ -6,10 +6,11 @@ import torch
 
 from tiny_models import TinyBackbone
 from morse_engine import fingerprint_module
-from training.dash_setup import DashSetup
-from training.dot_trainer import DotTrainConfig, TrainingDiverged, peft_adapters, train_dot, training_tuple
-from training.sampling import DiscreteEpsSampling
-from training.reference_unet import sd_alphas_cumprod
+from training.trainer.dash_setup import DashSetup
+from training.trainer.config import DotTrainConfig
+from training.trainer.loop import TrainingDiverged, peft_adapters, train_dot, training_tuple
+from morse_engine.parameterization import DiscreteSchedule
+from training.reference.unet import sd_alphas_cumprod
 
 
 def tiny_setup(poison_after=None, kill_after=None):
@@ -32,7 +33,7 @@ def tiny_setup(poison_after=None, kill_after=None):
 
     return DashSetup(
         unet=unet,
-        sampling=DiscreteEpsSampling(sd_alphas_cumprod()),
+        sampling=DiscreteSchedule.from_alphas_cumprod(sd_alphas_cumprod()),
         encode=lambda c: table[c],
         null_condition=lambda b: torch.full((b,), 10),
         batches=batches,
@@ -49,21 +50,21 @@ def fixed_batch(setup):
     gen = torch.Generator().manual_seed(123)
     x0, cond = next(setup.batches(16, gen))
     with torch.no_grad(), peft_adapters(setup.unet, False):
-        return training_tuple(setup, x0, cond, DotTrainConfig(**CFG, steps=1), gen)
+        return training_tuple(setup, x0, cond, DotTrainConfig.of(**CFG, steps=1), gen)
 
 
 def eval_loss(dot, unet, batch):
     with torch.no_grad():
-        pred = dot(unet, batch["x"], batch["t"], batch["anchor_x"], batch["anchor_z"], batch["anchor_t"], context=batch["context"],
-                   sigma=batch["sigma"], anchor_sigma=batch["anchor_sigma"])
-    return torch.nn.functional.mse_loss(pred, batch["target"]).item()
+        pred = dot(unet, batch.x, batch.t, batch.anchor_x, batch.anchor_z, batch.anchor_t, context=batch.context,
+                   sigma=batch.sigma, anchor_sigma=batch.anchor_sigma)
+    return torch.nn.functional.mse_loss(pred, batch.target).item()
 
 
 def test_training_lowers_the_loss_below_reusing_the_anchor(tmp_path):
     setup = tiny_setup()
     batch = fixed_batch(setup)
-    reuse = torch.nn.functional.mse_loss(batch["anchor_z"], batch["target"]).item()
-    result = train_dot(setup, DotTrainConfig(**CFG, steps=150), tmp_path / "s.safetensors", progress=False)
+    reuse = torch.nn.functional.mse_loss(batch.anchor_z, batch.target).item()
+    result = train_dot(setup, DotTrainConfig.of(**CFG, steps=150), tmp_path / "s.safetensors", progress=False)
     clean = tiny_setup().unet
     trained = eval_loss(result.dot, clean, batch)
     assert trained < 0.9 * reuse, (trained, reuse)
@@ -73,7 +74,7 @@ def test_training_lowers_the_loss_below_reusing_the_anchor(tmp_path):
 def test_dash_targets_are_computed_without_the_lora(tmp_path):
     setup = tiny_setup()
     clean = copy.deepcopy(setup.unet)
-    train_dot(setup, DotTrainConfig(**CFG, steps=10), tmp_path / "s.safetensors", progress=False)
+    train_dot(setup, DotTrainConfig.of(**CFG, steps=10), tmp_path / "s.safetensors", progress=False)
     x, t, ctx = torch.randn(2, 1, 8, 8), torch.full((2,), 300.0), torch.randn(2, 2, 8)
     with torch.no_grad():
         with peft_adapters(setup.unet, False):
@@ -84,11 +85,11 @@ def test_dash_targets_are_computed_without_the_lora(tmp_path):
 
 
 def test_a_killed_run_resumes_to_the_same_weights(tmp_path):
-    straight = train_dot(tiny_setup(), DotTrainConfig(**CFG, steps=10), tmp_path / "a.safetensors", progress=False)
+    straight = train_dot(tiny_setup(), DotTrainConfig.of(**CFG, steps=10), tmp_path / "a.safetensors", progress=False)
     state = tmp_path / "b.safetensors"
     with pytest.raises(KeyboardInterrupt):
-        train_dot(tiny_setup(kill_after=7), DotTrainConfig(**CFG, steps=10), state, progress=False)
-    resumed = train_dot(tiny_setup(), DotTrainConfig(**CFG, steps=10), state, resume=True, progress=False)
+        train_dot(tiny_setup(kill_after=7), DotTrainConfig.of(**CFG, steps=10), state, progress=False)
+    resumed = train_dot(tiny_setup(), DotTrainConfig.of(**CFG, steps=10), state, resume=True, progress=False)
     assert resumed.resumed_from == 5
     for (k, a), (_, b) in zip(straight.dot.state_dict().items(), resumed.dot.state_dict().items()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=k)
@@ -97,17 +98,17 @@ def test_a_killed_run_resumes_to_the_same_weights(tmp_path):
 def test_resume_with_other_settings_or_no_checkpoint_is_refused(tmp_path):
     state = tmp_path / "s.safetensors"
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        train_dot(tiny_setup(), DotTrainConfig(**CFG, steps=5), state, resume=True, progress=False)
-    train_dot(tiny_setup(), DotTrainConfig(**CFG, steps=5), state, progress=False)
+        train_dot(tiny_setup(), DotTrainConfig.of(**CFG, steps=5), state, resume=True, progress=False)
+    train_dot(tiny_setup(), DotTrainConfig.of(**CFG, steps=5), state, progress=False)
     other = dict(CFG, lr=1e-2)
     with pytest.raises(ValueError, match="other settings \\(lr\\)"):
-        train_dot(tiny_setup(), DotTrainConfig(**other, steps=10), state, resume=True, progress=False)
+        train_dot(tiny_setup(), DotTrainConfig.of(**other, steps=10), state, resume=True, progress=False)
 
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tmp_path):
     state = tmp_path / "s.safetensors"
     with pytest.raises(TrainingDiverged, match=r"step 8.*step 5.*Lower --lr"):
-        train_dot(tiny_setup(poison_after=7), DotTrainConfig(**CFG, steps=20), state, progress=False)
+        train_dot(tiny_setup(poison_after=7), DotTrainConfig.of(**CFG, steps=20), state, progress=False)
     from safetensors import safe_open
 
     with safe_open(str(state), "pt") as f:
@@ -115,27 +116,12 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
 
 
 def test_step_weighting_counts_each_tuple_by_its_sigma_step():
-    from training.dot_trainer import weighted_mse
+    from morse_engine.training_tuples import weighted_mse
 
     pred, target = torch.zeros(2, 1, 2, 2), torch.stack([torch.ones(1, 2, 2), 3 * torch.ones(1, 2, 2)])
     steps = torch.tensor([1.0, 3.0])
     assert weighted_mse(pred, target, steps, "none").item() == pytest.approx((1 + 9) / 2)
     assert weighted_mse(pred, target, steps, "step").item() == pytest.approx((1 * 1 + 9 * 3) / 4)
-
-
-def test_relative_weighting_scores_each_tuple_against_reusing_its_anchor():
-    from training.dot_trainer import weighted_mse
-
-    target = torch.stack([torch.full((1, 2, 2), 0.1), torch.full((1, 2, 2), 10.0)])
-    reuse = torch.zeros_like(target)  # errs 0.01 on the short jump, 100 on the long one
-    pred = target * 0.5  # halves both errors: a quarter of reuse's squared error on each tuple
-    steps = torch.tensor([1.0, 3.0])
-    assert weighted_mse(pred, target, steps, "relative", reuse).item() == pytest.approx(0.25, rel=1e-2)
-    assert weighted_mse(reuse, target, steps, "relative", reuse).item() == pytest.approx(1.0, rel=1e-2)
-    # under step weighting the short jump is invisible next to the long one
-    assert weighted_mse(pred, target, steps, "step").item() == pytest.approx((0.0025 + 25 * 3) / 4)
-    with pytest.raises(ValueError, match="baseline"):
-        weighted_mse(pred, target, steps, "relative")
 
 
 def test_cli_resume_without_a_checkpoint_is_a_clear_error_not_a_traceback(tmp_path, capsys):
@@ -150,11 +136,13 @@ def test_cli_resume_without_a_checkpoint_is_a_clear_error_not_a_traceback(tmp_pa
 
 
 def test_guided_loss_sees_errors_that_cfg_amplifies_and_reuse_errors_that_cancel():
-    from training.dot_trainer import DotTrainConfig as Cfg
-    from training.dot_trainer import dot_loss
+    from types import SimpleNamespace
+
+    from morse_engine.training_tuples import LossRecipe as Cfg
+    from morse_engine.training_tuples import dot_loss
 
     target = torch.zeros(4, 1, 2, 2)  # [cond, cond, uncond, uncond]
-    batch = {"target": target, "sigma_step": torch.ones(4), "guidance": torch.tensor([3.0, 3.0])}
+    batch = SimpleNamespace(target=target, sigma_step=torch.ones(4), guidance=torch.tensor([3.0, 3.0]))
     same = torch.ones(4, 1, 2, 2)  # both branches off by +1: the guided estimate is off by 1
     opposite = torch.cat([torch.ones(2, 1, 2, 2), -torch.ones(2, 1, 2, 2)])  # guided off by -1 + 3 * (1 - -1) = 5
     branches, guided = Cfg(loss_on="branches"), Cfg()
@@ -176,82 +164,31 @@ def test_cli_empty_cfg_range_is_a_clear_error(tmp_path, capsys):
     assert not (tmp_path / "dot.safetensors").exists()
 
 
-def test_dpmpp_2m_correction_is_the_solvers_step_minus_euler():
-    from training.dot_trainer import dpmpp_2m_correction
-    from training.sampling import sample_dpmpp_2m
-
-    gen = torch.Generator().manual_seed(5)
-    x_p = torch.randn(3, 1, 4, 4, generator=gen)
-    d_p, d_s = torch.randn(2, 3, 1, 4, 4, generator=gen).unbind(0)
-    sigmas = torch.tensor([9.0, 4.0, 1.5, 0.0], dtype=torch.float64)
-    calls = iter([d_p.double(), d_s.double()])
-    seen = []
-
-    def model(x, sigma):
-        seen.append(x.clone())
-        return next(calls)
-
-    def stop_after_two(model, x, sigmas):  # the solver's x after its second step (sigma_s -> sigma_i)
-        return sample_dpmpp_2m(model, x, sigmas[:3])
-
-    x_i = stop_after_two(model, x_p.double(), sigmas)
-    x_s = seen[1]
-    eps_s = (x_s - d_s.double()) / sigmas[1]
-    euler = x_s + eps_s * (sigmas[2] - sigmas[1])
-    correction = dpmpp_2m_correction(sigmas[0], sigmas[1], sigmas[2], d_p.double(), d_s.double())
-    assert correction.abs().max() > 1e-3  # the second-order part is not negligible here
-    torch.testing.assert_close(euler + correction, x_i)
-    # no previous step, a step to sigma 0, or a masked-out sample: the first-order (Euler) step
-    assert dpmpp_2m_correction(sigmas[1], sigmas[1], sigmas[2], d_p, d_s).abs().max() == 0
-    assert dpmpp_2m_correction(sigmas[0], sigmas[1], sigmas[3], d_p, d_s).abs().max() == 0
-    keep = torch.tensor([True, False, True]).view(3, 1, 1, 1)
-    masked = dpmpp_2m_correction(sigmas[0], sigmas[1], sigmas[2], d_p, d_s, keep)
-    assert masked[1].abs().max() == 0 and masked[0].abs().max() > 0
-
-
-@pytest.mark.parametrize("sampler", ["dpmpp_2m", "mixed"])
-def test_multistep_jumps_move_x_i_off_the_euler_step_and_keep_the_anchor(sampler):
-    setup = tiny_setup()
-
-    def tuple_for(name):
-        gen = torch.Generator().manual_seed(7)
-        x0, cond = next(setup.batches(16, gen))
-        with torch.no_grad():
-            return training_tuple(setup, x0, cond, DotTrainConfig(**{**CFG, "sampler": name}, steps=1), gen)
-
-    euler, multi = tuple_for("euler"), tuple_for(sampler)
-    for key in ("anchor_x", "anchor_z", "anchor_t", "t", "guidance"):
-        torch.testing.assert_close(multi[key], euler[key])  # same draws up to the step itself
-    moved = (multi["x"] - euler["x"]).flatten(1).abs().amax(1).chunk(2)[0] > 1e-6
-    assert moved.any()
-    if sampler == "mixed":
-        assert not moved.all()  # about half the batch keeps the Euler step
-    assert not torch.equal(multi["target"], euler["target"])  # Dash is asked at the point the step reached
-
-
 def test_extrapolating_base_tuples_carry_the_dash_estimate_before_the_anchor():
     setup = tiny_setup()
     gen = torch.Generator().manual_seed(11)
     x0, cond = next(setup.batches(64, gen))
     with torch.no_grad():
-        batch = training_tuple(setup, x0, cond, DotTrainConfig(**{**CFG, "base": "extrapolate"}, steps=1), gen)
-    assert batch["prev_z"].shape == batch["anchor_z"].shape and batch["prev_t"].shape == batch["anchor_t"].shape
-    later = batch["prev_t"] - batch["anchor_t"]
+        batch = training_tuple(setup, x0, cond, DotTrainConfig.of(**{**CFG, "base": "extrapolate"}, steps=1), gen)
+    assert batch.prev_z.shape == batch.anchor_z.shape and batch.prev_t.shape == batch.anchor_t.shape
+    later = batch.prev_t - batch.anchor_t
     assert (later >= 0).all()
     first = later == 0  # a run's first Dash step: no earlier estimate, the extrapolated change is zero
     assert 0 < first.sum() < len(first) / 2
-    assert not torch.equal(batch["prev_z"][~first], batch["anchor_z"][~first])
-    anchor_only = DotTrainConfig(**CFG, base="anchor", steps=1)
-    assert "prev_z" not in training_tuple(setup, x0, cond, anchor_only, torch.Generator().manual_seed(11))
+    assert not torch.equal(batch.prev_z[~first], batch.anchor_z[~first])
+    anchor_only = DotTrainConfig.of(**CFG, base="anchor", steps=1)
+    assert training_tuple(setup, x0, cond, anchor_only, torch.Generator().manual_seed(11)).prev_z is None
 
 
 def test_cli_base_is_extrapolate_except_for_the_no_trajectory_ablation(tmp_path, capsys):
     from training import train_dot as cli
 
+    from training.trainer.config import config_from_args
+
     p = cli.parser()
-    assert cli.train_config(p.parse_args([]), 1.0, 4.0).base == "extrapolate"
-    assert cli.train_config(p.parse_args(["--no-trajectory"]), 1.0, 4.0).base == "anchor"
-    assert cli.train_config(p.parse_args(["--base", "anchor"]), 1.0, 4.0).base == "anchor"
+    assert config_from_args(p.parse_args([])).dot.base == "extrapolate"
+    assert config_from_args(p.parse_args(["--no-trajectory"])).dot.base == "anchor"
+    assert config_from_args(p.parse_args(["--base", "anchor"])).dot.base == "anchor"
     rc = cli.main(["--no-trajectory", "--base", "extrapolate", "--steps", "1", "--out", str(tmp_path / "x.safetensors"),
                    "--runs", str(tmp_path)])
     assert rc == 2 and "--base anchor" in capsys.readouterr().err

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from training import evaluation_report as rep
+from training.evaluation import report as rep
 
 PLAIN = [
     {"lsd": 4.0, "steps": 4, "fd": 40.0, "rmse": 0.4},
@@ -135,7 +135,7 @@ def _dot_files(tmp_path):
     """The trained Dot files if they exist, else untrained ones saved into tmp_path."""
     from morse_engine import DotConfig, DotModel, fingerprint_module, save_dot
     from training import evaluate
-    from training.reference_unet import load_reference_dash
+    from training.reference.unet import load_reference_dash
 
     dot, ablation = evaluate.DEFAULT_DOT, evaluate.DEFAULT_ABLATION_DOT
     if dot.is_file() and ablation.is_file():

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from training.classifier import (accuracy, feature_stats, frechet_distance, frechet_distance_from_stats,
+from training.reference.classifier import (accuracy, feature_stats, frechet_distance, frechet_distance_from_stats,
                                  load_feature_classifier)
-from training.digits_data import SPLITS, load_digits_split, split_indices
-from training.reference_unet import (NULL_CLASS, ReferenceUNet, UNetConfig, load_reference_dash, sd_alphas_cumprod,
-                                     sigmas_from_alphas_cumprod, timestep_embedding)
+from training.reference.digits import SPLITS, load_digits_split, split_indices
+from morse_engine.parameterization import DiscreteSchedule
+from training.reference.unet import NULL_CLASS, ReferenceUNet, UNetConfig, load_reference_dash, sd_alphas_cumprod, timestep_embedding
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +112,7 @@ def test_control_residuals_are_added():
 
 
 def test_schedule_matches_comfyui_sd1_sigmas():
-    sigmas = sigmas_from_alphas_cumprod(sd_alphas_cumprod())
+    sigmas = DiscreteSchedule.from_alphas_cumprod(sd_alphas_cumprod()).sigmas
     assert sigmas.shape == (1000,) and sigmas.dtype == torch.float32
     assert torch.all(sigmas[1:] > sigmas[:-1])
     # ComfyUI's ModelSamplingDiscrete for SD1.x: sigma_min 0.0292, sigma_max 14.6146
@@ -194,7 +194,7 @@ import torch
 import comfy.options
 comfy.options.enable_args_parsing()
 from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
-from training.reference_unet import ReferenceUNet, UNetConfig
+from training.reference.unet import ReferenceUNet, UNetConfig
 
 torch.manual_seed(0)
 ours = ReferenceUNet(UNetConfig(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,

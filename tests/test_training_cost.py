@@ -1,5 +1,6 @@
 """The cost options of Dot training: device, precision, gradient checkpointing and accumulation,
 the memory estimate, and the Dot's share of Dash's parameters (CPU; CUDA-only checks skip)."""
+import dataclasses
 import json
 
 import pytest
@@ -8,10 +9,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from morse_engine import DotConfig, DotModel
-from training import memory_estimate as mem
-from training import runtime as runtimes
-from training.dot_trainer import (
-    DotTrainConfig,
+from training.trainer import memory as mem
+from training.trainer import runtime as runtimes
+from training.trainer.config import DotTrainConfig
+from training.trainer.loop import (
     accumulate_gradients,
     build_trainable,
     estimate_memory,
@@ -52,13 +53,12 @@ def joined(a, b):
 
     def cat(k):
         if k == "guidance":
-            return torch.cat([a[k], b[k]])
-        (ac, au), (bc, bu) = a[k].chunk(2), b[k].chunk(2)
+            return torch.cat([getattr(a, k), getattr(b, k)])
+        (ac, au), (bc, bu) = getattr(a, k).chunk(2), getattr(b, k).chunk(2)
         return torch.cat([ac, bc, au, bu])
 
-    out = {k: cat(k) for k in a if k != "backbone_kwargs"}
-    out["backbone_kwargs"] = {}
-    return out
+    names = [f.name for f in dataclasses.fields(a) if f.name != "backbone_kwargs" and getattr(a, f.name) is not None]
+    return dataclasses.replace(a, **{k: cat(k) for k in names}, backbone_kwargs={})
 
 
 def grads(dot_params, fn):
@@ -68,13 +68,13 @@ def grads(dot_params, fn):
     return loss, [p.grad.clone() for p in dot_params]
 
 
-@pytest.mark.parametrize("loss_weight", ["none", "step", "relative"])
+@pytest.mark.parametrize("loss_weight", ["none", "step"])
 def test_two_accumulated_micro_batches_give_the_gradient_of_one_batch_twice_as_large(loss_weight):
     setup = tiny_setup()
-    cfg = DotTrainConfig(**dict(CFG, loss_weight=loss_weight), steps=1)
+    cfg = DotTrainConfig.of(**dict(CFG, loss_weight=loss_weight), steps=1)
     dot, params = trainable_dot(setup, cfg)
     a, b = tuples(setup, cfg, [4, 4])
-    accumulated = DotTrainConfig(**dict(CFG, loss_weight=loss_weight, grad_accum=2), steps=1)
+    accumulated = DotTrainConfig.of(**dict(CFG, loss_weight=loss_weight, grad_accum=2), steps=1)
     (loss2, reuse2), g2 = grads(params, lambda: accumulate_gradients(dot, setup.unet, [a, b], accumulated, CPU))
     (loss1, reuse1), g1 = grads(params, lambda: accumulate_gradients(dot, setup.unet, [joined(a, b)], cfg, CPU))
     assert all(g.abs().sum() > 0 for g in g1)
@@ -84,7 +84,7 @@ def test_two_accumulated_micro_batches_give_the_gradient_of_one_batch_twice_as_l
     torch.testing.assert_close(reuse2, reuse1, rtol=1e-5, atol=0)
     # step weighting: micro-batches with different sigma steps count by them, not equally
     if loss_weight == "step":
-        wa, wb = a["sigma_step"].sum(), b["sigma_step"].sum()
+        wa, wb = a.sigma_step.sum(), b.sigma_step.sum()
         assert not torch.isclose(wa, wb)
 
 
@@ -130,7 +130,7 @@ def test_accumulation_counts_optimizer_steps_and_reduces_gradients_once_per_step
 
     setup.batches = counting
     group = CountingGroup()
-    cfg = DotTrainConfig(**dict(CFG, grad_accum=3), steps=4)
+    cfg = DotTrainConfig.of(**dict(CFG, grad_accum=3), steps=4)
     state = tmp_path / "s.safetensors"
     result = train_dot(setup, cfg, state, progress=False, parallel=group)
     assert draws == [CFG["batch_size"]] * 12  # 4 optimizer steps x 3 micro-batches
@@ -143,26 +143,26 @@ def test_accumulation_counts_optimizer_steps_and_reduces_gradients_once_per_step
 
 def test_resume_with_another_grad_accum_is_refused(tmp_path):
     state = tmp_path / "s.safetensors"
-    train_dot(tiny_setup(), DotTrainConfig(**CFG, steps=5), state, progress=False)
+    train_dot(tiny_setup(), DotTrainConfig.of(**CFG, steps=5), state, progress=False)
     with pytest.raises(ValueError, match=r"other settings \(grad_accum\)"):
-        train_dot(tiny_setup(), DotTrainConfig(**dict(CFG, grad_accum=2), steps=10), state, resume=True, progress=False)
+        train_dot(tiny_setup(), DotTrainConfig.of(**dict(CFG, grad_accum=2), steps=10), state, resume=True, progress=False)
 
 
 def test_a_checkpoint_from_before_grad_accum_resumes_with_the_default(tmp_path):
     state = tmp_path / "s.safetensors"
-    train_dot(tiny_setup(), DotTrainConfig(**CFG, steps=5), state, progress=False)
+    train_dot(tiny_setup(), DotTrainConfig.of(**CFG, steps=5), state, progress=False)
     with safe_open(str(state), "pt") as f:
         meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
     extra = json.loads(meta["extra"])
     del extra["config"]["grad_accum"]  # as a checkpoint written before the option existed
     save_file(tensors, str(state), dict(meta, extra=json.dumps(extra)))
-    result = train_dot(tiny_setup(), DotTrainConfig(**CFG, steps=6), state, resume=True, progress=False)
+    result = train_dot(tiny_setup(), DotTrainConfig.of(**CFG, steps=6), state, resume=True, progress=False)
     assert result.resumed_from == 5
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
     setup = tiny_setup()
-    cfg = DotTrainConfig(**CFG, steps=1)
+    cfg = DotTrainConfig.of(**CFG, steps=1)
     dot, params = trainable_dot(setup, cfg)
     (batch,) = tuples(setup, cfg, [6])
     plain = runtimes.Runtime(torch.device("cpu"), "fp32", grad_checkpointing=False)
@@ -177,7 +177,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 def test_bf16_autocast_on_the_cpu_trains_with_a_finite_loss_and_fp32_weights(tmp_path):
     rt = runtimes.resolve("cpu", "bf16", grad_checkpointing=True)
     setup = tiny_setup()
-    result = train_dot(setup, DotTrainConfig(**CFG, steps=4), tmp_path / "s.safetensors", progress=False, runtime=rt)
+    result = train_dot(setup, DotTrainConfig.of(**CFG, steps=4), tmp_path / "s.safetensors", progress=False, runtime=rt)
     assert torch.isfinite(torch.tensor(result.final_loss))
     assert all(p.dtype == torch.float32 for p in result.dot.parameters())
     assert all(p.dtype == torch.float32 for p in setup.unet.parameters())
@@ -216,7 +216,7 @@ def test_defaults_per_device():
         assert gpu.precision == ("bf16" if runtimes.cuda_bf16(gpu.device) else "fp16")
         assert gpu.grad_checkpointing and gpu.device.index is not None
     with pytest.raises(ValueError, match="grad_accum"):
-        DotTrainConfig(grad_accum=0)
+        DotTrainConfig.of(grad_accum=0)
 
 
 # ---- the memory estimate ------------------------------------------------------------------
@@ -240,15 +240,15 @@ def test_saved_tensor_bytes_count_what_autograd_keeps():
 
 def accumulate_loss(dot, unet, batch, rt):
     with rt.autocast():
-        pred = dot(unet, batch["x"], batch["t"], batch["anchor_x"], batch["anchor_z"], batch["anchor_t"],
-                   context=batch["context"], backbone_call=rt.backbone_call(unet), lora_hooks=False,
-                   sigma=batch["sigma"], anchor_sigma=batch["anchor_sigma"])
-    return (pred - batch["target"]).pow(2).mean()
+        pred = dot(unet, batch.x, batch.t, batch.anchor_x, batch.anchor_z, batch.anchor_t,
+                   context=batch.context, backbone_call=rt.backbone_call(unet), lora_hooks=False,
+                   sigma=batch.sigma, anchor_sigma=batch.anchor_sigma)
+    return (pred - batch.target).pow(2).mean()
 
 
 def test_activation_bytes_grow_linearly_with_the_batch_and_shrink_with_checkpointing():
     setup = tiny_setup()
-    cfg = DotTrainConfig(**CFG, steps=1)
+    cfg = DotTrainConfig.of(**CFG, steps=1)
     dot, params = trainable_dot(setup, cfg)
     weights = list(setup.unet.parameters()) + list(dot.parameters())
 
@@ -268,7 +268,7 @@ def test_activation_bytes_grow_linearly_with_the_batch_and_shrink_with_checkpoin
 
 def test_the_run_estimate_adds_up_and_leaves_the_run_untouched():
     setup = tiny_setup()
-    cfg = DotTrainConfig(**CFG, steps=1)
+    cfg = DotTrainConfig.of(**CFG, steps=1)
     torch.manual_seed(0)
     dot, lora = build_trainable(setup.unet, cfg)
     trainable = dot.light_parameters() + lora
@@ -290,7 +290,7 @@ def test_the_run_estimate_adds_up_and_leaves_the_run_untouched():
 
 
 def test_training_prints_the_estimate_before_it_starts(tmp_path, capsys):
-    train_dot(tiny_setup(), DotTrainConfig(**CFG, steps=1), tmp_path / "s.safetensors", progress=True)
+    train_dot(tiny_setup(), DotTrainConfig.of(**CFG, steps=1), tmp_path / "s.safetensors", progress=True)
     assert "memory estimate: Dash weights" in capsys.readouterr().out
 
 
@@ -301,7 +301,7 @@ def test_cuda_mixed_precision_with_checkpointing_trains(tmp_path, precision):
         pytest.skip("this GPU has no bf16")
     rt = runtimes.resolve("cuda", precision, grad_checkpointing=True)
     setup = tiny_setup()
-    result = train_dot(setup, DotTrainConfig(**dict(CFG, grad_accum=2), steps=4), tmp_path / "s.safetensors",
+    result = train_dot(setup, DotTrainConfig.of(**dict(CFG, grad_accum=2), steps=4), tmp_path / "s.safetensors",
                        progress=True, runtime=rt)
     assert torch.isfinite(torch.tensor(result.final_loss))
     assert all(p.is_cuda and p.dtype == torch.float32 for p in result.dot.parameters())

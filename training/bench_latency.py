@@ -23,7 +23,7 @@ import json
 import os
 import platform
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -31,7 +31,7 @@ import torch
 from morse_engine import DotModel, EveryK, Pattern, lsd_cost
 from morse_engine.dot_model import STEMS
 
-from .latency import interleaved_times
+from .evaluation.latency import interleaved_times
 
 ARCHS = {
     # resolution in pixels; the latent is 1/8 per side with 4 channels
@@ -67,7 +67,7 @@ def comfy_unet_config(arch: str) -> dict:
 
 def find_comfyui(explicit: str | None) -> str | None:
     """The ComfyUI that train_dot would use; None (the project's own UNet) when none is given or installed around us."""
-    from .comfy_setup import ComfyUINotFound, find_comfyui as locate
+    from .host.comfyui import ComfyUINotFound, find_comfyui as locate
 
     try:
         return str(locate(explicit))
@@ -78,7 +78,7 @@ def find_comfyui(explicit: str | None) -> str | None:
 
 
 def build_with_comfy(arch: str, comfy_path: str, device) -> torch.nn.Module:
-    from .comfy_setup import ComfyUINotFound, import_comfy
+    from .host.comfyui import ComfyUINotFound, import_comfy
 
     try:
         comfy = import_comfy(Path(comfy_path), device.type)
@@ -92,7 +92,7 @@ def build_with_comfy(arch: str, comfy_path: str, device) -> torch.nn.Module:
 
 
 def build_own(arch: str) -> torch.nn.Module:
-    from .reference_unet import ReferenceUNet, UNetConfig
+    from .reference.unet import ReferenceUNet, UNetConfig
 
     if arch == "tiny":
         return ReferenceUNet(UNetConfig(in_channels=4, out_channels=4, model_channels=32, channel_mult=(1, 2),
@@ -151,11 +151,11 @@ def bench_arch(arch: str, backbone, ms, device, dtype, repeats: int, warmup: int
     dash = lambda: backbone(x, t, context=context, **extra)  # noqa: E731
     z = dash()
     rows = []
-    from .dot_trainer import DotTrainConfig
+    from .trainer.config import RECIPE_DOT
 
-    for m, stem in [(m, stem) for m in ms for stem in (stems or [DotTrainConfig.stem])]:
+    for m, stem in [(m, stem) for m in ms for stem in (stems or [RECIPE_DOT.stem])]:
         # the Dot train_dot writes by default (its eta scale, step input and stem), unless another stem is asked for
-        cfg = DotTrainConfig(m=m, stem=stem).dot_config(backbone)
+        cfg = replace(RECIPE_DOT, m=m, stem=stem).bound_to(backbone)
         dot = DotModel.build(backbone, cfg)
         randomize(dot, seed=m)
         dot = dot.to(device, dtype).eval()
@@ -180,12 +180,13 @@ def bench_training(arch: str, backbone, m: int, steps: int, batch: int, device) 
     plus the Dot's forward and backward through the frozen backbone at 1/2^m."""
     import tempfile
 
-    from .dash_setup import DashSetup
-    from .dot_trainer import DotTrainConfig, train_dot
-    from .reference_unet import sd_alphas_cumprod
-    from .sampling import DiscreteEpsSampling
-
     from morse_engine import fingerprint_module
+    from morse_engine.parameterization import DiscreteSchedule
+
+    from .reference.unet import sd_alphas_cumprod
+    from .trainer.config import DotTrainConfig
+    from .trainer.dash_setup import DashSetup
+    from .trainer.loop import train_dot
 
     spec = ARCHS[arch]
     if spec["adm"]:
@@ -196,13 +197,13 @@ def bench_training(arch: str, backbone, m: int, steps: int, batch: int, device) 
         while True:  # conditions are the context itself here: encode is the identity
             yield torch.randn(b, 4, side, side, generator=gen), torch.randn(b, *spec["context"], generator=gen)
 
-    setup = DashSetup(unet=backbone, sampling=DiscreteEpsSampling(sd_alphas_cumprod()), encode=lambda c: c,
+    setup = DashSetup(unet=backbone, sampling=DiscreteSchedule.from_alphas_cumprod(sd_alphas_cumprod()), encode=lambda c: c,
                       null_condition=lambda b: torch.zeros(b, *spec["context"]), batches=batches,
                       base_family=arch, fingerprint=fingerprint_module(backbone), latent_shape=(4, side, side))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     before = peak_memory_mb(device)
-    cfg = DotTrainConfig(m=m, steps=steps, batch_size=batch, warmup=1, checkpoint_every=10**9)
+    cfg = DotTrainConfig.of(m=m, steps=steps, batch_size=batch, warmup=1, checkpoint_every=10**9)
     with tempfile.TemporaryDirectory() as tmp:
         result = train_dot(setup, cfg, Path(tmp) / "state.safetensors", progress=True)
     return {"arch": arch, "m": m, "batch": batch, "steps": steps, "seconds": result.seconds,

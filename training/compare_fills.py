@@ -18,8 +18,8 @@ import torch
 
 from morse_engine import DotFiller, MorseError, Pattern, ReuseFiller
 
-from .evaluate import DEFAULT_DOT, Workload, default_cfg, load_models, run_plain, sample_routed
-from .sampling import DETERMINISTIC, DiscreteEpsSampling
+from .evaluation.samplers import DETERMINISTIC
+from .evaluation.workload import DEFAULT_DOT, Workload, default_cfg, load_models, reference_workload, run_plain, sample_routed
 
 
 def gap_closed(dash: float, reuse: float, dot: float) -> float:
@@ -72,22 +72,13 @@ def main(argv=None) -> int:
     if not steps or min(steps) < 2 or args.samples < 1:
         print("error: --steps must all be >= 2 (one Dash step and one fill) and --samples >= 1", file=sys.stderr)
         return 2
-    from .reference_unet import NULL_CLASS, sd_alphas_cumprod
-
-    load_args = argparse.Namespace(dash=args.dash, dot=args.dot, no_ablation=True, ablation_dot=None)
     try:
-        models = load_models(load_args, torch.device("cpu"))
+        models = load_models(args.dash, args.dot, ablation_path=None, device=torch.device("cpu"))
     except (MorseError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     cfg = args.cfg if args.cfg is not None else default_cfg(models.dash_meta)
-    shape = tuple(models.dash_meta.get("image_size") or (models.unet.in_channels, 32, 32))
-    noise = torch.randn((args.samples, *shape), generator=torch.Generator().manual_seed(args.seed))
-    labels = torch.arange(args.samples) % 10
-    with torch.no_grad():
-        cond = models.conditioner(labels)
-        uncond = models.conditioner(torch.full((args.samples,), NULL_CLASS))
-    work = Workload(models.unet, DiscreteEpsSampling(sd_alphas_cumprod()), noise, cond, uncond, cfg, args.samples, args.seed)
+    work = reference_workload(models, args.samples, args.samples, cfg, args.seed, "cpu")
     rows = compare(work, models.dot, args.sampler, steps, args.pattern, args.reference_steps)
     print(f"{args.sampler}, pattern {args.pattern}, CFG {cfg:g}, {args.samples} samples; RMSE to a {args.reference_steps}-step run "
           "from the same noise")

@@ -37,32 +37,25 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import math
 import os
 import platform
-import statistics
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 
-from morse_engine import DotFiller, ExtrapolateFiller, MorseError, MorseRouter, Pattern, ReuseFiller, load_dot, plan_budget
+from morse_engine import DotFiller, ExtrapolateFiller, MorseError, Pattern, ReuseFiller
 
-from . import evaluation_report as report_mod
-from .latency import interleaved_times
-from .sampling import DETERMINISTIC, SAMPLERS, DiscreteEpsSampling, GuidedDenoiser, normal_sigmas, sample
+from .evaluation import report as report_mod
+from .evaluation.latency import measure_latency
+from .evaluation.quality import Quality
+from .evaluation.samplers import DETERMINISTIC, SAMPLERS
+from .evaluation.workload import (CALLS_PER_STEP, DEFAULT_ABLATION_DOT, DEFAULT_DOT, TRAINING_FREE_N, Workload, default_cfg,
+                                  load_models, reference_workload, run_morse, run_plain)
+from .paths import PACK_DIR, REPORTS_DIR
 
-ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_DOT = ROOT / "models" / "dot_models" / "reference_digits.safetensors"
-DEFAULT_ABLATION_DOT = ROOT / "models" / "dot_models" / "reference_digits_no_trajectory.safetensors"
-# Training-free fills cost ~nothing: plan them as (almost) free. 1e12 rather than 1e9 because
-# plan_budget's 1e-9 LSD tolerance would let 1e9 lose a Dash step (budget 4 -> 3 Dash + 3 fills).
-TRAINING_FREE_N = 1e12
 SPREAD_SEED_OFFSET = 1000  # the second noise seed of the FD spread check
-CALLS_PER_STEP = {"heun": 2}  # model calls per step; everything else in training.sampling makes one
 
 DEFAULTS = dict(
     samplers=("euler", "dpmpp_2m", "euler_ancestral"),
@@ -94,179 +87,6 @@ QUICK = dict(  # the test-sized run: only what differs from DEFAULTS
 )
 
 
-# --------------------------------------------------------------------------- the workload
-@dataclass
-class Workload:
-    """What every run shares: the Dash, its schedule, the noise, the conditions, CFG."""
-
-    unet: torch.nn.Module
-    ms: DiscreteEpsSampling
-    noise: torch.Tensor  # [S, C, H, W]
-    cond: torch.Tensor  # context [S, T, D]
-    uncond: torch.Tensor  # context [S, T, D]
-    cfg: float
-    chunk: int
-    seed: int
-    sync: Optional[Callable] = None
-
-    def chunks(self):
-        for i in range(0, self.noise.shape[0], self.chunk):
-            yield slice(i, i + self.chunk)
-
-    @property
-    def n_chunks(self) -> int:
-        return math.ceil(self.noise.shape[0] / self.chunk)
-
-    def subset(self, n: int) -> "Workload":
-        """The first n samples (same noise and labels), e.g. for the trajectory reference."""
-        n = min(n, self.noise.shape[0])
-        return Workload(self.unet, self.ms, self.noise[:n], self.cond[:n], self.uncond[:n], self.cfg,
-                        min(self.chunk, n), self.seed, self.sync)
-
-    def generator(self) -> torch.Generator:
-        """The stochastic samplers' generator: the same seed in every run."""
-        return torch.Generator(device=self.noise.device).manual_seed(self.seed + 1)
-
-
-class CountingDash:
-    """The backbone, counting its calls (plain runs: latency in LSD = calls per sample)."""
-
-    def __init__(self, unet):
-        self.unet, self.calls = unet, 0
-
-    def __call__(self, *args, **kwargs):
-        self.calls += 1
-        return self.unet(*args, **kwargs)
-
-
-@torch.no_grad()
-def run_plain(sampler: str, work: Workload, steps: int, noise: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict]:
-    noise = work.noise if noise is None else noise
-    sigmas = normal_sigmas(work.ms, steps)
-    dash = CountingDash(work.unet)
-    gen = work.generator()
-    out = []
-    start = time.perf_counter()
-    for sl in work.chunks():
-        den = GuidedDenoiser(dash, work.ms, work.cond[sl], work.uncond[sl], work.cfg)
-        out.append(sample(sampler, den, noise[sl], sigmas, work.ms, gen))
-    seconds = time.perf_counter() - start
-    return torch.cat(out), {"steps": steps, "lsd": dash.calls / work.n_chunks, "seconds": seconds}
-
-
-@torch.no_grad()
-def run_morse(sampler: str, work: Workload, budget: float, pattern: str, filler, n_speed: float) -> tuple[torch.Tensor, dict]:
-    """One Morse run at an LSD budget; latency from the calls the router actually made."""
-    spec = Pattern(pattern)
-    cps = CALLS_PER_STEP.get(sampler, 1)
-    plan = plan_budget(max(1.0, budget / cps), n_speed, spec)
-    start = time.perf_counter()
-    x, totals = sample_routed(sampler, work, plan.steps, spec, filler)
-    seconds = time.perf_counter() - start
-    n = work.n_chunks
-    dash_per, dot_per = totals["dash_calls"] / n, totals["dot_calls"] / n
-    fill_cost = 0.0 if n_speed >= TRAINING_FREE_N else dot_per / n_speed
-    point = {
-        "budget": float(budget),
-        "lsd": dash_per + fill_cost,
-        "planned_lsd": plan.lsd * cps,
-        "steps": plan.steps,
-        "dash_steps": plan.schedule.dash_steps,
-        "dot_steps": plan.schedule.dot_steps,
-        "pattern": plan.schedule.pattern(),
-        "filler": filler.name,
-        "dash_calls_per_run": dash_per,
-        "fill_calls_per_run": dot_per,
-        "fallback_calls": totals["fallback_calls"],
-        "seconds": seconds,
-        "_timing": totals,
-    }
-    return x, point
-
-
-@torch.no_grad()
-def sample_routed(sampler: str, work: Workload, steps: int, spec, filler) -> tuple[torch.Tensor, dict]:
-    """Sample ``steps`` steps with every model call going through the Morse router under ``spec``;
-    returns the samples and the router's call counts and times summed over the chunks."""
-    sigmas = normal_sigmas(work.ms, steps)
-    router = MorseRouter(spec, filler, measure=True, sync=work.sync)
-    gen = work.generator()
-    out = []
-    totals = dict(dash_calls=0, dot_calls=0, fallback_calls=0, dash_seconds=0.0, dot_seconds=0.0)
-    for sl in work.chunks():
-        with router.run(sigmas) as run:
-            den = GuidedDenoiser(work.unet, work.ms, work.cond[sl], work.uncond[sl], work.cfg, run=run)
-            out.append(sample(sampler, den, work.noise[sl], sigmas, work.ms, gen))
-        s = router.last_summary
-        for k in totals:
-            totals[k] += getattr(s, k)
-    return torch.cat(out), totals
-
-
-# --------------------------------------------------------------------------- N
-@torch.no_grad()
-def measure_latency(unet, dot, work: Workload, repeats: int = 9, warmup: int = 2) -> dict:
-    """Median seconds of a Dash call and a Dot call on the run's batch, interleaved; N = ratio.
-
-    The Dot gets a real anchor: Dash's estimate one step earlier on a 10-step "normal"
-    schedule, and the current input is the Euler step from it, as in a run.
-    """
-    sl = next(work.chunks())
-    noise, cond, uncond = work.noise[sl], work.cond[sl], work.uncond[sl]
-    copies = 1 if work.cfg == 1.0 else 2  # CFG runs cond and uncond in one batch (GuidedDenoiser)
-    ctx = cond if copies == 1 else torch.cat([cond, uncond])
-    sigmas = normal_sigmas(work.ms, 10)
-    s_s, s_i = sigmas[3], sigmas[4]
-    b = copies * noise.shape[0]
-    x_s = torch.cat([noise] * copies) * s_s
-    xin_s = work.ms.scale_input(s_s, x_s)
-    t_s = work.ms.timestep(s_s).reshape(1).expand(b)
-    t_i = work.ms.timestep(s_i).reshape(1).expand(b)
-    z_s = unet(xin_s, t_s, context=ctx)
-    x_i = x_s + z_s * (s_i - s_s)  # Euler: d = (x - denoised) / sigma = eps
-    xin_i = work.ms.scale_input(s_i, x_i)
-
-    dash_call = lambda: unet(xin_i, t_i, context=ctx)  # noqa: E731
-    dot_call = lambda: dot(unet, xin_i, t_i, xin_s, z_s, t_s, context=ctx, sigma=s_i, anchor_sigma=s_s)  # noqa: E731
-    dash_t, dot_t = interleaved_times(dash_call, dot_call, repeats, warmup, work.sync)
-    dash_med, dot_med = statistics.median(dash_t), statistics.median(dot_t)
-    return {
-        "N": dash_med / dot_med,
-        "dash_seconds": dash_med,
-        "dot_seconds": dot_med,
-        # cross-checks against machine load changing during the measurement
-        "N_median_of_pairs": statistics.median(a / b_ for a, b_ in zip(dash_t, dot_t)),
-        "N_of_fastest": min(dash_t) / min(dot_t),
-        "batch": b,
-        "repeats": repeats,
-        "warmup": warmup,
-        "dash_all": dash_t,
-        "dot_all": dot_t,
-    }
-
-
-# --------------------------------------------------------------------------- quality
-class Quality:
-    """FD against the held-out split's classifier features; RMSE against a reference run."""
-
-    def __init__(self, classifier, real_images: torch.Tensor):
-        from .classifier import batched, feature_stats
-
-        self.classifier = classifier
-        self._batched, self._stats = batched, feature_stats
-        self.real_mu, self.real_cov = feature_stats(batched(classifier.features, real_images))
-
-    def fd(self, images: torch.Tensor) -> float:
-        from .classifier import frechet_distance_from_stats
-
-        feats = self._batched(self.classifier.features, images.clamp(-1, 1).float())
-        return frechet_distance_from_stats(*self._stats(feats), self.real_mu, self.real_cov)
-
-    @staticmethod
-    def rmse(images: torch.Tensor, reference: torch.Tensor) -> float:
-        return float(((images.float() - reference.float()) ** 2).mean().sqrt())
-
-
 # --------------------------------------------------------------------------- CLI
 def _csv(kind):
     def parse(text):
@@ -281,9 +101,9 @@ def _csv(kind):
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.splitlines()[0])
     p.add_argument("--dash", type=Path, default=None, help="reference-format Dash weights (default: the embedded reference model)")
-    p.add_argument("--dot", type=Path, default=None, help=f"Dot adapter (default: {DEFAULT_DOT.relative_to(ROOT)})")
+    p.add_argument("--dot", type=Path, default=None, help=f"Dot adapter (default: {DEFAULT_DOT.relative_to(PACK_DIR)})")
     p.add_argument("--ablation-dot", type=Path, default=None,
-                   help=f"Dot without trajectory inputs (default: {DEFAULT_ABLATION_DOT.relative_to(ROOT)} if it exists)")
+                   help=f"Dot without trajectory inputs (default: {DEFAULT_ABLATION_DOT.relative_to(PACK_DIR)} if it exists)")
     p.add_argument("--no-ablation", action="store_true", help="skip the ablation curve")
     p.add_argument("--ablation-samplers", type=_csv(str), default=None, help="samplers with an ablation curve (default: euler)")
     p.add_argument("--samplers", type=_csv(str), default=None, help="comma-separated (default: euler,dpmpp_2m,euler_ancestral)")
@@ -301,7 +121,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-spread", action="store_true", help="skip the FD spread check across two noise seeds")
     p.add_argument("--n-repeats", type=int, default=None, help="timed repeats of each call for N")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out-dir", type=Path, default=ROOT / "reports")
+    p.add_argument("--out-dir", type=Path, default=REPORTS_DIR)
     p.add_argument("--quick", action="store_true", help="a small run (< 2 min on 2 CPU cores) for tests and smoke checks")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: on a small shared CPU machine any other busy process slows a "
@@ -333,14 +153,6 @@ def settings_from(args) -> dict:
     except MorseError as exc:
         raise SystemExit(f"error: --pattern: {exc}") from None
     return base
-
-
-def default_cfg(dash_meta: dict) -> float:
-    """The CFG scale the Dash file's own quality check used, else 2.5."""
-    check = dash_meta.get("quality_check")
-    if isinstance(check, dict) and isinstance(check.get("cfg_scale"), (int, float)):
-        return float(check["cfg_scale"])
-    return 2.5
 
 
 def spread_steps(plain_steps) -> tuple[int, ...]:
@@ -386,45 +198,6 @@ def machine_info(device: str) -> dict:
 
 def _strip(point: dict) -> dict:
     return {k: v for k, v in point.items() if not k.startswith("_")}
-
-
-@dataclass
-class Models:
-    unet: torch.nn.Module
-    conditioner: torch.nn.Module
-    dash_meta: dict
-    dot: torch.nn.Module
-    dot_info: object
-    ablation: Optional[tuple] = None  # (DotModel, DotFileInfo) of the no-trajectory Dot
-    notes: list = field(default_factory=list)
-
-
-def load_models(args, device) -> Models:
-    """The Dash, the Dot and (if there is one) the ablation Dot; MorseError for a Dot that does not fit."""
-    from .reference_unet import load_reference_dash
-
-    unet, conditioner, dash_meta = load_reference_dash(args.dash, device=device)
-    dot_path = args.dot or DEFAULT_DOT
-    if not Path(dot_path).is_file():
-        raise FileNotFoundError(f"no Dot at {dot_path}; train one with `python -m training.train_dot` or pass --dot PATH")
-    dot, dot_info = load_dot(dot_path, unet, device=device)
-    models = Models(unet, conditioner, dash_meta, dot, dot_info)
-    if not dot_info.training:
-        models.notes.append(f"the Dot {dot_path} has no training summary: it is probably UNTRAINED (eta = 0, same as reuse)")
-    if args.no_ablation:
-        return models
-    abl_path = args.ablation_dot or DEFAULT_ABLATION_DOT
-    if not Path(abl_path).is_file():
-        models.notes.append(f"no ablation Dot at {abl_path} (train one with `python -m training.train_dot --no-trajectory`); "
-                            "ablation curve skipped")
-        print("note: " + models.notes[-1])
-        return models
-    models.ablation = load_dot(abl_path, unet, device=device)
-    if not models.ablation[1].training:
-        models.notes.append(f"the ablation Dot {abl_path} has no training summary: it is probably UNTRAINED")
-    if models.ablation[1].config.trajectory:
-        models.notes.append(f"ablation Dot {abl_path} uses trajectory inputs: it is not the Table 4 ablation")
-    return models
 
 
 def plan_jobs(st: dict, with_ablation: bool) -> list[tuple[str, str, float]]:
@@ -491,30 +264,21 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     st = settings_from(args)
 
-    from .classifier import load_feature_classifier, real_data_fd_floor
-    from .digits_data import load_digits_split
-    from .reference_unet import NULL_CLASS, sd_alphas_cumprod
+    from .reference.classifier import load_feature_classifier, real_data_fd_floor
+    from .reference.digits import load_digits_split
 
     device = torch.device(args.device)
     try:
-        models = load_models(args, device)
+        models = load_models(args.dash, args.dot, None if args.no_ablation else (args.ablation_dot or DEFAULT_ABLATION_DOT),
+                             device)
     except (MorseError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     unet = models.unet
     cfg = args.cfg if args.cfg is not None else default_cfg(models.dash_meta)
-
-    # the same noise and labels for every run
     samples = st["samples"]
-    shape = tuple(models.dash_meta.get("image_size") or (unet.in_channels, 32, 32))
-    noise = torch.randn((samples, *shape), generator=torch.Generator().manual_seed(args.seed)).to(device)
-    labels = torch.arange(samples) % 10
-    with torch.no_grad():
-        cond = models.conditioner(labels.to(device))
-        uncond = models.conditioner(torch.full((samples,), NULL_CLASS, device=device))
-    ms = DiscreteEpsSampling(sd_alphas_cumprod())
-    sync = torch.cuda.synchronize if device.type == "cuda" else None
-    work = Workload(unet, ms, noise, cond, uncond, cfg, st["chunk"], args.seed, sync)
+    # the same noise and labels for every run
+    work = reference_workload(models, samples, st["chunk"], cfg, args.seed, device)
 
     classifier, _ = load_feature_classifier(device=device)
     quality = Quality(classifier, load_digits_split("test")[0].to(device))

@@ -23,28 +23,20 @@ from pathlib import Path
 
 import torch
 
-from morse_engine import DEFAULT_TARGETS, save_dot
+from morse_engine import save_dot
 
-from . import comfy_setup as comfy_cli
-from . import distributed
-from . import runtime as runtimes
-from .dash_setup import reference_setup
-from .dot_trainer import JUMP_SAMPLERS, LOSS_WEIGHTS, DotTrainConfig, TrainingDiverged, train_dot
-from .latency import measure_n
-
-ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_DOT_DIR = ROOT / "models" / "dot_models"
-
-
-def _csv(kind):
-    def parse(text):
-        return tuple(kind(v) for v in text.split(",") if v.strip())
-
-    return parse
+from .evaluation.latency import measure_n
+from .host import comfy_setup as comfy_cli
+from .host.comfyui import ComfyUINotFound, default_dot_dir
+from .paths import DOT_DIR, RUNS_DIR
+from .trainer import distributed
+from .trainer import runtime as runtimes
+from .trainer.config import DotTrainConfig, add_config_arguments, config_from_args
+from .trainer.dash_setup import reference_setup
+from .trainer.loop import TrainingDiverged, train_dot
 
 
 def parser() -> argparse.ArgumentParser:
-    d = DotTrainConfig()
     p = argparse.ArgumentParser(prog="python -m training.train_dot", description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", type=Path, default=None,
                    help="Dash weights: your checkpoint, loaded by ComfyUI (with --prompts or --images), or reference-format "
@@ -52,50 +44,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="digits", choices=["digits"], help="training data (default: scikit-learn digits, train split)")
     p.add_argument("--name", default=None, help="output name (default: reference_digits, or reference_digits_no_trajectory)")
     p.add_argument("--out", type=Path, default=None, help="output .safetensors (default: models/dot_models/<name>.safetensors)")
-    p.add_argument("--m", type=int, default=d.m, help="light down/up-sampling blocks; the backbone runs at 1/2^m per side")
-    p.add_argument("--widths", type=_csv(int), default=None, help="light block widths, one per level (default: from the backbone)")
-    p.add_argument("--lora-rank", type=int, default=d.lora_rank)
-    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
-    p.add_argument("--lora-targets", type=_csv(str), default=DEFAULT_TARGETS, help="comma-separated module names")
-    p.add_argument("--no-trajectory", action="store_true", help="ablation: the Dot does not see x_s, z_s, t_s (paper Table 4)")
-    p.add_argument("--step-input", default=d.step_input, choices=("deviation", "x_s"),
-                   help="how the Dot sees the sampler's step since the anchor: the part of it that the anchor's own "
-                        "estimate does not explain (default; carries the CFG scale and ancestral noise) or x_s itself "
-                        "(the paper)")
-    p.add_argument("--stem", default=d.stem, choices=("pixel_shuffle", "full_res"),
-                   help="first light level: pixel-unshuffle to 1/2 resolution (default, cheaper) or a block at full resolution (the paper)")
-    p.add_argument("--base", default=None, choices=("anchor", "extrapolate"),
-                   help="what the Dot's residual is added to: extrapolate (default: the line in t through the last two "
-                        "Dash estimates; one more Dash pass per training tuple) or anchor (the paper: the last Dash "
-                        "estimate; the default with --no-trajectory)")
-    p.add_argument("--eta-scale", default=d.eta_scale, choices=("sigma_step", "none"),
-                   help="scale the Dot's correction by the relative sigma step (default) or not (the paper)")
-    p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--batch-size", type=int, default=d.batch_size,
-                   help="samples per micro-batch (per process under torchrun); each is a cond + uncond pair")
-    p.add_argument("--grad-accum", type=int, default=d.grad_accum, metavar="K",
-                   help="micro-batches per optimizer step (default 1): the step's batch is batch-size x K (x processes), "
-                        "for the memory of one micro-batch; --steps and --checkpoint-every count optimizer steps")
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--jump-min", type=int, default=d.jump_min, help="shortest jump t_s -> t_i in timesteps")
-    p.add_argument("--jump-max", type=int, default=d.jump_max, help="longest jump t_s -> t_i in timesteps")
-    p.add_argument("--cfg-min", type=float, default=None,
-                   help=f"lowest CFG scale that forms x_i, drawn uniformly per sample (default: {d.cfg_min:g} for the "
-                        "reference model, the low end of --trajectory-cfg for a checkpoint)")
-    p.add_argument("--cfg-max", type=float, default=None,
-                   help=f"highest CFG scale that forms x_i; cover the scales you sample with (default: {d.cfg_max:g} for "
-                        "the reference model, the high end of --trajectory-cfg for a checkpoint)")
-    p.add_argument("--sampler", default=d.sampler, choices=JUMP_SAMPLERS, help="the step that forms x_i from (x_s, z_s): euler (= DDIM), euler_ancestral, dpmpp_2m (Euler plus the "
-                        "solver's second-order correction; one more Dash pass per tuple, ~35%% slower), or mixed (half each)")
-    p.add_argument("--loss-weight", default=d.loss_weight, choices=LOSS_WEIGHTS,
-                   help="step (default): weight each tuple by its sigma step, as the sampler update does; none: plain MSE as in the "
-                        "paper; relative: each tuple's error over reusing its anchor's, so short jumps count as much as long ones")
-    p.add_argument("--loss-on", default=d.loss_on, choices=("guided", "branches"),
-                   help="guided (default): also the error of the CFG-guided estimate the sampler uses; branches: per-branch MSE (the paper)")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    add_config_arguments(p)  # every option of the Dot, its tuples, its loss and the loop, from DotTrainConfig's fields
     p.add_argument("--resume", action="store_true", help="continue from runs/<name>/train-state.safetensors")
-    p.add_argument("--runs", type=Path, default=ROOT / "runs",
+    p.add_argument("--runs", type=Path, default=RUNS_DIR,
                    help="folder of the run folders (checkpoints, cached latents and text embeddings; default: runs/ in the pack)")
     p.add_argument("--n-batch", type=int, default=None,
                    help="batch on which N (Dot speed-up) is measured (default: 512 for the reference model, 2 = one CFG pair for a checkpoint)")
@@ -120,57 +71,28 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     on_checkpoint = comfy_cli.wants_comfy(args)  # a ComfyUI checkpoint rather than the reference Dash
-    if on_checkpoint:
-        name = args.name or f"dot_{Path(args.checkpoint or 'checkpoint').stem}" + ("_no_trajectory" if args.no_trajectory else "")
-    else:
-        name = args.name or ("reference_digits_no_trajectory" if args.no_trajectory else "reference_digits")
+    # a checkpoint's Dot is trained at the guidance its own trajectories are sampled with
+    cfg_range = dict(zip(("cfg_min", "cfg_max"), args.trajectory_cfg)) if on_checkpoint else {}
+    try:
+        cfg = config_from_args(args, **cfg_range)
+    except ValueError as exc:  # an empty jump or CFG range, a batch or step count below 1, a base the Dot cannot have
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    ablation = "" if cfg.dot.trajectory else "_no_trajectory"
+    stem = f"dot_{Path(args.checkpoint or 'checkpoint').stem}" if on_checkpoint else "reference_digits"
+    name = args.name or stem + ablation
     n_batch = args.n_batch or (2 if on_checkpoint else 512)
-    out = args.out or (comfy_cli.default_dot_dir(args.comfyui) if on_checkpoint else DEFAULT_DOT_DIR) / f"{name}.safetensors"
+    out = args.out or (default_dot_dir(args.comfyui) if on_checkpoint else DOT_DIR) / f"{name}.safetensors"
     if out.suffix != ".safetensors":
         print(f"error: --out must end in .safetensors (got {out})", file=sys.stderr)
         return 2
     state_path = args.runs / name / "train-state.safetensors"
-    # a checkpoint's Dot is trained at the guidance its own trajectories are sampled with
-    cfg_lo, cfg_hi = args.trajectory_cfg if on_checkpoint else (DotTrainConfig.cfg_min, DotTrainConfig.cfg_max)
-    try:
-        cfg = train_config(args, cfg_lo if args.cfg_min is None else args.cfg_min, cfg_hi if args.cfg_max is None else args.cfg_max)
-    except ValueError as exc:  # an empty jump or CFG range, a batch or step count below 1
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     try:
         rt = runtimes.resolve(args.device, args.precision, args.grad_checkpointing, local_rank=distributed.local_rank())
     except ValueError as exc:  # no CUDA for --device cuda, fp16 on the CPU, bf16 on a GPU without it
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return run(args, cfg, rt, on_checkpoint, name, n_batch, out, state_path)
-
-
-def train_config(args, cfg_min: float, cfg_max: float) -> DotTrainConfig:
-    return DotTrainConfig(
-        m=args.m,
-        widths=args.widths,
-        lora_rank=args.lora_rank,
-        lora_alpha=args.lora_alpha,
-        lora_targets=tuple(args.lora_targets),
-        trajectory=not args.no_trajectory,
-        step_input=args.step_input,
-        stem=args.stem,
-        eta_scale=args.eta_scale,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        grad_accum=args.grad_accum,
-        lr=args.lr,
-        jump_min=args.jump_min,
-        jump_max=args.jump_max,
-        cfg_min=cfg_min,
-        cfg_max=cfg_max,
-        sampler=args.sampler,
-        base=args.base or ("anchor" if args.no_trajectory else DotTrainConfig.base),
-        loss_weight=args.loss_weight,
-        loss_on=args.loss_on,
-        seed=args.seed,
-        checkpoint_every=args.checkpoint_every,
-    )
 
 
 def run(args, cfg: DotTrainConfig, rt, on_checkpoint: bool, name: str, n_batch: int, out: Path, state_path: Path) -> int:
@@ -181,7 +103,7 @@ def run(args, cfg: DotTrainConfig, rt, on_checkpoint: bool, name: str, n_batch: 
     try:
         setup = (comfy_cli.setup_from_args(args, state_path.parent, device=str(rt.device)) if on_checkpoint
                  else reference_setup(args.checkpoint, rt.device))
-    except (comfy_cli.ComfyUINotFound, FileNotFoundError, ValueError) as exc:
+    except (ComfyUINotFound, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         if dp:
             dp.close()
@@ -230,7 +152,7 @@ def run(args, cfg: DotTrainConfig, rt, on_checkpoint: bool, name: str, n_batch: 
         "final_loss": result.final_loss,
         "final_reuse_loss": result.final_reuse_loss,
         "data": f"prompts {args.prompts}" if args.prompts else f"images {args.images}" if args.images else args.data,
-        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(cfg).items()},
+        "config": cfg.flat(),
         "dot_params": dot_params,
         "dash_params": dash_params,
         "latency": speed,

@@ -25,13 +25,16 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from .classifier import (DEFAULT_CLASSIFIER_PATH, DEFAULT_CONFIG, DigitsClassifier, accuracy, batched,
+from .reference.classifier import (DEFAULT_CLASSIFIER_PATH, DEFAULT_CONFIG, DigitsClassifier, accuracy, batched,
                          frechet_distance, load_feature_classifier)
-from .digits_data import SPLIT_DESCRIPTION, load_digits_split
-from .reference_unet import (NULL_CLASS, ClassConditioner, ReferenceUNet, UNetConfig, sd_alphas_cumprod,
-                             sigmas_from_alphas_cumprod)
+from .reference.digits import SPLIT_DESCRIPTION, load_digits_split
+from morse_engine.parameterization import DiscreteSchedule
 
-DEFAULT_OUT_DIR = Path(__file__).resolve().parent.parent / "models" / "reference"
+from .evaluation.samplers import GuidedDenoiser, sample
+from .paths import REFERENCE_DIR
+from .reference.unet import NULL_CLASS, ClassConditioner, ReferenceUNet, UNetConfig, sd_alphas_cumprod
+
+DEFAULT_OUT_DIR = REFERENCE_DIR
 DASH_FILE, CLASSIFIER_FILE = "reference_dash.safetensors", "digits_classifier.safetensors"
 FORMAT_VERSION = 1
 
@@ -82,31 +85,20 @@ def cosine_lr(step: int, total: int, warmup: int) -> float:
 
 
 # --------------------------------------------------------------------------- sampling (quality check)
-def simple_sigmas(steps: int) -> torch.Tensor:
+def simple_sigmas(ms: DiscreteSchedule, steps: int) -> torch.Tensor:
     """ComfyUI's "simple" scheduler on the SD discrete sigmas: steps + 1 values ending in 0."""
-    sigmas = sigmas_from_alphas_cumprod(sd_alphas_cumprod())
-    ss = len(sigmas) / steps
-    return torch.cat([torch.stack([sigmas[-(1 + int(i * ss))] for i in range(steps)]), torch.zeros(1)])
+    ss = len(ms.sigmas) / steps
+    return torch.cat([torch.stack([ms.sigmas[-(1 + int(i * ss))] for i in range(steps)]), torch.zeros(1)])
 
 
 @torch.no_grad()
 def sample_euler_cfg(unet, conditioner, labels: torch.Tensor, steps: int = 50, cfg_scale: float = 2.5,
                      seed: int = 0) -> torch.Tensor:
     """Euler sampling as ComfyUI does it for an eps model (ModelSamplingDiscrete, CFG on denoised)."""
-    sigmas = simple_sigmas(steps)
-    log_sigmas = sigmas_from_alphas_cumprod(sd_alphas_cumprod()).log()
-    b = labels.shape[0]
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(b, unet.in_channels, 32, 32, generator=g) * (1 + sigmas[0] ** 2).sqrt()
-    ctx = conditioner(torch.cat([labels, torch.full_like(labels, NULL_CLASS)]))
-    for i in range(steps):
-        sigma = sigmas[i]
-        t = (sigma.log() - log_sigmas).abs().argmin().float().expand(2 * b)
-        x_in = torch.cat([x, x]) / (sigma ** 2 + 1).sqrt()
-        eps_c, eps_u = unet(x_in, t, ctx).chunk(2)
-        denoised = x - sigma * (eps_u + cfg_scale * (eps_c - eps_u))
-        x = x + (x - denoised) / sigma * (sigmas[i + 1] - sigma)
-    return x
+    ms = DiscreteSchedule.from_alphas_cumprod(sd_alphas_cumprod())
+    noise = torch.randn(labels.shape[0], unet.in_channels, 32, 32, generator=torch.Generator().manual_seed(seed))
+    den = GuidedDenoiser(unet, ms, conditioner(labels), conditioner(torch.full_like(labels, NULL_CLASS)), cfg_scale)
+    return sample("euler", den, noise, simple_sigmas(ms, steps), ms)
 
 
 def quality_check(unet, conditioner, classifier, n_per_class=20, steps=50, cfg_scale=2.5, seed=0) -> dict:

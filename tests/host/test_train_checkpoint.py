@@ -148,8 +148,9 @@ def test_the_training_jump_is_comfyuis_cfg_euler_step_in_the_models_own_predicti
     """x_s -> x_i in training is what ComfyUI's euler step with CFG does (v turned into eps; SDXL's y passed)."""
     import comfy.sd
 
-    from training.comfy_setup import comfy_setup
-    from training.dot_trainer import DotTrainConfig, training_tuple
+    from training.host.comfy_setup import comfy_setup
+    from training.trainer.config import DotTrainConfig
+    from training.trainer.loop import training_tuple
 
     checkpoint = write_tiny_checkpoint(host, families, family, tmp_path / "tiny.safetensors", v_prediction=v_prediction)
     setup = comfy_setup(checkpoint, tmp_path / "run", prompts=write_prompts(tmp_path), resolution=RESOLUTION,
@@ -159,20 +160,20 @@ def test_the_training_jump_is_comfyuis_cfg_euler_step_in_the_models_own_predicti
     if family == "sdxl":
         assert setup.extra_kwargs(setup.null_condition(1))["y"].shape == (1, 32 + 6 * 256)
     gen = torch.Generator().manual_seed(3)
-    cfg = DotTrainConfig(cfg_min=3.0, cfg_max=3.0)
+    cfg = DotTrainConfig.of(cfg_min=3.0, cfg_max=3.0)
     x0, cond = next(setup.batches(2, gen))
     with torch.no_grad():
         batch = training_tuple(setup, x0, cond, cfg, gen)
 
     model = comfy.sd.load_checkpoint_guess_config(str(checkpoint))[0].model
     b = 2
-    sig_s, sig_i = batch["anchor_sigma"][:b], batch["sigma"][:b]
+    sig_s, sig_i = batch.anchor_sigma[:b], batch.sigma[:b]
     view = (b, 1, 1, 1)
-    x_s = batch["anchor_x"][:b] * (sig_s.view(view) ** 2 + 1) ** 0.5  # back from the backbone's scaled input
-    x_i = batch["x"][:b] * (sig_i.view(view) ** 2 + 1) ** 0.5
+    x_s = batch.anchor_x[:b] * (sig_s.view(view) ** 2 + 1) ** 0.5  # back from the backbone's scaled input
+    x_i = batch.x[:b] * (sig_i.view(view) ** 2 + 1) ** 0.5
     with torch.no_grad():
-        denoised = model.apply_model(torch.cat([x_s, x_s]), torch.cat([sig_s, sig_s]), c_crossattn=batch["context"],
-                                     **batch["backbone_kwargs"])
+        denoised = model.apply_model(torch.cat([x_s, x_s]), torch.cat([sig_s, sig_s]), c_crossattn=batch.context,
+                                     **batch.backbone_kwargs)
     c, u = denoised.chunk(2)
     guided = u + 3.0 * (c - u)  # ComfyUI's cfg_function
     expected = x_s + (x_s - guided) / sig_s.view(view) * (sig_i - sig_s).view(view)  # k-diffusion's euler step
@@ -185,7 +186,7 @@ def test_data_free_anchors_are_where_comfyuis_ksampler_gets_to(host, families, t
     import comfy.sample
     import comfy.sd
 
-    from training.comfy_setup import comfy_setup, read_prompts
+    from training.host.comfy_setup import comfy_setup, read_prompts
 
     checkpoint = write_tiny_checkpoint(host, families, "sdxl", tmp_path / "tiny.safetensors")
     prompts = write_prompts(tmp_path)

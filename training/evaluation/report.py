@@ -307,10 +307,10 @@ def rebuild(report: dict) -> dict:
 
 
 def main(argv=None) -> int:
-    """Re-derive the table and plot of an ``evaluation.json``: ``python -m training.evaluation_report PATH``."""
+    """Re-derive the table and plot of an ``evaluation.json``: ``python -m training.evaluation.report PATH``."""
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m training.evaluation_report", description=main.__doc__)
+    p = argparse.ArgumentParser(prog="python -m training.evaluation.report", description=main.__doc__)
     p.add_argument("report", type=Path, help="an evaluation.json written by python -m training.evaluate")
     p.add_argument("--out-dir", type=Path, default=None, help="write evaluation.json/.png here (default: print only)")
     args = p.parse_args(argv)

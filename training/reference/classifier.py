@@ -1,6 +1,6 @@
 """Feature classifier for the reference digits, and the Frechet distance built on it.
 
-A small CNN trained once on the train split of :mod:`training.digits_data` and committed as
+A small CNN trained once on the train split of :mod:`training.reference.digits` and committed as
 ``models/reference/digits_classifier.safetensors``. Its penultimate layer (``features``,
 64-d, taken before the ReLU so that it is closer to Gaussian) plays the role Inception-v3's
 pool features play in FID: quality = Frechet distance between features of generated samples
@@ -16,9 +16,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..paths import REFERENCE_DIR
 from .weights_file import read_weights_with_config
 
-DEFAULT_CLASSIFIER_PATH = Path(__file__).resolve().parent.parent / "models" / "reference" / "digits_classifier.safetensors"
+DEFAULT_CLASSIFIER_PATH = REFERENCE_DIR / "digits_classifier.safetensors"
 DEFAULT_CONFIG = {"in_channels": 1, "widths": [16, 32, 64], "feature_dim": 64, "num_classes": 10, "dropout": 0.3}
 
 
@@ -121,7 +122,7 @@ def frechet_distance(feats_a, feats_b) -> float:
 
 def real_data_fd_floor(classifier: DigitsClassifier | None = None) -> float:
     """FD between the classifier features of the train split and of the test split (a floor reference)."""
-    from .digits_data import load_digits_split
+    from .digits import load_digits_split
 
     model = classifier if classifier is not None else load_feature_classifier()[0]
     device = next(model.parameters()).device

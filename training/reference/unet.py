@@ -26,9 +26,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..paths import REFERENCE_DIR
+
 NULL_CLASS = 10  # label of the unconditional ("empty prompt") context used for CFG
 NUM_CLASSES = 10
-DEFAULT_DASH_PATH = Path(__file__).resolve().parent.parent / "models" / "reference" / "reference_dash.safetensors"
+DEFAULT_DASH_PATH = REFERENCE_DIR / "reference_dash.safetensors"
 
 
 # --------------------------------------------------------------------------- schedule
@@ -37,11 +39,6 @@ def sd_alphas_cumprod(num_timesteps: int = 1000, linear_start: float = 0.00085,
     """SD's "scaled_linear" schedule, computed in float64 as ComfyUI does; returns float64 [1000]."""
     betas = torch.linspace(linear_start ** 0.5, linear_end ** 0.5, num_timesteps, dtype=torch.float64) ** 2
     return torch.cumprod(1.0 - betas, dim=0)
-
-
-def sigmas_from_alphas_cumprod(alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """sigma_t = sqrt((1 - abar_t) / abar_t), float32, as ComfyUI's ``ModelSamplingDiscrete.sigmas``."""
-    return (((1 - alphas_cumprod) / alphas_cumprod) ** 0.5).float()
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: int = 10000) -> torch.Tensor:

@@ -16,13 +16,13 @@ from torch import nn
 
 from morse_engine import BackboneFingerprint, fingerprint_module
 
-from .sampling import DiscreteEpsSampling
+from morse_engine.parameterization import DiscreteSchedule
 
 
 @dataclass
 class DashSetup:
     unet: nn.Module
-    sampling: DiscreteEpsSampling
+    sampling: DiscreteSchedule
     encode: Callable[[torch.Tensor], torch.Tensor]  # conditions [B] -> context [B, T, D]
     null_condition: Callable[[int], torch.Tensor]  # batch size -> conditions of the empty prompt
     batches: Callable[[int, torch.Generator], Iterator[tuple[torch.Tensor, torch.Tensor]]]  # (latents, conditions)
@@ -55,8 +55,8 @@ def reference_setup(path=None, device="cpu") -> DashSetup:
 
     ``device``: where the UNet and the label embedding live; the data stay on the CPU, where
     the trainer draws every batch (so the data do not depend on the device)."""
-    from .digits_data import load_digits_split
-    from .reference_unet import NULL_CLASS, load_reference_dash, sd_alphas_cumprod
+    from ..reference.digits import load_digits_split
+    from ..reference.unet import NULL_CLASS, load_reference_dash, sd_alphas_cumprod
 
     unet, conditioner, _ = load_reference_dash(path, device)
     images, labels = load_digits_split("train")
@@ -69,7 +69,7 @@ def reference_setup(path=None, device="cpu") -> DashSetup:
 
     return DashSetup(
         unet=unet,
-        sampling=DiscreteEpsSampling(sd_alphas_cumprod()),
+        sampling=DiscreteSchedule.from_alphas_cumprod(sd_alphas_cumprod()),
         encode=lambda cond: conditioner(cond),
         null_condition=lambda b: torch.full((b,), NULL_CLASS, dtype=torch.long),
         batches=batches,

@@ -1,0 +1,96 @@
+"""The model's parameterisation, written once: what the backbone sees and what its output means.
+
+ComfyUI (and k-diffusion) sample in sigma space: the sampler holds x = x0 + sigma * noise, the
+backbone sees the scaled input x / sqrt(sigma^2 + 1) and the nearest discrete timestep, and
+returns eps or v ("native" prediction), from which denoised = x - sigma * eps. Classifier-free
+guidance mixes the cond and uncond estimates as u + w (c - u). Every other module of the pack
+that needs one of these formulas calls it from here.
+"""
+from __future__ import annotations
+
+import torch
+
+PREDICTIONS = ("eps", "v")
+
+
+def scale_input(x, sigma):
+    """What the backbone sees of the sampler's x at ``sigma`` (ComfyUI's ``calculate_input``)."""
+    return x / (sigma**2 + 1) ** 0.5
+
+
+def unscale_input(x_scaled, sigma):
+    """The sampler's x from the backbone's scaled input (the inverse of :func:`scale_input`)."""
+    return x_scaled * (sigma**2 + 1) ** 0.5
+
+
+def denoised_from_eps(x, sigma, eps):
+    """The clean estimate implied by an eps estimate at (x, sigma)."""
+    return x - sigma * eps
+
+
+def to_eps(x_scaled, sigma, z, prediction: str):
+    """The eps implied by a native estimate ``z`` at the scaled input ``x_scaled``.
+
+    V_PREDICTION's denoised implies eps = (x_scaled * sigma + v) / sqrt(sigma^2 + 1). The map is
+    affine in ``z``, so guiding v and then converting equals guiding eps.
+    """
+    if prediction == "eps":
+        return z
+    if prediction == "v":
+        return (x_scaled * sigma + z) / (sigma**2 + 1) ** 0.5
+    raise ValueError(f"prediction {prediction!r} is not one of {PREDICTIONS}; the pack supports eps and v models")
+
+
+def guidance(cond, uncond, scale):
+    """Classifier-free guidance: u + w (c - u), what the sampler steps with."""
+    return uncond + scale * (cond - uncond)
+
+
+def cfg_combine(z: torch.Tensor, scale) -> torch.Tensor:
+    """:func:`guidance` of a batch laid out as [cond half, uncond half] (how CFG batches reach the model)."""
+    cond, uncond = z.chunk(2)
+    return guidance(cond, uncond, scale)
+
+
+class DiscreteSchedule:
+    """ComfyUI's ``ModelSamplingDiscrete``: the sigma of each of a discrete model's timesteps.
+
+    ``sigmas[t]`` for t = 0..T-1 ascend; :meth:`timestep` is the nearest discrete timestep of a
+    sigma in log space (as ComfyUI feeds the model), :meth:`sigma` interpolates back.
+    """
+
+    def __init__(self, sigmas: torch.Tensor, prediction: str = "eps"):
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"prediction {prediction!r} is not one of {PREDICTIONS}")
+        self.sigmas = sigmas.detach().float().cpu()
+        self.log_sigmas = self.sigmas.log()
+        self.prediction = prediction
+
+    @classmethod
+    def from_alphas_cumprod(cls, alphas_cumprod: torch.Tensor, prediction: str = "eps") -> "DiscreteSchedule":
+        return cls((((1 - alphas_cumprod) / alphas_cumprod) ** 0.5).float(), prediction)
+
+    @property
+    def sigma_min(self) -> float:
+        return float(self.sigmas[0])
+
+    @property
+    def sigma_max(self) -> float:
+        return float(self.sigmas[-1])
+
+    def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
+        """Nearest discrete timestep of ``sigma`` (as ComfyUI does)."""
+        sigma = torch.as_tensor(sigma, dtype=torch.float32)
+        dists = sigma.log().reshape(-1)[None] - self.log_sigmas[:, None]
+        return dists.abs().argmin(dim=0).float().reshape(sigma.shape)
+
+    def sigma(self, timestep: torch.Tensor) -> torch.Tensor:
+        t = torch.as_tensor(timestep, dtype=torch.float32).clamp(0, len(self.sigmas) - 1)
+        low = t.floor().long()
+        high = t.ceil().long()
+        w = t.frac()
+        return ((1 - w) * self.log_sigmas[low] + w * self.log_sigmas[high]).exp()
+
+    def initial_latent(self, noise, sigma_max):
+        # ComfyUI scales pure noise by sqrt(1 + sigma^2) when sampling from the top of the schedule
+        return noise * (1 + sigma_max**2) ** 0.5

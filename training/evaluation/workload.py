@@ -1,0 +1,199 @@
+"""The evaluation's workload and its sampling runs: plain, and routed through Morse with a fill.
+
+Every run of an evaluation shares one :class:`Workload`: the Dash, its schedule, the noise, the
+conditions and CFG, so runs differ only in how the steps are spent. Latency in LSD is counted
+from the model calls each run actually made.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from morse_engine import MorseRouter, Pattern, load_dot, plan_budget
+from morse_engine.parameterization import DiscreteSchedule
+
+from ..paths import DOT_DIR
+from .samplers import GuidedDenoiser, normal_sigmas, sample
+
+DEFAULT_DOT = DOT_DIR / "reference_digits.safetensors"
+DEFAULT_ABLATION_DOT = DOT_DIR / "reference_digits_no_trajectory.safetensors"
+# Training-free fills cost ~nothing: plan them as (almost) free. 1e12 rather than 1e9 because
+# plan_budget's 1e-9 LSD tolerance would let 1e9 lose a Dash step (budget 4 -> 3 Dash + 3 fills).
+TRAINING_FREE_N = 1e12
+CALLS_PER_STEP = {"heun": 2}  # model calls per step; everything else in evaluation.samplers makes one
+
+
+@dataclass
+class Workload:
+    """What every run shares: the Dash, its schedule, the noise, the conditions, CFG."""
+
+    unet: torch.nn.Module
+    ms: DiscreteSchedule
+    noise: torch.Tensor  # [S, C, H, W]
+    cond: torch.Tensor  # context [S, T, D]
+    uncond: torch.Tensor  # context [S, T, D]
+    cfg: float
+    chunk: int
+    seed: int
+    sync: Optional[Callable] = None
+
+    def chunks(self):
+        for i in range(0, self.noise.shape[0], self.chunk):
+            yield slice(i, i + self.chunk)
+
+    @property
+    def n_chunks(self) -> int:
+        return math.ceil(self.noise.shape[0] / self.chunk)
+
+    def subset(self, n: int) -> "Workload":
+        """The first n samples (same noise and labels), e.g. for the trajectory reference."""
+        n = min(n, self.noise.shape[0])
+        return Workload(self.unet, self.ms, self.noise[:n], self.cond[:n], self.uncond[:n], self.cfg,
+                        min(self.chunk, n), self.seed, self.sync)
+
+    def generator(self) -> torch.Generator:
+        """The stochastic samplers' generator: the same seed in every run."""
+        return torch.Generator(device=self.noise.device).manual_seed(self.seed + 1)
+
+
+class CountingDash:
+    """The backbone, counting its calls (plain runs: latency in LSD = calls per sample)."""
+
+    def __init__(self, unet):
+        self.unet, self.calls = unet, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.unet(*args, **kwargs)
+
+
+@torch.no_grad()
+def run_plain(sampler: str, work: Workload, steps: int, noise: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict]:
+    noise = work.noise if noise is None else noise
+    sigmas = normal_sigmas(work.ms, steps)
+    dash = CountingDash(work.unet)
+    gen = work.generator()
+    out = []
+    start = time.perf_counter()
+    for sl in work.chunks():
+        den = GuidedDenoiser(dash, work.ms, work.cond[sl], work.uncond[sl], work.cfg)
+        out.append(sample(sampler, den, noise[sl], sigmas, work.ms, gen))
+    seconds = time.perf_counter() - start
+    return torch.cat(out), {"steps": steps, "lsd": dash.calls / work.n_chunks, "seconds": seconds}
+
+
+@torch.no_grad()
+def run_morse(sampler: str, work: Workload, budget: float, pattern: str, filler, n_speed: float) -> tuple[torch.Tensor, dict]:
+    """One Morse run at an LSD budget; latency from the calls the router actually made."""
+    spec = Pattern(pattern)
+    cps = CALLS_PER_STEP.get(sampler, 1)
+    plan = plan_budget(max(1.0, budget / cps), n_speed, spec)
+    start = time.perf_counter()
+    x, totals = sample_routed(sampler, work, plan.steps, spec, filler)
+    seconds = time.perf_counter() - start
+    n = work.n_chunks
+    dash_per, dot_per = totals["dash_calls"] / n, totals["dot_calls"] / n
+    fill_cost = 0.0 if n_speed >= TRAINING_FREE_N else dot_per / n_speed
+    point = {
+        "budget": float(budget),
+        "lsd": dash_per + fill_cost,
+        "planned_lsd": plan.lsd * cps,
+        "steps": plan.steps,
+        "dash_steps": plan.schedule.dash_steps,
+        "dot_steps": plan.schedule.dot_steps,
+        "pattern": plan.schedule.pattern(),
+        "filler": filler.name,
+        "dash_calls_per_run": dash_per,
+        "fill_calls_per_run": dot_per,
+        "fallback_calls": totals["fallback_calls"],
+        "seconds": seconds,
+        "_timing": totals,
+    }
+    return x, point
+
+
+@torch.no_grad()
+def sample_routed(sampler: str, work: Workload, steps: int, spec, filler) -> tuple[torch.Tensor, dict]:
+    """Sample ``steps`` steps with every model call going through the Morse router under ``spec``;
+    returns the samples and the router's call counts and times summed over the chunks."""
+    sigmas = normal_sigmas(work.ms, steps)
+    router = MorseRouter(spec, filler, measure=True, sync=work.sync)
+    gen = work.generator()
+    out = []
+    totals = dict(dash_calls=0, dot_calls=0, fallback_calls=0, dash_seconds=0.0, dot_seconds=0.0)
+    for sl in work.chunks():
+        with router.run(sigmas) as run:
+            den = GuidedDenoiser(work.unet, work.ms, work.cond[sl], work.uncond[sl], work.cfg, run=run)
+            out.append(sample(sampler, den, work.noise[sl], sigmas, work.ms, gen))
+        s = router.last_summary
+        for k in totals:
+            totals[k] += getattr(s, k)
+    return torch.cat(out), totals
+
+
+def default_cfg(dash_meta: dict) -> float:
+    """The CFG scale the Dash file's own quality check used, else 2.5."""
+    check = dash_meta.get("quality_check")
+    if isinstance(check, dict) and isinstance(check.get("cfg_scale"), (int, float)):
+        return float(check["cfg_scale"])
+    return 2.5
+
+
+@dataclass
+class Models:
+    unet: torch.nn.Module
+    conditioner: torch.nn.Module
+    dash_meta: dict
+    dot: torch.nn.Module
+    dot_info: object
+    ablation: Optional[tuple] = None  # (DotModel, DotFileInfo) of the no-trajectory Dot
+    notes: list = field(default_factory=list)
+
+
+def load_models(dash_path=None, dot_path=None, ablation_path=None, device="cpu") -> Models:
+    """The Dash (default: the reference model), the Dot and, where ``ablation_path`` is given and exists, the
+    ablation Dot; MorseError for a Dot that does not fit."""
+    from ..reference.unet import load_reference_dash
+
+    unet, conditioner, dash_meta = load_reference_dash(dash_path, device=device)
+    dot_path = dot_path or DEFAULT_DOT
+    if not Path(dot_path).is_file():
+        raise FileNotFoundError(f"no Dot at {dot_path}; train one with `python -m training.train_dot` or pass --dot PATH")
+    dot, dot_info = load_dot(dot_path, unet, device=device)
+    models = Models(unet, conditioner, dash_meta, dot, dot_info)
+    if not dot_info.training:
+        models.notes.append(f"the Dot {dot_path} has no training summary: it is probably UNTRAINED (eta = 0, same as reuse)")
+    if ablation_path is None:
+        return models
+    abl_path = ablation_path
+    if not Path(abl_path).is_file():
+        models.notes.append(f"no ablation Dot at {abl_path} (train one with `python -m training.train_dot --no-trajectory`); "
+                            "ablation curve skipped")
+        print("note: " + models.notes[-1])
+        return models
+    models.ablation = load_dot(abl_path, unet, device=device)
+    if not models.ablation[1].training:
+        models.notes.append(f"the ablation Dot {abl_path} has no training summary: it is probably UNTRAINED")
+    if models.ablation[1].config.trajectory:
+        models.notes.append(f"ablation Dot {abl_path} uses trajectory inputs: it is not the Table 4 ablation")
+    return models
+
+
+def reference_workload(models: "Models", samples: int, chunk: int, cfg: float, seed: int, device) -> Workload:
+    """The reference model's workload: seeded noise, labels cycling 0..9, their contexts and the null class's."""
+    from ..reference.unet import NULL_CLASS, sd_alphas_cumprod
+
+    shape = tuple(models.dash_meta.get("image_size") or (models.unet.in_channels, 32, 32))
+    noise = torch.randn((samples, *shape), generator=torch.Generator().manual_seed(seed)).to(device)
+    labels = torch.arange(samples) % 10
+    with torch.no_grad():
+        cond = models.conditioner(labels.to(device))
+        uncond = models.conditioner(torch.full((samples,), NULL_CLASS, device=device))
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else None
+    return Workload(models.unet, DiscreteSchedule.from_alphas_cumprod(sd_alphas_cumprod()), noise, cond, uncond, cfg,
+                    min(chunk, samples), seed, sync)

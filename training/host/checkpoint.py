@@ -1,0 +1,172 @@
+"""A user's checkpoint loaded by ComfyUI's own loader, and what Dot training takes from it."""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .comfyui import find_comfyui, import_comfy
+from .data import TensorCache, load_image
+
+
+def prediction_of(model_sampling) -> str:
+    """"eps" or "v" for a discrete-time SD-style schedule; a clear refusal for anything else."""
+    import comfy.model_sampling as ms
+
+    kind = type(model_sampling)
+    discrete = isinstance(model_sampling, ms.ModelSamplingDiscrete) and kind.timestep is ms.ModelSamplingDiscrete.timestep
+    sigma_data = float(getattr(model_sampling, "sigma_data", 1.0))
+    if discrete and sigma_data == 1.0 and kind.calculate_input is ms.EPS.calculate_input:
+        if kind.calculate_denoised is ms.V_PREDICTION.calculate_denoised:
+            return "v"
+        if kind.calculate_denoised is ms.EPS.calculate_denoised:
+            return "eps"
+    raise ValueError(
+        f"this checkpoint samples with {kind.__name__}; Dot training supports discrete-time eps and v-prediction "
+        "models (SD1.x, SD2.x, SDXL and their fine-tunes). Use a checkpoint of one of those families"
+    )
+
+
+def checkpoint_id(path: Path) -> str:
+    """Cache key of a checkpoint file: its name, size and modification time (hashing GBs would cost minutes)."""
+    st = path.stat()
+    digest = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    return f"{path.stem}-{digest}"
+
+
+def common_length(contexts: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Contexts of different token lengths (prompts over 77 tokens) repeated to their lcm, as ComfyUI's CONDCrossAttn does."""
+    lengths = {c.shape[1] for c in contexts}
+    if len(lengths) == 1:
+        return contexts
+    lcm = math.lcm(*lengths)
+    return [c.repeat(1, lcm // c.shape[1], 1) for c in contexts]
+
+
+@dataclass
+class TrajectorySettings:
+    """How data-free anchors are made: ComfyUI sampler and scheduler, step counts and CFG drawn per batch."""
+
+    sampler: str = "euler"
+    scheduler: str = "normal"
+    steps: tuple[int, int] = (20, 30)
+    cfg: tuple[float, float] = (4.0, 8.0)
+
+
+class ComfyCheckpoint:
+    """A checkpoint loaded the way CheckpointLoaderSimple loads it, and what Dot training takes from it."""
+
+    def __init__(self, path: Path, comfyui: Optional[str] = None, device: str = "cpu"):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"--checkpoint {self.path} does not exist; give the path of a checkpoint file ComfyUI can load")
+        self.comfy_path = find_comfyui(comfyui)
+        comfy = import_comfy(self.comfy_path, device)
+        import folder_paths
+
+        self.comfy = comfy
+        self.device = torch.device(device)
+        try:
+            patcher, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(
+                str(self.path), output_vae=True, output_clip=True,
+                embedding_directory=folder_paths.get_folder_paths("embeddings"),
+                # Dot training keeps the frozen weights in float32: LoRA gradients in fp16 weights underflow
+                model_options={"dtype": torch.float32},
+            )
+        except Exception as exc:  # ComfyUI says RuntimeError for an undetected model, other errors for broken files
+            raise ValueError(
+                f"ComfyUI cannot load --checkpoint {self.path} ({str(exc).strip().splitlines()[0]}); give a checkpoint that "
+                "ComfyUI's Load Checkpoint node loads (a full SD1.x, SD2.x or SDXL checkpoint with its text encoder)"
+            ) from exc
+        if patcher is None:
+            raise ValueError(f"ComfyUI found no diffusion model in --checkpoint {self.path}; give a full checkpoint")
+        self.patcher, self.clip, self.vae = patcher, clip, vae
+        self.model = patcher.model  # comfy.model_base.BaseModel
+        self.unet = self.model.diffusion_model.to(self.device).float().eval().requires_grad_(False)
+        self.prediction = prediction_of(self.model.model_sampling)
+        self.family = type(self.model.model_config).__name__  # ComfyUI's detected family: SD15, SD20, SDXL, ...
+        self.latent_format = self.model.latent_format
+        self.latent_channels = int(self.latent_format.latent_channels)
+        if getattr(self.model, "concat_keys", ()) or int(getattr(self.unet, "in_channels", self.latent_channels)) != self.latent_channels:
+            raise ValueError(
+                f"{self.path.name} is an inpainting or image-conditioned model (its UNet takes {self.unet.in_channels} "
+                f"channels, the latent has {self.latent_channels}); Dot training supports text-to-image checkpoints"
+            )
+        self.id = checkpoint_id(self.path)
+
+    def default_resolution(self) -> int:
+        """The resolution the family was trained at (SDXL 1024, SD2.x-v 768, SD1.x 512)."""
+        import comfy.model_base
+
+        if isinstance(self.model, comfy.model_base.SDXL):
+            return 1024
+        return 768 if self.prediction == "v" else 512
+
+    def encode_text(self, prompts: list[str], cache: TensorCache) -> tuple[list[torch.Tensor], list[Optional[torch.Tensor]]]:
+        """CLIPTextEncode's (cond, pooled_output) for each prompt, from the cache where present."""
+        if self.clip is None:
+            raise ValueError(f"{self.path.name} holds no text encoder; use a full checkpoint (UNet, CLIP and VAE in one file)")
+        conds, pooled = [], []
+        for text in prompts:
+            k = _key(text)
+            cond = cache.get(f"cond.{k}")
+            if cond is None:
+                tokens = self.clip.tokenize(text)
+                out = self.clip.encode_from_tokens_scheduled(tokens, show_pbar=False)
+                cond, extra = out[0][0], out[0][1]
+                cache.put(f"cond.{k}", cond.float())
+                if extra.get("pooled_output") is not None:
+                    cache.put(f"pooled.{k}", extra["pooled_output"].float())
+                cond = cond.float()
+            conds.append(cond.float())
+            p = cache.get(f"pooled.{k}")
+            pooled.append(None if p is None else p.float())
+        return conds, pooled
+
+    def model_conds(self, cond: torch.Tensor, pooled: Optional[torch.Tensor], latent_shape, negative: bool) -> tuple[torch.Tensor, dict]:
+        """(context, extra kwargs) of one prompt as the diffusion model gets them at sampling time."""
+        import comfy.conds
+
+        c, h, w = latent_shape
+        params = {
+            "cross_attn": cond, "device": torch.device("cpu"), "noise": torch.zeros(1, c, h, w),
+            "width": w * 8, "height": h * 8, "prompt_type": "negative" if negative else "positive",
+        }
+        if pooled is not None:
+            params["pooled_output"] = pooled
+        out = self.model.extra_conds(**params)
+        context, kwargs = None, {}
+        for name, value in out.items():
+            if name == "c_crossattn":
+                context = value.cond
+            elif name == "c_concat" or isinstance(value, comfy.conds.CONDNoiseShape):
+                raise ValueError(
+                    f"{self.path.name} is an inpainting or image-conditioned model (it needs '{name}' at every step); "
+                    "Dot training supports text-to-image checkpoints"
+                )
+            elif isinstance(value, comfy.conds.CONDRegular):
+                kwargs[name] = value.cond
+            else:
+                raise ValueError(f"{self.path.name} needs the conditioning '{name}' ({type(value).__name__}), which Dot training does not build")
+        if context is None:
+            raise ValueError(f"{self.path.name} takes no cross-attention text context; Dot training supports text-conditioned UNets")
+        return context.float(), {k: v.float() for k, v in kwargs.items()}
+
+    def encode_images(self, images: list[Path], resolution: int, cache: TensorCache) -> torch.Tensor:
+        """VAE latents (ComfyUI's VAEEncode output) of the images, from the cache where present."""
+        if self.vae is None or getattr(self.vae, "first_stage_model", None) is None:
+            raise ValueError(f"{self.path.name} holds no VAE; use a checkpoint with its VAE to train from --images")
+        latents = []
+        for image in images:
+            st = image.stat()
+            k = _key(f"{image.resolve()}|{st.st_size}|{st.st_mtime_ns}|{resolution}")
+            latent = cache.get(f"latent.{k}")
+            if latent is None:
+                latent = self.vae.encode(load_image(image, resolution)).float()
+                cache.put(f"latent.{k}", latent)
+            latents.append(latent.float())
+        return torch.cat(latents)
