@@ -74,11 +74,11 @@ def main(argv=None) -> int:
     # a checkpoint's Dot is trained at the guidance its own trajectories are sampled with
     cfg_range = dict(zip(("cfg_min", "cfg_max"), args.trajectory_cfg)) if on_checkpoint else {}
     try:
-        cfg = config_from_args(args, **cfg_range)
+        config = config_from_args(args, **cfg_range)
     except ValueError as exc:  # an empty jump or CFG range, a batch or step count below 1, a base the Dot cannot have
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    ablation = "" if cfg.dot.trajectory else "_no_trajectory"
+    ablation = "" if config.dot.trajectory else "_no_trajectory"
     stem = f"dot_{Path(args.checkpoint or 'checkpoint').stem}" if on_checkpoint else "reference_digits"
     name = args.name or stem + ablation
     n_batch = args.n_batch or (2 if on_checkpoint else 512)
@@ -92,10 +92,10 @@ def main(argv=None) -> int:
     except ValueError as exc:  # no CUDA for --device cuda, fp16 on the CPU, bf16 on a GPU without it
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    return run(args, cfg, rt, on_checkpoint, name, n_batch, out, state_path)
+    return run(args, config, rt, on_checkpoint, name, n_batch, out, state_path)
 
 
-def run(args, cfg: DotTrainConfig, rt, on_checkpoint: bool, name: str, n_batch: int, out: Path, state_path: Path) -> int:
+def run(args, config: DotTrainConfig, rt, on_checkpoint: bool, name: str, n_batch: int, out: Path, state_path: Path) -> int:
     # Under torchrun / accelerate launch: join the group before any model is built, so each
     # rank's models land on its own GPU. None in a plain single-process run.
     dp = distributed.from_env(use_cuda=rt.device.type == "cuda")
@@ -109,13 +109,13 @@ def run(args, cfg: DotTrainConfig, rt, on_checkpoint: bool, name: str, n_batch: 
             dp.close()
         return 2
     if main_rank:
-        accum = f" x {cfg.grad_accum} accumulated" if cfg.grad_accum > 1 else ""
-        ranks = f" on {dp.world_size} processes (batch {cfg.batch_size}{accum} each)" if dp else ""
+        accum = f" x {config.grad_accum} accumulated" if config.grad_accum > 1 else ""
+        ranks = f" on {dp.world_size} processes (batch {config.batch_size}{accum} each)" if dp else ""
         print(f"Training a Dot for {setup.base_family} ({sum(p.numel() for p in setup.unet.parameters()) / 1e6:.2f}M params), "
-              f"{cfg.steps} steps of batch {cfg.batch_size}{accum if not dp else ''}{ranks} on {rt.describe()}; "
+              f"{config.steps} steps of batch {config.batch_size}{accum if not dp else ''}{ranks} on {rt.describe()}; "
               f"checkpoints in {state_path}")
     try:
-        result = train_dot(setup, cfg, state_path, resume=args.resume, parallel=dp, runtime=rt)
+        result = train_dot(setup, config, state_path, resume=args.resume, parallel=dp, runtime=rt)
     except TrainingDiverged as exc:
         if main_rank:
             print(f"error: {exc}", file=sys.stderr)
@@ -152,7 +152,7 @@ def run(args, cfg: DotTrainConfig, rt, on_checkpoint: bool, name: str, n_batch: 
         "final_loss": result.final_loss,
         "final_reuse_loss": result.final_reuse_loss,
         "data": f"prompts {args.prompts}" if args.prompts else f"images {args.images}" if args.images else args.data,
-        "config": cfg.flat(),
+        "config": config.flat(),
         "dot_params": dot_params,
         "dash_params": dash_params,
         "latency": speed,

@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 
 from .comfyui import find_comfyui, import_comfy
-from .data import TensorCache, load_image
+from .data import TensorCache, cache_key, load_image
 
 
 def prediction_of(model_sampling) -> str:
@@ -112,7 +112,7 @@ class ComfyCheckpoint:
             raise ValueError(f"{self.path.name} holds no text encoder; use a full checkpoint (UNet, CLIP and VAE in one file)")
         conds, pooled = [], []
         for text in prompts:
-            k = _key(text)
+            k = cache_key(text)
             cond = cache.get(f"cond.{k}")
             if cond is None:
                 tokens = self.clip.tokenize(text)
@@ -163,7 +163,7 @@ class ComfyCheckpoint:
         latents = []
         for image in images:
             st = image.stat()
-            k = _key(f"{image.resolve()}|{st.st_size}|{st.st_mtime_ns}|{resolution}")
+            k = cache_key(f"{image.resolve()}|{st.st_size}|{st.st_mtime_ns}|{resolution}")
             latent = cache.get(f"latent.{k}")
             if latent is None:
                 latent = self.vae.encode(load_image(image, resolution)).float()

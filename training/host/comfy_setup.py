@@ -30,7 +30,7 @@ from morse_engine.parameterization import DiscreteSchedule, guidance
 
 from ..trainer.dash_setup import DashSetup
 from .checkpoint import ComfyCheckpoint, TrajectorySettings, common_length
-from .comfyui import ComfyUINotFound, default_dot_dir, find_comfyui
+
 from .data import TensorCache, find_images, read_prompts
 
 

@@ -6,6 +6,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+import torch
+
 from ..paths import PACK_DIR
 
 

@@ -4,8 +4,7 @@ A small CNN trained once on the train split of :mod:`training.reference.digits` 
 ``models/reference/digits_classifier.safetensors``. Its penultimate layer (``features``,
 64-d, taken before the ReLU so that it is closer to Gaussian) plays the role Inception-v3's
 pool features play in FID: quality = Frechet distance between features of generated samples
-and of the held-out test split. :func:`real_data_fd_floor` gives the FD of the train split
-against the test split, the value a perfect generator of new digits would reach.
+and of the held-out test split.
 """
 from __future__ import annotations
 
@@ -118,13 +117,3 @@ def frechet_distance_from_stats(mu1, sigma1, mu2, sigma2) -> float:
 def frechet_distance(feats_a, feats_b) -> float:
     """Frechet distance between Gaussians fitted to two feature sets [N, D] and [M, D]."""
     return frechet_distance_from_stats(*feature_stats(feats_a), *feature_stats(feats_b))
-
-
-def real_data_fd_floor(classifier: DigitsClassifier | None = None) -> float:
-    """FD between the classifier features of the train split and of the test split (a floor reference)."""
-    from .digits import load_digits_split
-
-    model = classifier if classifier is not None else load_feature_classifier()[0]
-    device = next(model.parameters()).device
-    feats = [batched(model.features, load_digits_split(s)[0].to(device)) for s in ("train", "test")]
-    return frechet_distance(*feats)

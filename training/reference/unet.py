@@ -19,7 +19,7 @@ Weights are stored in safetensors with keys ``diffusion_model.<unet key>`` and
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch

@@ -57,18 +57,18 @@ def _runtime_of(setup: DashSetup, runtime: Optional[Runtime]) -> Runtime:
     return Runtime(next((p.device for p in setup.unet.parameters()), torch.device("cpu")))
 
 
-def training_tuple(setup: DashSetup, x0, cond, cfg: DotTrainConfig, gen: torch.Generator,
+def training_tuple(setup: DashSetup, x0, cond, config: DotTrainConfig, gen: torch.Generator,
                    runtime: Optional[Runtime] = None) -> TrainingTuple:
     """Algorithm 1's tuples for one micro-batch, on the runtime's device and under its autocast."""
     rt = _runtime_of(setup, runtime)
-    return make_training_tuple(setup, x0, cond, cfg.tuples, cfg.dot.base == "extrapolate", gen, rt.device, rt.autocast)
+    return make_training_tuple(setup, x0, cond, config.tuples, config.dot.base == "extrapolate", gen, rt.device, rt.autocast)
 
 
-def lr_at(step: int, cfg: DotTrainConfig) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+def lr_at(step: int, config: DotTrainConfig) -> float:
+    if step < config.warmup:
+        return config.lr * (step + 1) / config.warmup
+    progress = (step - config.warmup) / max(1, config.steps - config.warmup)
+    return config.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
 @dataclass
@@ -82,12 +82,12 @@ class TrainResult:
     summary: dict = field(default_factory=dict)
 
 
-def build_trainable(unet, cfg: DotTrainConfig, prediction: str = "eps") -> tuple[DotModel, list]:
+def build_trainable(unet, config: DotTrainConfig, prediction: str = "eps") -> tuple[DotModel, list]:
     """The untrained Dot on the backbone's device and the peft LoRA injected into ``unet`` (frozen
     otherwise), starting from the Dot's own LoRA; returns (dot, the LoRA parameters, in name order).
     The Dot is built on the CPU, then moved, so its start weights do not depend on the device."""
     dev = next(unet.parameters()).device
-    dot = DotModel.build(unet, cfg.dot.bound_to(unet, prediction)).to(dev)
+    dot = DotModel.build(unet, config.dot.bound_to(unet, prediction)).to(dev)
     inject_adapter_in_model(
         LoraConfig(r=dot.config.lora_rank, lora_alpha=dot.config.lora_alpha, target_modules=list(dot.config.lora_targets),
                    lora_dropout=0.0),
@@ -102,7 +102,7 @@ def build_trainable(unet, cfg: DotTrainConfig, prediction: str = "eps") -> tuple
     return dot, lora_params
 
 
-def accumulate_gradients(dot: DotModel, unet, batches: list[TrainingTuple], cfg: DotTrainConfig, runtime: Runtime,
+def accumulate_gradients(dot: DotModel, unet, batches: list[TrainingTuple], config: DotTrainConfig, runtime: Runtime,
                          scaler: Optional[torch.amp.GradScaler] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward and backward of the Dot on each micro-batch in turn, gradients summed into ``.grad``.
 
@@ -110,16 +110,16 @@ def accumulate_gradients(dot: DotModel, unet, batches: list[TrainingTuple], cfg:
     outputs, a few latents per sample) are all made first, so that each loss can be weighted by
     its share of the whole step. Returns the step's (loss, reuse loss), detached.
     """
-    shares = loss_shares(batches, cfg.loss.loss_weight)
+    shares = loss_shares(batches, config.loss.loss_weight)
     call = runtime.backbone_call(unet)
     total = reuse = None
     for i, batch in enumerate(batches):
         with runtime.autocast():
             pred = dot_prediction(dot, unet, batch, backbone_call=call, lora_hooks=False)
         # in float32: the Dot returns anchor_z + eta in anchor_z's dtype, and Dash's outputs are kept in float32
-        loss = dot_loss(pred, batch, cfg.loss)
+        loss = dot_loss(pred, batch, config.loss)
         # the training-free baseline, weighted like the loss so the two numbers compare
-        base = dot_loss(batch.anchor_z, batch, cfg.loss)
+        base = dot_loss(batch.anchor_z, batch, config.loss)
         if shares is not None:
             loss, base = loss * shares[i], base * shares[i]
         (scaler.scale(loss) if scaler is not None else loss).backward()
@@ -128,7 +128,7 @@ def accumulate_gradients(dot: DotModel, unet, batches: list[TrainingTuple], cfg:
     return total, reuse
 
 
-def estimate_memory(setup: DashSetup, dot: DotModel, unet, lora_params: list, trainable: list, cfg: DotTrainConfig,
+def estimate_memory(setup: DashSetup, dot: DotModel, unet, lora_params: list, trainable: list, config: DotTrainConfig,
                     runtime: Runtime) -> mem.MemoryEstimate:
     """The memory estimate of this run, from one forward/backward of the Dot on a single CFG pair
     of zeros (no random draws, no ``.grad`` left behind: the run itself is not touched)."""
@@ -155,12 +155,12 @@ def estimate_memory(setup: DashSetup, dot: DotModel, unet, lora_params: list, tr
     per_sample, how = mem.activation_bytes(loss, trainable, dev, no_grad_fns=[dash], exclude=weights)
     lora_ids = {id(p) for p in lora_params}
     return mem.estimate([p for p in unet.parameters() if id(p) not in lora_ids], dot.parameters(), lora_params,
-                        trainable, per_sample, cfg.batch_size, how)
+                        trainable, per_sample, config.batch_size, how)
 
 
 def train_dot(
     setup: DashSetup,
-    cfg: DotTrainConfig,
+    config: DotTrainConfig,
     state_path: Path,
     resume: bool = False,
     progress: bool = True,
@@ -170,27 +170,27 @@ def train_dot(
     """Train and return the Dot. The backbone in ``setup`` gets peft layers; reload it to sample.
 
     Under a launcher (``WORLD_SIZE`` > 1; see ``training/distributed.py``) each rank trains on
-    its own data stream with ``cfg.batch_size`` per rank, gradients are averaged across ranks
+    its own data stream with ``config.batch_size`` per rank, gradients are averaged across ranks
     and only rank 0 writes checkpoints; ``parallel`` passes a group the caller already joined.
 
     ``runtime`` (``training.trainer.runtime.resolve``): device, precision, gradient checkpointing; by
     default fp32 on the backbone's device. The backbone is moved to the runtime's device (a
     setup built for that device also keeps its conditioning tables there). Steps, checkpoints
-    and the learning-rate schedule count optimizer steps of ``cfg.grad_accum`` micro-batches.
+    and the learning-rate schedule count optimizer steps of ``config.grad_accum`` micro-batches.
     """
     runtime = _runtime_of(setup, runtime)
     dev = runtime.device
-    torch.manual_seed(cfg.seed)  # same on every rank: the same start weights
+    torch.manual_seed(config.seed)  # same on every rank: the same start weights
     dp = parallel
     own_group = False
     if dp is None and distributed.world_size() > 1:
         dp = distributed.from_env(use_cuda=dev.type == "cuda")
         own_group = True
     # Each rank draws its own data; rank 0's stream is the single-process run's.
-    gen = torch.Generator().manual_seed(dp.stream_seed(cfg.seed) if dp else cfg.seed)
+    gen = torch.Generator().manual_seed(dp.stream_seed(config.seed) if dp else config.seed)
     unet = setup.unet.requires_grad_(False).to(dev)
-    dot, lora_params = build_trainable(unet, cfg, setup.prediction)
-    optimizer = torch.optim.AdamW([{"params": dot.light_parameters()}, {"params": lora_params}], lr=cfg.lr, weight_decay=0.0)
+    dot, lora_params = build_trainable(unet, config, setup.prediction)
+    optimizer = torch.optim.AdamW([{"params": dot.light_parameters()}, {"params": lora_params}], lr=config.lr, weight_decay=0.0)
     scaler = runtime.grad_scaler()
 
     start = 0
@@ -206,7 +206,7 @@ def train_dot(
                 f"{world}; resume with as many (the data streams and the batch per step depend on it) or start a new run"
             )
         saved_cfg = extra.get("config", {})
-        mine = cfg.flat()
+        mine = config.flat()
         defaults = DotTrainConfig().flat()  # a field the checkpoint predates had its default then
         differs = [k for k in mine if k not in ("steps", "checkpoint_every") and saved_cfg.get(k, defaults[k]) != mine[k]]
         if differs:
@@ -228,21 +228,21 @@ def train_dot(
 
     quiet = not progress or (dp is not None and not dp.is_main)
     if not quiet:
-        print(estimate_memory(setup, dot, unet, lora_params, trainable, cfg, runtime).line(), flush=True)
-    batches = setup.batches(cfg.batch_size, gen)
+        print(estimate_memory(setup, dot, unet, lora_params, trainable, config, runtime).line(), flush=True)
+    batches = setup.batches(config.batch_size, gen)
     last_saved = start
     t0 = time.time()
     if not resume:
         loss_ema = reuse_ema = None
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train Dot", disable=quiet, dynamic_ncols=True)
+    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc="train Dot", disable=quiet, dynamic_ncols=True)
     for step in bar:
         micro = []
-        for _ in range(cfg.grad_accum):
+        for _ in range(config.grad_accum):
             x0, cond = next(batches)
             with torch.no_grad(), peft_adapters(unet, False):
-                micro.append(training_tuple(setup, x0, cond, cfg, gen, runtime))
+                micro.append(training_tuple(setup, x0, cond, config, gen, runtime))
         optimizer.zero_grad(set_to_none=True)
-        loss, reuse = accumulate_gradients(dot, unet, micro, cfg, runtime, scaler)
+        loss, reuse = accumulate_gradients(dot, unet, micro, config, runtime, scaler)
         del micro
         # data-parallel: the mean over ranks, so a NaN on one rank stops all of them at this step
         loss_value = dp.mean(loss) if dp else loss
@@ -250,10 +250,10 @@ def train_dot(
             hint = "" if runtime.precision == "fp32" else f" (or train with --precision fp32; this run uses {runtime.precision})"
             raise TrainingDiverged(
                 f"the loss became {loss_value.item()} at step {step + 1}; the last good checkpoint ({state_path}, step {last_saved}) "
-                f"is kept. Lower --lr (now {cfg.lr:g}){hint} and run again with --resume"
+                f"is kept. Lower --lr (now {config.lr:g}){hint} and run again with --resume"
             )
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg)
+            group["lr"] = lr_at(step, config)
         if dp:
             # once per optimizer step, on the accumulated (and, in fp16, still scaled) gradients: an
             # overflow on one rank then reaches every rank, and all skip the step together
@@ -272,9 +272,9 @@ def train_dot(
         bar.set_postfix(loss=f"{loss_ema:.4f}", reuse=f"{reuse_ema:.4f}")
         if (step + 1) % 50 == 0:
             history.append(round(loss_ema, 6))
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+        if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
             dot.lora.load_from_peft(unet)
-            extra = {"config": cfg.flat(), "history": history, "loss_ema": loss_ema, "reuse_ema": reuse_ema}
+            extra = {"config": config.flat(), "history": history, "loss_ema": loss_ema, "reuse_ema": reuse_ema}
             if dp:
                 extra["world_size"] = dp.world_size
             if scaler is not None:
@@ -294,7 +294,7 @@ def train_dot(
     seconds = time.time() - t0
     return TrainResult(
         dot=dot,
-        steps=cfg.steps,
+        steps=config.steps,
         final_loss=float(loss_ema if loss_ema is not None else float("nan")),
         final_reuse_loss=float(reuse_ema if reuse_ema is not None else float("nan")),
         seconds=seconds,
