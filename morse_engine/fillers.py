@@ -25,6 +25,7 @@ class Anchor:
     prev_z: Optional[torch.Tensor] = None  # the Dash estimate before it, for extrapolation
     prev_t: Optional[torch.Tensor] = None
     sigma: Optional[torch.Tensor] = None  # per entry; a Dot that reads the step since the anchor needs it
+    features: Optional[dict] = None  # block outputs of the anchor's Dash call, for fills that rerun Dash's blocks
 
 
 class Filler:
@@ -33,6 +34,14 @@ class Filler:
 
     name = "filler"
     free = True
+
+    def capture_modules(self) -> dict:
+        """Modules whose outputs the fill needs from each Dash call (captured by the router); none by default."""
+        return {}
+
+    def accepts(self, kwargs: dict) -> bool:
+        """False where this call's inputs are outside what the fill can serve (the router then runs Dash)."""
+        return True
 
     def __call__(self, backbone_call: Callable, x, t, anchor: Anchor, context, kwargs, sigma=None) -> torch.Tensor:
         raise NotImplementedError

@@ -22,6 +22,7 @@ from typing import Callable, Hashable, Optional, Sequence
 
 import torch
 
+from .feature_fills import captured
 from .fillers import Anchor, Filler, ReuseFiller
 from .schedules import DashSchedule, ScheduleSpec
 
@@ -86,6 +87,8 @@ class MorseRun:
         self.anchors: dict[Hashable, Anchor] = {}
         # All-Dash runs keep no anchors: nothing would read them.
         self.keep_anchors = not schedule.all_dash
+        # block outputs the filler needs from each Dash call (hooks exist only during those calls)
+        self.capture = filler.capture_modules() if self.keep_anchors else {}
         self.measure = measure
         self.sync = sync
         self.summary = RunSummary(steps=schedule.steps, schedule=schedule.pattern(), filler=filler.name, free_fill=filler.free)
@@ -106,6 +109,8 @@ class MorseRun:
         for key, chunk in zip(keys, chunks):
             anchor = self.anchors.get(key)
             if anchor is None or anchor.x.shape != chunk.shape or anchor.x.device != chunk.device:
+                return None
+            if self.capture and (anchor.features is None or set(anchor.features) != set(self.capture)):
                 return None
             found.append(anchor)
         return found
@@ -143,7 +148,7 @@ class MorseRun:
 
         if not self.schedule.is_dash(step):
             chunks = x.chunk(n_chunks) if n_chunks > 1 else (x,)
-            anchors = self._usable_anchors(keys, chunks)
+            anchors = self._usable_anchors(keys, chunks) if self.filler.accepts(kwargs) else None
             if anchors is not None:
                 anchor = _stack(anchors)
                 out, secs = self._timed(
@@ -155,20 +160,28 @@ class MorseRun:
                 return out
             s.fallback_calls += 1
 
-        out, secs = self._timed(lambda: dash(x, timestep, context=context, **kwargs))
+        features = None
+        if self.capture:
+            with captured(self.capture) as features:
+                out, secs = self._timed(lambda: dash(x, timestep, context=context, **kwargs))
+        else:
+            out, secs = self._timed(lambda: dash(x, timestep, context=context, **kwargs))
         s.dash_calls += 1
         s.dash_seconds += secs
         s.dash_steps.add(step)
         if self.keep_anchors:
-            self._store(keys, x, out, timestep, step, sigma)
+            self._store(keys, x, out, timestep, step, sigma, features)
         return out
 
-    def _store(self, keys, x, out, timestep, step, sigma):
+    def _store(self, keys, x, out, timestep, step, sigma, features=None):
         n = len(keys)
+        # each captured block output split like the batch (the Dash call's own tensors: never changed in place)
+        per_key = [dict(zip(features, parts)) for parts in zip(*(v.chunk(n) for v in features.values()))] \
+            if features else [None] * n
         t = timestep.reshape(-1)
         if t.numel() == 1:
             t = t.expand(x.shape[0])
-        for key, xc, zc, tc in zip(keys, x.chunk(n), out.chunk(n), t.chunk(n)):
+        for key, xc, zc, tc, fc in zip(keys, x.chunk(n), out.chunk(n), t.chunk(n), per_key):
             old = self.anchors.get(key)
             prev_z = prev_t = None
             if old is not None and old.z.shape == zc.shape:
@@ -183,6 +196,7 @@ class MorseRun:
                 prev_z=prev_z,
                 prev_t=prev_t,
                 sigma=torch.full((xc.shape[0],), float(sigma), dtype=torch.float32, device=xc.device),
+                features=fc,
             )
 
     def close(self):
@@ -201,6 +215,8 @@ def _stack(anchors: list[Anchor]) -> Anchor:
         prev_z=torch.cat([a.prev_z for a in anchors]) if prev_ok else None,
         prev_t=torch.cat([a.prev_t for a in anchors]) if prev_ok else None,
         sigma=torch.cat([a.sigma for a in anchors]) if all(a.sigma is not None for a in anchors) else None,
+        features={k: torch.cat([a.features[k] for a in anchors]) for k in anchors[0].features}
+        if all(a.features for a in anchors) else None,
     )
 
 

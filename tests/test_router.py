@@ -247,3 +247,26 @@ def test_dot_filler_hands_the_dot_the_estimate_before_the_anchor(backbone):
     reuse = MorseRouter(Pattern("D."), ReuseFiller())
     with torch.no_grad(), reuse.run(sigmas) as run:
         assert not torch.allclose(euler_sample(routed(run, backbone), x.clone(), sigmas), outs[0])
+
+
+def test_a_free_fill_logs_no_n_and_its_lsd_is_the_dash_steps(backbone):
+    router = MorseRouter(EveryK(2), ExtrapolateFiller())
+    sigmas = karras_sigmas(6)
+    with torch.no_grad(), router.run(sigmas) as run:
+        euler_sample(routed(run, backbone), torch.randn(1, 4, 8, 8), sigmas)
+    s = router.last_summary
+    line = s.log_line(n_speed=7.0)
+    assert s.measured_n is None and "extrapolate fill free" in line and " N " not in line
+    assert "3.00 LSD spent vs 6 for the plain sampler" in line
+
+
+def test_an_interrupted_run_logs_the_steps_it_ran(backbone):
+    router = MorseRouter(EveryK(2), ReuseFiller())
+    sigmas = karras_sigmas(8)
+    with pytest.raises(KeyboardInterrupt):
+        with torch.no_grad(), router.run(sigmas) as run:
+            for i, s in enumerate(sigmas[:3]):
+                run(backbone, torch.randn(1, 4, 8, 8), torch.ones(1) * i, float(s))
+            raise KeyboardInterrupt
+    line = router.last_summary.log_line()
+    assert "of the 3 run before it stopped (8 planned)" in line and "vs 3 for the plain sampler" in line

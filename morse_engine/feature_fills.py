@@ -1,0 +1,146 @@
+"""Fills that rerun part of Dash's own UNet and take the rest from the anchor's Dash call (training-free).
+
+* **Feature inheritance** (A-SDM's inheritance of block outputs across steps; DeepCache's shallow branch):
+  a non-Dash step runs the first k input blocks and the last k output blocks on the current input and
+  time, and inherits the deep feature map that enters those output blocks from the anchor's Dash call.
+* **Encoder propagation** (Faster Diffusion): a non-key step skips the encoder (the input blocks and the
+  middle block) and runs the decoder on the anchor's encoder features with the current time.
+
+What a fill needs from a Dash call is captured while that call runs, by forward hooks that keep a
+reference to a block's output (no copy, no arithmetic: the Dash call computes what it always did), and
+the router keeps it per batch entry with the anchor. A host describes its UNet's blocks through a
+:class:`UNetBlocks` adapter (the nodes adapt ComfyUI's ``UNetModel``; the reference UNet has its own),
+so the fills themselves hold no host code. At the anchor's own input and time both fills return
+Dash's estimate exactly, which is how the adapters are tested.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Protocol, Sequence
+
+import torch
+from torch import nn
+
+from .errors import MorseError
+from .fillers import Filler
+
+
+class UNetBlocks(Protocol):
+    """An SD-style UNet's blocks, as a fill runs them one at a time (input, middle and output blocks with
+    skips from input block i to output block L - 1 - i, then the head)."""
+
+    input_blocks: Sequence[nn.Module]
+    middle_block: nn.Module
+    output_blocks: Sequence[nn.Module]
+
+    def prepare(self, x: torch.Tensor, t: torch.Tensor, context, kwargs: dict):
+        """What every block call needs at (x, t): the time embedding, the context, the host's options."""
+
+    def input(self, i: int, h: torch.Tensor, state) -> torch.Tensor: ...
+
+    def middle(self, h: torch.Tensor, state) -> torch.Tensor: ...
+
+    def output(self, i: int, h: torch.Tensor, skip: torch.Tensor, state, output_shape) -> torch.Tensor: ...
+
+    def head(self, h: torch.Tensor, state, x: torch.Tensor) -> torch.Tensor: ...
+
+
+def check_layout(blocks: UNetBlocks, fill: str) -> int:
+    """The number of blocks per side; a one-sentence refusal for a backbone without that layout."""
+    try:
+        n_in, n_out = len(blocks.input_blocks), len(blocks.output_blocks)
+        blocks.middle_block  # noqa: B018
+    except (AttributeError, TypeError):
+        raise MorseError(f"the {fill} fill needs a UNet with input_blocks, middle_block and output_blocks "
+                         "(SD1.x, SD2.x, SDXL or the reference UNet); this backbone has another layout") from None
+    if n_in != n_out or n_in < 1:
+        raise MorseError(f"the {fill} fill needs as many input as output blocks (skip connections pair them); "
+                         f"this backbone has {n_in} and {n_out}")
+    return n_in
+
+
+@contextmanager
+def captured(modules: dict[str, nn.Module]):
+    """Collect the outputs of ``modules`` by name while the block runs (a reference, never a copy)."""
+    out: dict[str, torch.Tensor] = {}
+    handles = [m.register_forward_hook(lambda _m, _a, o, name=name: out.__setitem__(name, o))
+               for name, m in modules.items()]
+    try:
+        yield out
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class _FeatureFill(Filler):
+    free = False  # reruns Dash's own blocks: N measured
+
+    def __init__(self, blocks: UNetBlocks):
+        self.blocks = blocks
+        self.n_blocks = check_layout(blocks, self.name)
+
+    def accepts(self, kwargs: dict) -> bool:
+        # ControlNet residuals are added to the skips and the middle block's output; they are not cached
+        # with the features, so a call with a control input falls back to Dash
+        return kwargs.get("control") is None
+
+
+class FeatureInheritFiller(_FeatureFill):
+    """Reruns the outer k blocks per side at full resolution; inherits the deep feature from the anchor."""
+
+    name = "inherit"
+
+    def __init__(self, blocks: UNetBlocks, k: int = 1):
+        super().__init__(blocks)
+        if not 1 <= k <= self.n_blocks:
+            raise MorseError(f"feature inheritance k={k} must be between 1 and the {self.n_blocks} blocks per side")
+        self.k = k
+        self.name = f"inherit_k{k}"
+        self.deep = self.n_blocks - k - 1  # the output block whose output enters the last k; -1: the middle block
+
+    def capture_modules(self) -> dict[str, nn.Module]:
+        b = self.blocks
+        return {"deep": b.output_blocks[self.deep] if self.deep >= 0 else b.middle_block}
+
+    def __call__(self, backbone_call, x, t, anchor, context, kwargs, sigma=None):
+        b = self.blocks
+        with torch.no_grad():
+            state = b.prepare(x, t, context, kwargs)
+            hs, h = [], x
+            for i in range(self.k):
+                h = b.input(i, h, state)
+                hs.append(h)
+            h = anchor.features["deep"]
+            for j in range(self.n_blocks - self.k, self.n_blocks):
+                skip = hs.pop()
+                h = b.output(j, h, skip, state, hs[-1].shape if hs else None)
+            return b.head(h, state, x)
+
+
+class EncoderPropagationFiller(_FeatureFill):
+    """Skips the encoder: the decoder runs on the anchor's encoder features with the current time."""
+
+    name = "propagate"
+
+    def capture_modules(self) -> dict[str, nn.Module]:
+        b = self.blocks
+        return {**{f"in{i}": m for i, m in enumerate(b.input_blocks)}, "middle": b.middle_block}
+
+    def __call__(self, backbone_call, x, t, anchor, context, kwargs, sigma=None):
+        b = self.blocks
+        with torch.no_grad():
+            state = b.prepare(x, t, context, kwargs)
+            hs = [anchor.features[f"in{i}"] for i in range(self.n_blocks)]
+            h = anchor.features["middle"]
+            for j in range(self.n_blocks):
+                skip = hs.pop()
+                h = b.output(j, h, skip, state, hs[-1].shape if hs else None)
+            return b.head(h, state, x)
+
+
+#: Fills that rerun Dash's blocks, by the name a user picks them with; each takes the host's UNetBlocks.
+FEATURE_FILLS = {
+    "inherit_k1": lambda blocks: FeatureInheritFiller(blocks, k=1),
+    "inherit_k2": lambda blocks: FeatureInheritFiller(blocks, k=2),
+    "propagate": EncoderPropagationFiller,
+}

@@ -1,0 +1,132 @@
+"""Feature inheritance and encoder propagation on the reference UNet: exact at the anchor, captured by hooks
+that leave Dash unchanged, per batch entry, and refused or bypassed where they cannot serve."""
+import pytest
+import torch
+
+from morse_engine import EveryK, MorseError, MorseRouter, Pattern
+from morse_engine.feature_fills import EncoderPropagationFiller, FeatureInheritFiller, captured
+from training.reference.blocks import ReferenceBlocks
+from training.reference.unet import NULL_CLASS, load_reference_dash
+
+
+@pytest.fixture(scope="module")
+def dash():
+    torch.manual_seed(0)
+    unet, conditioner, _ = load_reference_dash()
+    return unet, conditioner
+
+
+def _inputs(conditioner, b=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, 1, 32, 32, generator=g)
+    t = torch.full((b,), 600.0)
+    return x, t, conditioner(torch.arange(b) % 10)
+
+
+def _fills(unet):
+    blocks = ReferenceBlocks(unet)
+    n = len(unet.input_blocks)
+    return [FeatureInheritFiller(blocks, k) for k in range(1, n + 1)] + [EncoderPropagationFiller(blocks)]
+
+
+def _anchor_of(fill, unet, x, t, context):
+    from morse_engine.fillers import Anchor
+
+    with torch.no_grad(), captured(fill.capture_modules()) as feats:
+        z = unet(x, t, context=context)
+    return z, Anchor(x=x, z=z, t=t, step=0, features=dict(feats))
+
+
+def test_at_the_anchor_every_fill_reproduces_dash_exactly(dash):
+    unet, conditioner = dash
+    x, t, context = _inputs(conditioner)
+    for fill in _fills(unet):
+        z, anchor = _anchor_of(fill, unet, x, t, context)
+        assert torch.equal(fill(unet, x, t, anchor, context, {}), z), fill.name
+
+
+def test_capturing_hooks_leave_the_dash_call_bit_identical_and_are_removed(dash):
+    unet, conditioner = dash
+    x, t, context = _inputs(conditioner)
+    fill = EncoderPropagationFiller(ReferenceBlocks(unet))
+    with torch.no_grad():
+        plain = unet(x, t, context=context)
+        with captured(fill.capture_modules()) as feats:
+            hooked = unet(x, t, context=context)
+    assert torch.equal(plain, hooked) and set(feats) == set(fill.capture_modules())
+    assert all(not m._forward_hooks for m in unet.modules())
+
+
+def test_away_from_the_anchor_a_fill_differs_from_reuse_and_from_dash(dash):
+    unet, conditioner = dash
+    x, t, context = _inputs(conditioner)
+    fill = FeatureInheritFiller(ReferenceBlocks(unet), k=2)
+    z, anchor = _anchor_of(fill, unet, x, t, context)
+    x2, t2 = x * 0.9, t - 40
+    with torch.no_grad():
+        filled, exact = fill(unet, x2, t2, anchor, context, {}), unet(x2, t2, context=context)
+    assert not torch.equal(filled, z) and not torch.equal(filled, exact)
+    assert (filled - exact).pow(2).mean() < (z - exact).pow(2).mean()  # closer to Dash than reusing the anchor
+
+
+def _euler(run, unet, cond, uncond, sigmas, keys_apart: bool):
+    """Euler with CFG through a Morse run; cond and uncond in one call or in two."""
+    from morse_engine.parameterization import cfg_combine, scale_input
+    from morse_engine.solver_steps import euler_step
+
+    x = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(3)) * float(sigmas[0])
+    for i in range(len(sigmas) - 1):
+        s = sigmas[i]
+        x_in, t = scale_input(x, s), torch.full((2,), 999.0 * float(i) / len(sigmas))
+        if keys_apart:
+            c = run(unet, x_in, t, float(s), keys=["c"], context=cond)
+            u = run(unet, x_in, t, float(s), keys=["u"], context=uncond)
+            eps = cfg_combine(torch.cat([c, u]), 2.5)
+        else:
+            out = run(unet, torch.cat([x_in, x_in]), torch.cat([t, t]), float(s), keys=["c", "u"],
+                      context=torch.cat([cond, uncond]))
+            eps = cfg_combine(out, 2.5)
+        x = euler_step(x, eps, s, sigmas[i + 1])
+    return x
+
+
+@pytest.mark.parametrize("make", [lambda b: FeatureInheritFiller(b, 2), EncoderPropagationFiller])
+def test_cond_and_uncond_in_one_call_or_apart_give_the_same_samples(dash, make):
+    unet, conditioner = dash
+    fill = make(ReferenceBlocks(unet))
+    cond, uncond = conditioner(torch.tensor([3, 7])), conditioner(torch.full((2,), NULL_CLASS))
+    sigmas = torch.linspace(10.0, 0.0, 7)
+    out = []
+    for apart in (False, True):
+        router = MorseRouter(Pattern("D."), fill)
+        with torch.no_grad(), router.run(sigmas) as run:
+            out.append(_euler(run, unet, cond, uncond, sigmas, apart))
+        s = router.last_summary
+        assert s.dot_calls > 0 and s.fallback_calls == 0
+    torch.testing.assert_close(out[0], out[1], rtol=1e-5, atol=1e-5)
+
+
+def test_a_control_input_falls_back_to_dash(dash):
+    unet, conditioner = dash
+    fill = FeatureInheritFiller(ReferenceBlocks(unet), 1)
+    router = MorseRouter(EveryK(2), fill)
+    x, t, context = _inputs(conditioner, b=1)
+    sigmas = torch.tensor([10.0, 5.0, 0.0])
+    with torch.no_grad(), router.run(sigmas) as run:
+        run(unet, x, t, 10.0, context=context)
+        run(unet, x, t - 50, 5.0, context=context, control={"middle": [None]})
+    assert (router.last_summary.dash_calls, router.last_summary.dot_calls) == (2, 0)
+
+
+def test_a_backbone_without_the_block_layout_is_refused_naming_the_fill():
+    class Flat(torch.nn.Module):
+        pass
+
+    with pytest.raises(MorseError, match="the inherit fill needs a UNet with input_blocks"):
+        FeatureInheritFiller(Flat(), 1)
+    with pytest.raises(MorseError, match="k=9"):
+        FeatureInheritFiller(ReferenceBlocks(load_reference_dash()[0]), 9)
+
+
+def test_a_feature_fill_is_priced_by_a_measured_n():
+    assert not FeatureInheritFiller.free and not EncoderPropagationFiller.free
