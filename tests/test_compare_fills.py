@@ -15,14 +15,18 @@ def test_gap_closed_is_the_share_of_the_reuse_to_dash_gap():
 def test_small_run_on_the_committed_dot_writes_measured_rows(tmp_path):
     torch.set_num_threads(1)
     out = tmp_path / "fills.json"
-    assert compare_fills.main(["--steps", "4,6", "--samples", "4", "--reference-steps", "12", "--json", str(out)]) == 0
-    rows = json.loads(out.read_text())["rows"]
+    assert compare_fills.main(["--steps", "4,6", "--samples", "4", "--reference-steps", "12", "--json", str(out),
+                               "--fills", "dot,inherit_k2,propagate"]) == 0
+    report = json.loads(out.read_text())
+    rows = report["rows"]
     assert [r["steps"] for r in rows] == [4, 6]
+    assert set(report["n"]) == {"dot", "inherit_k2", "propagate"} and all(v > 0 for v in report["n"].values())
     for r in rows:
-        assert r["dot_calls_per_run"] > 0  # the Dot really filled steps
-        assert r["dash_rmse"] > 0 and r["reuse_rmse"] > 0 and r["dot_rmse"] > 0
-        assert r["reuse_rmse"] != r["dot_rmse"]
-        assert r["gap_closed"] == pytest.approx(compare_fills.gap_closed(r["dash_rmse"], r["reuse_rmse"], r["dot_rmse"]))
+        assert r["dash_rmse"] > 0 and r["reuse_rmse"] > 0
+        for name, f in r["fills"].items():
+            assert f["fill_calls_per_run"] > 0  # the fill really served steps
+            assert f["rmse"] > 0 and f["rmse"] != r["reuse_rmse"]
+            assert f["gap_closed"] == pytest.approx(compare_fills.gap_closed(r["dash_rmse"], r["reuse_rmse"], f["rmse"]))
 
 
 def test_bad_step_counts_are_refused_by_name(capsys):

@@ -1,190 +1,150 @@
-"""The evaluation tool: report assembly on synthetic curves, and the quick run end to end.
+"""The evaluation: analysis and report on synthetic records, resuming from records, and the quick run end to end.
 
-The end-to-end test needs the committed reference Dash and classifier; when the trained
-Dot files are absent it builds and saves untrained ones, so it never skips for want of them.
+The end-to-end test needs the committed reference Dash and classifier; when the trained Dot files are
+absent it builds and saves untrained ones, so it never skips for want of them.
 """
 from __future__ import annotations
 
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from training.evaluation import report as rep
+from training.evaluation.analysis import Scorer, json_ready, sampler_analysis
+from training.evaluation.records import RecordStore, RunRecord
 
-PLAIN = [
-    {"lsd": 4.0, "steps": 4, "fd": 40.0, "rmse": 0.4},
-    {"lsd": 8.0, "steps": 8, "fd": 20.0, "rmse": 0.2},
-    {"lsd": 16.0, "steps": 16, "fd": 10.0, "rmse": 0.1},
-    {"lsd": 32.0, "steps": 32, "fd": 5.0, "rmse": 0.05},
-]
-MORSE = [
-    {"budget": 4.0, "lsd": 4.5, "steps": 8, "dash_steps": 4, "dot_steps": 4, "fd": 20.0, "rmse": 0.1},
-    {"budget": 8.0, "lsd": 9.0, "steps": 16, "dash_steps": 8, "dot_steps": 8, "fd": 7.5, "rmse": 0.15},
-    {"budget": 20.0, "lsd": 20.0, "steps": 36, "dash_steps": 18, "dot_steps": 18, "fd": 4.0, "rmse": 0.01},
-]
-REUSE = [
-    {"budget": 4.0, "lsd": 4.0, "steps": 8, "dash_steps": 4, "dot_steps": 4, "fd": 50.0, "rmse": 0.5},
-    {"budget": 8.0, "lsd": 8.0, "steps": 16, "dash_steps": 8, "dot_steps": 8, "fd": 30.0, "rmse": 0.3},
-    {"budget": 20.0, "lsd": 20.0, "steps": 40, "dash_steps": 20, "dot_steps": 20, "fd": 15.0, "rmse": 0.15},
-]
+D, N = 8, 400
 
 
-def synthetic_report():
-    curves = {"plain": PLAIN, "morse": MORSE, "training-free": REUSE}
-    samplers = {
-        "euler": rep.sampler_report("euler", curves, deterministic=True, fd_tolerance=0.5),
-        "euler_ancestral": rep.sampler_report(
-            "euler_ancestral", {k: [{kk: vv for kk, vv in p.items() if kk != "rmse"} for p in v] for k, v in curves.items()},
-            deterministic=False,
-        ),
-    }
-    return {"N": 6.0, "machine": {"cpu_count": 2}, "date": "2025-01-01T00:00:00", "fd_floor": 2.0, "samplers": samplers}
+def _feats(shift: float, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(N, D, generator=g) + shift
 
 
-def test_speedups_on_synthetic_curves_match_hand_computed_values():
-    r = synthetic_report()["samplers"]["euler"]
-    fd = [p["speedup"] for p in r["per_budget"]]
-    # FD 20 -> plain needs 8 LSD: 8 / 4.5; FD 7.5 -> halfway between 16 and 32: 24 / 9;
-    # FD 4 beats every plain point -> at least 32 / 20 (a lower bound)
-    assert fd == [pytest.approx(8 / 4.5), pytest.approx(24 / 9), pytest.approx(32 / 20)]
-    assert [p["bound"] for p in r["per_budget"]] == [None, None, "lower"]
-    assert r["average_speedup"] == pytest.approx((8 / 4.5 + 24 / 9 + 32 / 20) / 3)
-    assert r["average_speedup_interpolated"] == pytest.approx((8 / 4.5 + 24 / 9) / 2)
-    assert r["bounded_points"] == 1
-    assert [p["quality"] for p in r["per_budget"]] == [20.0, 7.5, 4.0]
-    assert [p["budget"] for p in r["per_budget"]] == [4.0, 8.0, 20.0]
-
-    te = r["trajectory_error"]
-    # RMSE 0.1 -> 16 LSD: 16 / 4.5; RMSE 0.15 -> between 8 (0.2) and 16 (0.1): 12 / 9; 0.01 -> >= 32 / 20
-    assert [p["speedup"] for p in te["per_budget"]] == [pytest.approx(16 / 4.5), pytest.approx(12 / 9), pytest.approx(1.6)]
-    assert te["average_speedup"] == pytest.approx((16 / 4.5 + 12 / 9 + 1.6) / 3)
-
-    reuse = r["other_curves"]["training-free"]["fd"]
-    # FD 50 is worse than every plain point -> at most 4 / 4 (an upper bound); FD 30 -> 6 LSD; FD 15 -> 12 LSD
-    assert [p["speedup"] for p in reuse["per_budget"]] == [pytest.approx(1.0), pytest.approx(6 / 8), pytest.approx(12 / 20)]
-    assert reuse["per_budget"][0]["bound"] == "upper"
-
-    ll = r["lossless"]
-    assert ll["plain_best"] == 5.0 and ll["morse_best"] == 4.0 and ll["reaches_plain_best"] is True
-    assert ll["tolerance"] == 0.5
+def _record(fill, lsd, shift, budget=None, pattern=None, err=None, seed=0) -> RunRecord:
+    sq = None if err is None else torch.full((N,), err**2) * (1 + 0.1 * torch.rand(N, generator=torch.Generator().manual_seed(seed)))
+    return RunRecord("euler", fill, steps=int(lsd), lsd=float(lsd), pattern=pattern, budget=budget,
+                     features=_feats(shift, seed), predicted=torch.arange(N) % 10, sq_error=sq)
 
 
-def test_stochastic_samplers_get_no_trajectory_error():
-    r = synthetic_report()["samplers"]["euler_ancestral"]
-    assert r["deterministic"] is False and r["trajectory_error"] is None
-    assert r["average_speedup"] == pytest.approx((8 / 4.5 + 24 / 9 + 32 / 20) / 3)
+def synthetic_analysis():
+    """Plain converges as steps grow (shift and error shrink); fill 'good' reaches plain's 16-step quality
+    at 6 LSD, fill 'bad' only plain's 4-step quality at 8."""
+    scorer = Scorer(_feats(0, 100).numpy(), _feats(0.3, 101).numpy(), np.arange(N) % 10, replicates=60, seed=0)
+    bands = scorer.bands(_feats(0, 102).numpy(), _feats(0, 103).numpy(), _feats(0.3, 104).numpy(), _feats(0.3, 105).numpy())
+    plain = [_record("plain", s, shift, err=e, seed=s) for s, shift, e in ((4, 3.0, 0.4), (8, 1.5, 0.2), (16, 0.8, 0.1), (32, 0.0, 0.05))]
+    good = [_record("good", 6, 0.8, budget=6, pattern="D.", err=0.1, seed=7), _record("good", 6, 1.2, budget=6, pattern="D..", err=0.15, seed=8)]
+    bad = [_record("bad", 8, 3.0, budget=8, pattern="D.", err=0.4, seed=9)]
+    score = lambda recs: [(r, scorer.score(r)) for r in recs]  # noqa: E731
+    return sampler_analysis(score(plain), {"good": score(good), "bad": score(bad)}, bands, deterministic=True), bands
 
 
-def test_lossless_check_allows_only_the_tolerance():
-    worse = [dict(p, fd=p["fd"] + 2.0) for p in MORSE]  # best 6.0 vs plain best 5.0
-    assert rep.lossless_check(PLAIN, worse, "fd", tolerance=0.5)["reaches_plain_best"] is False
-    assert rep.lossless_check(PLAIN, worse, "fd", tolerance=1.0)["reaches_plain_best"] is True
+def test_the_best_pattern_is_picked_per_budget_and_said_which():
+    out, _ = synthetic_analysis()
+    best = out["fills"]["good"]["best"]["fd_dash"][0]
+    assert best["budget"] == 6 and best["pattern"] == "D."  # D. reached the smaller shift
 
 
-def test_table_json_and_plot_from_synthetic_curves(tmp_path):
-    report = synthetic_report()
+def test_speedups_follow_the_plain_curve_with_an_interval():
+    out, _ = synthetic_analysis()
+    row = out["fills"]["good"]["speedup"]["rmse"][0]
+    assert row["status"] == "separable"
+    assert row["speedup"] == pytest.approx(16 / 6, rel=0.15)  # as good as plain at 16 steps, for 6 LSD
+    assert row["lo"] <= row["speedup"] <= row["hi"]
+    worse = out["fills"]["bad"]["speedup"]["rmse"][0]
+    assert worse["speedup"] == pytest.approx(4 / 8, rel=0.2)
+    avg = out["fills"]["good"]["average"]["rmse"]
+    assert avg["n_separable"] == 1 and avg["speedup"] == pytest.approx(row["speedup"])
+
+
+def test_a_run_inside_the_noise_band_gets_no_speedup():
+    out, bands = synthetic_analysis()
+    plain_best = out["plain"][-1]["fd_dash"]  # the converged end of the plain curve: no shift
+    assert plain_best["lo"] <= bands["fd_dash"]["band"][1]
+    assert out["plain_improves"]["fd_dash"]["separated"]  # 4 steps are worse than 32, beyond the noise
+
+
+def test_the_report_renders_table_json_and_plot(tmp_path):
+    out, bands = synthetic_analysis()
+    report = json_ready({"title": "synthetic", "date": "2026-01-01", "machine": {"processor": "x"},
+                         "settings": {"samples": N, "cfg": 2.5, "patterns": ["D.", "D.."], "budgets": [6, 8], "level": 0.9,
+                                      "replicates": 60},
+                         "fills": {"good": {"n": 5.0}, "bad": {"n": None}}, "bands": bands, "samplers": {"euler": out}})
     text = rep.format_report(report)
-    assert "== euler (deterministic) ==" in text and "== euler_ancestral (stochastic) ==" in text
-    assert f"{8 / 4.5:.2f}x" in text and ">=1.60x" in text
-    assert "reaches plain best (tolerance 0.500): yes" in text
+    assert "| euler   | good | 5.00" in text and "free" in text
+    assert "`D.`" in text and "improves beyond noise" in text
     path = rep.write_json(report, tmp_path / "evaluation.json")
-    back = json.loads(path.read_text())
-    assert back["samplers"]["euler"]["per_budget"][1]["speedup"] == pytest.approx(24 / 9)
-    png = rep.plot_report(report, tmp_path / "evaluation.png")
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads(path.read_text())["samplers"]["euler"]["fills"]["good"]["best"]["rmse"][0]["pattern"]
+    assert "_boot" not in path.read_text()
+    assert rep.plot_report(report, tmp_path / "e.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert rep.main([str(path)]) == 0 and (tmp_path / "evaluation.png").is_file()  # re-rendered from the JSON
 
 
-def test_a_plain_curve_that_gets_worse_with_more_steps_is_flagged():
-    noisy = [{"lsd": 4.0, "fd": 40.0}, {"lsd": 8.0, "fd": 10.0}, {"lsd": 16.0, "fd": 25.0}, {"lsd": 32.0, "fd": 10.5}]
-    check = rep.monotone_check(noisy, "fd", tolerance=1.0)
-    assert check["monotone"] is False
-    assert [(v["from_lsd"], v["to_lsd"]) for v in check["violations"]] == [(8.0, 16.0)]  # 10.5 is within the tolerance
-    assert rep.monotone_check(PLAIN, "fd")["monotone"] is True
-    r = rep.sampler_report("dpmpp_2m", {"plain": noisy, "morse": MORSE}, deterministic=False, fd_tolerance=1.0)
-    assert r["plain_monotone"]["fd"]["monotone"] is False
-    assert "does not improve with LSD" in rep.format_sampler_table("dpmpp_2m", r)
-
-
-def test_fd_below_the_real_data_floor_is_warned_about():
-    report = synthetic_report()
-    report["fd_floor"] = 4.5  # Morse's 4.0 at 20 LSD scores better than real data
-    warnings = rep.floor_warnings(report)
-    assert len(warnings) == 2 and "morse at 20.00 LSD: 4.000" in warnings[0]
-    assert "WARNING: euler:" in rep.format_report(report)
-
-
-def test_a_report_is_rebuilt_from_its_raw_curves(tmp_path):
-    report = synthetic_report()
-    path = rep.write_json(report, tmp_path / "in" / "evaluation.json")
-    assert rep.main([str(path), "--out-dir", str(tmp_path / "out")]) == 0
-    back = json.loads((tmp_path / "out" / "evaluation.json").read_text())
-    assert back["samplers"]["euler"]["average_speedup"] == pytest.approx(report["samplers"]["euler"]["average_speedup"])
-    assert (tmp_path / "out" / "evaluation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-def test_missing_quality_values_are_left_out_not_crashed_on():
-    block = rep.speedup_block(PLAIN, [{"lsd": 4.0, "fd": float("nan")}, {"lsd": 9.0, "fd": 7.5}], "fd")
-    assert len(block["per_budget"]) == 1 and block["per_budget"][0]["speedup"] == pytest.approx(24 / 9)
-    assert rep.speedup_block(PLAIN, [], "fd") is None
+def test_records_round_trip_and_the_store_is_keyed_by_settings(tmp_path):
+    rec = _record("good", 6, 0.5, budget=6, pattern="D.", err=0.1)
+    store = RecordStore(tmp_path, {"samples": N, "seed": 0})
+    store.put("k", rec)
+    back = store.get("k")
+    assert back.pattern == "D." and back.budget == 6 and torch.equal(back.features, rec.features)
+    assert torch.equal(back.sq_error, rec.sq_error) and back.images is None
+    assert RecordStore(tmp_path, {"samples": N, "seed": 1}).get("k") is None  # other settings: another store
 
 
 # --------------------------------------------------------------------------- end to end
 def _dot_files(tmp_path):
     """The trained Dot files if they exist, else untrained ones saved into tmp_path."""
     from morse_engine import DotConfig, DotModel, fingerprint_module, save_dot
-    from training import evaluate
+    from training.evaluation.workload import DEFAULT_ABLATION_DOT, DEFAULT_DOT
     from training.reference.unet import load_reference_dash
 
-    dot, ablation = evaluate.DEFAULT_DOT, evaluate.DEFAULT_ABLATION_DOT
-    if dot.is_file() and ablation.is_file():
-        return dot, ablation, True
+    if DEFAULT_DOT.is_file() and DEFAULT_ABLATION_DOT.is_file():
+        return DEFAULT_DOT, DEFAULT_ABLATION_DOT
     unet, _, _ = load_reference_dash()
     torch.manual_seed(0)
     made = []
     for name, trajectory in (("untrained.safetensors", True), ("untrained_no_trajectory.safetensors", False)):
         model = DotModel.build(unet, DotConfig.for_backbone(unet, m=2, trajectory=trajectory))
         made.append(save_dot(tmp_path / name, model, base_family="reference-digits", fingerprint=fingerprint_module(unet)))
-    return (dot if dot.is_file() else made[0]), (ablation if ablation.is_file() else made[1]), False
+    return made[0], made[1]
 
 
-def test_quick_run_end_to_end(tmp_path, capsys):
+def test_quick_run_end_to_end_and_resume(tmp_path, capsys):
     from training import evaluate
 
-    dot, ablation, _ = _dot_files(tmp_path)
-    out = tmp_path / "report"
+    dot, ablation = _dot_files(tmp_path)
+    out, runs = tmp_path / "report", tmp_path / "runs"
+    args = ["--quick", "--dot", str(dot), "--ablation-dot", str(ablation), "--out-dir", str(out), "--runs", str(runs)]
     threads = torch.get_num_threads()
     try:  # the tool sets torch's thread count (default 1); give the rest of the session its own back
-        rc = evaluate.main(["--quick", "--dot", str(dot), "--ablation-dot", str(ablation), "--out-dir", str(out)])
+        assert evaluate.main(args) == 0
+        first = json.loads((out / "evaluation.json").read_text())
+        assert evaluate.main(args) == 0  # every run's record is there: nothing is sampled again
     finally:
         torch.set_num_threads(threads)
-    assert rc == 0
     printed = capsys.readouterr().out
-    assert "Wall time:" in printed and "average speedup (FD)" in printed
+    assert "Wall time:" in printed and "Noise floor" in printed
+    again = json.loads((out / "evaluation.json").read_text())
+    assert again["samplers"] == first["samplers"]
 
-    report = json.loads((out / "evaluation.json").read_text())
-    assert isinstance(report["N"], float) and math.isfinite(report["N"]) and report["N"] > 0
-    assert report["latency"]["dash_seconds"] > 0 and report["latency"]["dot_seconds"] > 0
-    assert isinstance(report["machine"], dict) and isinstance(report["date"], str)
-    assert set(report["samplers"]) == {"euler"}
-    euler = report["samplers"]["euler"]
-    assert isinstance(euler["average_speedup"], float) and euler["average_speedup"] > 0
-    assert len(euler["per_budget"]) == len(evaluate.QUICK["budgets"])
-    for point in euler["per_budget"]:
-        assert {"lsd", "speedup", "quality"} <= set(point)
-        assert all(isinstance(point[k], float) and math.isfinite(point[k]) for k in ("lsd", "speedup", "quality"))
-        assert point["bound"] in (None, "lower", "upper")
-        assert point["lsd"] <= point["budget"] + 1e-6
-    assert isinstance(euler["trajectory_error"]["average_speedup"], float)
-    curves = euler["curves"]
-    assert {"plain", "morse", "training-free", "ablation"} <= set(curves)
-    assert [p["lsd"] for p in curves["plain"]] == [float(s) for s in evaluate.QUICK["plain_steps"]]
-    for name in ("morse", "training-free", "ablation"):
-        for p in curves[name]:
-            assert p["fallback_calls"] == 0  # every Dot step found its anchor
-            assert p["dash_steps"] + p["dot_steps"] == p["steps"]
+    quick = evaluate.MODES["quick"]
+    assert set(first["samplers"]) == set(quick["samplers"])
+    assert {"dot", "ablation", "reuse", "extrapolate"} <= set(first["fills"])
+    assert first["fills"]["reuse"]["n"] is None and first["fills"]["dot"]["n"] > 0  # free, and measured
+    euler = first["samplers"]["euler"]
+    assert [p["lsd"] for p in euler["plain"]] == [float(s) for s in quick["plain_steps"]]
+    for name, block in euler["fills"].items():
+        for run in block["runs"]:
+            assert run["fallback_calls"] == 0  # every fill step found its anchor
+            assert run["dash_steps"] + run["fill_steps"] == run["steps"]
+            assert run["lsd"] <= run["budget"] + 1e-6
+            for metric in ("fd_dash", "fd_data", "rmse", "label"):
+                p = run[metric]
+                assert math.isfinite(p["value"]) and p["lo"] <= p["value"] <= p["hi"]
+        assert [b["budget"] for b in block["best"]["rmse"]] == [float(b) for b in quick["budgets"]]
     # training-free fills are planned as free: budget B runs B Dash steps
-    assert [p["dash_steps"] for p in curves["training-free"]] == [int(b) for b in evaluate.QUICK["budgets"]]
-    assert euler["lossless"]["metric"] == "fd"
+    assert [r["dash_steps"] for r in euler["fills"]["reuse"]["runs"]] == [int(b) for b in quick["budgets"]]
+    assert first["bands"]["fd_dash"]["floor"] > 0
     assert (out / "evaluation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

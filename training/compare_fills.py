@@ -1,11 +1,12 @@
-"""Dot fills against reused estimates on the same schedule: how much of Dash's quality a fill recovers.
+"""Fills against reused estimates on the same schedule: how much of Dash's quality each fill recovers.
 
 ``python -m training.evaluate`` compares at equal cost, where the training-free fills are free
 and so buy more Dash steps than the Dot's. This tool holds the step count fixed instead: for
 each step count it samples with every step on Dash, with the pattern's non-Dash steps reusing
-the anchor estimate, and with them filled by the Dot, all from the same noise, and prints each
-run's RMSE to a many-step reference and the share of the reuse-to-Dash gap the Dot closes
-(1 = as good as Dash, 0 = no better than reusing, < 0 = worse).
+the anchor estimate, and with them served by each fill (the Dot by default; ``--fills`` adds the
+training-free ones), all from the same noise, and prints each run's RMSE to a many-step reference
+and the share of the reuse-to-Dash gap each fill closes (1 = as good as Dash, 0 = no better than
+reusing, < 0 = worse), with the N of each fill that calls a network.
 """
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ from pathlib import Path
 
 import torch
 
-from morse_engine import DotFiller, MorseError, Pattern, ReuseFiller
+from morse_engine import MorseError, Pattern, ReuseFiller
 
+from .evaluation.fills import collect_fills, measure_fill_n
 from .evaluation.samplers import DETERMINISTIC
 from .evaluation.workload import DEFAULT_DOT, Workload, default_cfg, load_models, reference_workload, run_plain, sample_routed
 
@@ -27,7 +29,7 @@ def gap_closed(dash: float, reuse: float, dot: float) -> float:
     return (reuse - dot) / (reuse - dash) if reuse != dash else float("nan")
 
 
-def compare(work: Workload, dot, sampler: str, step_counts, pattern: str, reference_steps: int) -> list[dict]:
+def compare(work: Workload, fills: list, sampler: str, step_counts, pattern: str, reference_steps: int) -> list[dict]:
     reference, _ = run_plain(sampler, work, reference_steps)
     rmse = lambda x: float((x - reference).pow(2).mean().sqrt())  # noqa: E731
     spec = Pattern(pattern)
@@ -35,10 +37,12 @@ def compare(work: Workload, dot, sampler: str, step_counts, pattern: str, refere
     for steps in step_counts:
         dash, _ = run_plain(sampler, work, steps)
         reuse, _ = sample_routed(sampler, work, steps, spec, ReuseFiller())
-        filled, calls = sample_routed(sampler, work, steps, spec, DotFiller(dot, work.unet))
-        row = {"steps": steps, "dash_rmse": rmse(dash), "reuse_rmse": rmse(reuse), "dot_rmse": rmse(filled),
-               "dot_calls_per_run": calls["dot_calls"] / work.n_chunks}
-        row["gap_closed"] = gap_closed(row["dash_rmse"], row["reuse_rmse"], row["dot_rmse"])
+        row = {"steps": steps, "dash_rmse": rmse(dash), "reuse_rmse": rmse(reuse), "fills": {}}
+        for fill in fills:
+            x, calls = sample_routed(sampler, work, steps, spec, fill.filler)
+            err = rmse(x)
+            row["fills"][fill.name] = {"rmse": err, "gap_closed": gap_closed(row["dash_rmse"], row["reuse_rmse"], err),
+                                       "fill_calls_per_run": calls["dot_calls"] / work.n_chunks}
         rows.append(row)
     return rows
 
@@ -47,6 +51,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m training.compare_fills", description=__doc__.splitlines()[0])
     p.add_argument("--dash", type=Path, default=None, help="reference-format Dash weights (default: the embedded reference model)")
     p.add_argument("--dot", type=Path, default=None, help=f"Dot adapter (default: {DEFAULT_DOT.name})")
+    p.add_argument("--fills", default="dot", help="comma-separated fills to compare (default: dot); e.g. "
+                   "dot,extrapolate,inherit_k1,inherit_k2,propagate")
     p.add_argument("--sampler", default="euler", choices=sorted(DETERMINISTIC), help="a deterministic sampler")
     p.add_argument("--steps", default="6,12,20,40", help="step counts, comma-separated")
     p.add_argument("--pattern", default="D.", help="Dash/Dot pattern ('D' Dash, '.' a fill); default 'D.'")
@@ -79,15 +85,24 @@ def main(argv=None) -> int:
         return 2
     cfg = args.cfg if args.cfg is not None else default_cfg(models.dash_meta)
     work = reference_workload(models, args.samples, args.samples, cfg, args.seed, "cpu")
-    rows = compare(work, models.dot, args.sampler, steps, args.pattern, args.reference_steps)
+    try:
+        fills = collect_fills(models, [f for f in args.fills.split(",") if f.strip()])
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    n = {f.name: measure_fill_n(work, f.filler)["N"] for f in fills if not f.free}
+    rows = compare(work, fills, args.sampler, steps, args.pattern, args.reference_steps)
     print(f"{args.sampler}, pattern {args.pattern}, CFG {cfg:g}, {args.samples} samples; RMSE to a {args.reference_steps}-step run "
-          "from the same noise")
-    print(f"{'steps':>5} {'all Dash':>9} {'reuse':>9} {'Dot':>9} {'gap closed':>11}")
+          "from the same noise; share of the reuse-to-Dash gap each fill closes")
+    print("N: " + ", ".join(f"{f.name} {n[f.name]:.2f}" if f.name in n else f"{f.name} free" for f in fills))
+    print(f"{'steps':>5} {'all Dash':>9} {'reuse':>9} " + " ".join(f"{f.name:>16}" for f in fills))
     for r in rows:
-        print(f"{r['steps']:5d} {r['dash_rmse']:9.4f} {r['reuse_rmse']:9.4f} {r['dot_rmse']:9.4f} {r['gap_closed']:11.2f}")
+        cells = " ".join(f"{r['fills'][f.name]['rmse']:9.4f} ({r['fills'][f.name]['gap_closed']:5.2f})" for f in fills)
+        print(f"{r['steps']:5d} {r['dash_rmse']:9.4f} {r['reuse_rmse']:9.4f} {cells}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"sampler": args.sampler, "pattern": args.pattern, "cfg": cfg, "rows": rows}, indent=2))
+        args.json.write_text(json.dumps({"sampler": args.sampler, "pattern": args.pattern, "cfg": cfg, "n": n, "rows": rows},
+                                        indent=2))
     return 0
 
 

@@ -52,7 +52,7 @@ class GuidedDenoiser:
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         b = x.shape[0]
         x_in = scale_input(x, sigma)
-        t = self.ms.timestep(sigma).reshape(1).expand(b)
+        t = self.ms.timestep(sigma).reshape(1).expand(b).to(x.device)
         if self.cfg == 1.0:
             eps = self._model(x_in, t, float(sigma), ["cond"], self.cond)
         else:
@@ -90,7 +90,7 @@ def sample_euler_ancestral(model: Callable, x, sigmas, generator=None):
         s, s_next = sigmas[i], sigmas[i + 1]
         d = to_d(x, s, model(x, s))
         if s_next > 0:
-            x = ancestral_step(x, d, s, s_next, torch.randn(x.shape, generator=generator, dtype=x.dtype))
+            x = ancestral_step(x, d, s, s_next, torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device))
         else:
             x = euler_step(x, d, s, s_next)
     return x

@@ -50,12 +50,6 @@ class Workload:
     def n_chunks(self) -> int:
         return math.ceil(self.noise.shape[0] / self.chunk)
 
-    def subset(self, n: int) -> "Workload":
-        """The first n samples (same noise and labels), e.g. for the trajectory reference."""
-        n = min(n, self.noise.shape[0])
-        return Workload(self.unet, self.ms, self.noise[:n], self.cond[:n], self.uncond[:n], self.cfg,
-                        min(self.chunk, n), self.seed, self.sync)
-
     def generator(self) -> torch.Generator:
         """The stochastic samplers' generator: the same seed in every run."""
         return torch.Generator(device=self.noise.device).manual_seed(self.seed + 1)
@@ -88,17 +82,20 @@ def run_plain(sampler: str, work: Workload, steps: int, noise: Optional[torch.Te
 
 
 @torch.no_grad()
-def run_morse(sampler: str, work: Workload, budget: float, pattern: str, filler, n_speed: float) -> tuple[torch.Tensor, dict]:
-    """One Morse run at an LSD budget; latency from the calls the router actually made."""
+def run_morse(sampler: str, work: Workload, budget: float, pattern: str, filler, n_speed: Optional[float]) -> tuple[torch.Tensor, dict]:
+    """One Morse run at an LSD budget; latency from the calls the router actually made. A free fill
+    (``filler.free``) costs nothing and is planned so; a fill with a network costs 1/N a call."""
     spec = Pattern(pattern)
     cps = CALLS_PER_STEP.get(sampler, 1)
+    if filler.free:
+        n_speed = TRAINING_FREE_N
     plan = plan_budget(max(1.0, budget / cps), n_speed, spec)
     start = time.perf_counter()
     x, totals = sample_routed(sampler, work, plan.steps, spec, filler)
     seconds = time.perf_counter() - start
     n = work.n_chunks
     dash_per, dot_per = totals["dash_calls"] / n, totals["dot_calls"] / n
-    fill_cost = 0.0 if n_speed >= TRAINING_FREE_N else dot_per / n_speed
+    fill_cost = 0.0 if filler.free else dot_per / n_speed
     point = {
         "budget": float(budget),
         "lsd": dash_per + fill_cost,

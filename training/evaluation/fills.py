@@ -1,0 +1,87 @@
+"""The fills an evaluation compares, with their cost: every training-free fill the engine offers, the Dot,
+and the Table 4 ablation Dot. A fill the engine adds to ``TRAINING_FREE_FILLS`` (or any filler with a
+network, priced by its measured N) joins the table without a change here.
+"""
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from morse_engine import DotFiller, MorseRouter, Pattern
+from morse_engine.feature_fills import FEATURE_FILLS
+from morse_engine.fillers import TRAINING_FREE_FILLS, Filler
+
+from .samplers import GuidedDenoiser, normal_sigmas, sample
+
+LABELS = {"dot": "Morse (Dash + Dot)", "ablation": "ablation: Dot without trajectory inputs",
+          "reuse": "training-free: reuse", "extrapolate": "training-free: extrapolate",
+          "inherit_k1": "feature inheritance, 1 block per side (A-SDM)", "inherit_k2": "feature inheritance, 2 blocks per side",
+          "propagate": "encoder propagation (Faster Diffusion)"}
+
+
+@dataclass
+class EvalFill:
+    name: str
+    filler: Filler
+    n: Optional[float] = None  # measured speed ratio; None for a free fill
+    latency: Optional[dict] = None
+
+    @property
+    def free(self) -> bool:
+        return self.filler.free
+
+    @property
+    def label(self) -> str:
+        return LABELS.get(self.name, self.name)
+
+
+DEFAULT_FILLS = ("dot", "ablation", "reuse", "extrapolate")
+
+
+def collect_fills(models, names=None) -> list[EvalFill]:
+    """The fills called ``names`` (default: the Dot, the ablation Dot where there is one, and the reuse and
+    extrapolation fills) from every fill there is: the Dots, each training-free fill, and each fill that reruns
+    Dash's blocks (``FEATURE_FILLS``, run on the reference UNet's blocks)."""
+    from ..reference.blocks import ReferenceBlocks
+
+    fills = [EvalFill("dot", DotFiller(models.dot, models.unet))]
+    if models.ablation is not None:
+        fills.append(EvalFill("ablation", DotFiller(models.ablation[0], models.unet)))
+    fills += [EvalFill(name, cls()) for name, cls in TRAINING_FREE_FILLS.items()]
+    blocks = ReferenceBlocks(models.unet)
+    fills += [EvalFill(name, make(blocks)) for name, make in FEATURE_FILLS.items()]
+    names = names or [n for n in DEFAULT_FILLS if n in {f.name for f in fills}]
+    if names:
+        unknown = set(names) - {f.name for f in fills}
+        if unknown:
+            raise ValueError(f"--fills: {sorted(unknown)} not available; choose from {[f.name for f in fills]}")
+        fills = [f for f in fills if f.name in names]
+    return fills
+
+
+@torch.no_grad()
+def measure_fill_n(work, filler: Filler, steps: int = 12, repeats: int = 3, warmup: int = 1) -> dict:
+    """N of a fill that calls a network: the router's own timing of Dash calls and fill calls, which alternate
+    in an Euler run with the pattern ``D.`` on the workload's first chunk (real anchors, the runs' batch).
+    The median over repeats of (mean Dash call) / (mean fill call)."""
+    sl = next(work.chunks())
+    sigmas = normal_sigmas(work.ms, steps)
+    router = MorseRouter(Pattern("D."), filler, measure=True, sync=work.sync)
+    ratios, dash_ms, fill_ms = [], [], []
+    for i in range(warmup + repeats):
+        with router.run(sigmas) as run:
+            den = GuidedDenoiser(work.unet, work.ms, work.cond[sl], work.uncond[sl], work.cfg, run=run)
+            sample("euler", den, work.noise[sl], sigmas, work.ms)
+        s = router.last_summary
+        if i < warmup:
+            continue
+        dash, fill = s.dash_seconds / s.dash_calls, s.dot_seconds / s.dot_calls
+        ratios.append(dash / fill)
+        dash_ms.append(dash * 1e3)
+        fill_ms.append(fill * 1e3)
+    return {"N": statistics.median(ratios), "N_all": ratios, "dash_ms": statistics.median(dash_ms),
+            "fill_ms": statistics.median(fill_ms), "batch": int(work.noise[sl].shape[0]) * (1 if work.cfg == 1.0 else 2),
+            "repeats": repeats, "how": "router timing inside euler runs with pattern D. (interleaved calls)"}
