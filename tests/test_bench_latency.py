@@ -44,3 +44,12 @@ def test_both_stems_are_timed_when_asked(tmp_path, monkeypatch):
 def test_unknown_architecture_is_named():
     with pytest.raises(SystemExit, match="not one of"):
         bench_latency.main(["--arch", "sd3"])
+
+
+def test_feature_fills_are_timed_against_dash_with_a_real_anchor(tmp_path, monkeypatch):
+    fills = run_tiny(tmp_path, monkeypatch, "--m", "2", "--fills", "inherit_k1,propagate")["fills"]
+    assert [f["fill"] for f in fills] == ["inherit_k1", "propagate"]
+    for f in fills:
+        assert f["dash_ms"] > 0 and f["fill_ms"] > 0 and f["N"] == pytest.approx(f["dash_ms"] / f["fill_ms"])
+    with pytest.raises(SystemExit, match="--fills"):
+        bench_latency.main(["--arch", "tiny", "--fills", "nope"])

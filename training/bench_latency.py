@@ -166,6 +166,35 @@ def bench_arch(arch: str, backbone, ms, device, dtype, repeats: int, warmup: int
     return rows
 
 
+@torch.no_grad()
+def bench_fills(arch: str, backbone, names, device, dtype, repeats: int, warmup: int) -> list[dict]:
+    """Dash against each fill that reruns Dash's blocks (``FEATURE_FILLS``), on the project UNet's blocks, with a
+    real anchor: the Dash call 50 timesteps earlier, whose block outputs the fill reads."""
+    from morse_engine.feature_fills import FEATURE_FILLS, captured
+    from morse_engine.fillers import Anchor
+
+    from .reference.blocks import ReferenceBlocks
+
+    spec = ARCHS[arch]
+    side = spec["resolution"] // 8
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, side, side, generator=g).to(device, dtype)
+    t, t_s = torch.full((2,), 500.0, device=device), torch.full((2,), 550.0, device=device)
+    context = torch.randn(2, *spec["context"], generator=g).to(device, dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
+    rows = []
+    for name in names:
+        fill = FEATURE_FILLS[name](ReferenceBlocks(backbone))
+        with captured(fill.capture_modules()) as feats:
+            z = backbone(x, t_s, context=context)
+        anchor = Anchor(x=x, z=z, t=t_s, step=0, features=dict(feats))
+        d_t, f_t = interleaved_times(lambda: backbone(x, t, context=context),  # noqa: B023
+                                     lambda: fill(backbone, x, t, anchor, context, {}), repeats, warmup, sync)  # noqa: B023
+        dash_ms, fill_ms = statistics.median(d_t) * 1e3, statistics.median(f_t) * 1e3
+        rows.append({"arch": arch, "fill": name, "dash_ms": dash_ms, "fill_ms": fill_ms, "N": dash_ms / fill_ms})
+    return rows
+
+
 def peak_memory_mb(device) -> float:
     """Peak GPU memory allocated by torch, or on the CPU the process's peak resident set."""
     if device.type == "cuda":
@@ -238,6 +267,9 @@ def parser() -> argparse.ArgumentParser:
                    help="also time this many Dot training steps on the first architecture (throughput, peak memory)")
     p.add_argument("--train-batch", type=int, default=1, help="images per training step (each is a CFG pair)")
     p.add_argument("--train-m", type=int, default=2)
+    p.add_argument("--fills", default=None,
+                   help="also time fills that rerun Dash's blocks, comma-separated (inherit_k1, inherit_k2, propagate); "
+                        "on the project's UNet only")
     p.add_argument("--json", type=Path, default=None, help="also write the figures here")
     return p
 
@@ -267,7 +299,13 @@ def main(argv=None) -> int:
         args.dtype or ("fp16" if device.type == "cuda" else "fp32")]
     comfy_path = find_comfyui(args.comfyui)
 
-    rows, sources, training = [], {}, None
+    fill_names = [v.strip() for v in (args.fills or "").split(",") if v.strip()]
+    from morse_engine.feature_fills import FEATURE_FILLS
+
+    for name in fill_names:
+        if name not in FEATURE_FILLS:
+            raise SystemExit(f"error: --fills {name!r} is not one of {sorted(FEATURE_FILLS)}")
+    rows, sources, training, fill_rows = [], {}, None, []
     with tqdm(total=len(archs) * len(ms) * len(stems or [0]) * args.repeats, desc="timing", dynamic_ncols=True) as bar:
         for arch in archs:
             if comfy_path and arch != "tiny":
@@ -278,6 +316,10 @@ def main(argv=None) -> int:
             randomize(backbone)
             backbone = backbone.to(device, dtype).eval()
             rows += bench_arch(arch, backbone, ms, device, dtype, args.repeats, args.warmup, bar, stems)
+            if fill_names:
+                if sources[arch] == "ComfyUI UNetModel":
+                    raise SystemExit("error: --fills times the project's UNet; run it without --comfyui/COMFYUI_PATH")
+                fill_rows += bench_fills(arch, backbone, fill_names, device, dtype, args.repeats, args.warmup)
             if args.train_steps and arch == archs[0]:
                 if dtype != torch.float32:
                     backbone = backbone.float()  # the trainer keeps fp32 master weights
@@ -296,6 +338,8 @@ def main(argv=None) -> int:
     for r in rows:
         cells = ", ".join(f"{s['schedule']} {s['lsd']:.1f} LSD -> <= {s['speedup_bound']:.2f}x" for s in schedule_table(r.n))
         print(f"  {r.arch} m={r.m} {r.stem} (N {r.n:.2f}): {cells}")
+    for f in fill_rows:
+        print(f"fill {f['fill']:>10} on {f['arch']}: Dash {f['dash_ms']:.1f} ms, fill {f['fill_ms']:.1f} ms, N {f['N']:.2f}")
     if training:
         print(f"\nDot training on {training['arch']} (m={training['m']}, batch {training['batch']}, {training['steps']} steps): "
               f"{training['samples_per_s']:.3f} samples/s, peak memory {training['peak_mb']:.0f} MiB "
@@ -305,7 +349,8 @@ def main(argv=None) -> int:
     if args.json:
         report = {"machine": machine, "device": str(device), "dtype": str(dtype), "torch": torch.__version__,
                   "date": datetime.date.today().isoformat(), "repeats": args.repeats, "sources": sources,
-                  "rows": [dict(r.to_dict(), schedules=schedule_table(r.n)) for r in rows], "training": training}
+                  "rows": [dict(r.to_dict(), schedules=schedule_table(r.n)) for r in rows], "training": training,
+                  "fills": fill_rows}
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2))
         print(f"wrote {args.json}")

@@ -47,9 +47,9 @@ from .paths import REPORTS_DIR, RUNS_DIR
 CONVERGED_SEED_OFFSETS = (1000, 2000, 3000)  # the converged sets' noise: disjoint from the runs' and each other's
 
 MODES = {
-    # sized for < 20 min on 2 CPU cores at 1 thread (a Dash step of 96 samples with CFG costs ~0.75 s there)
+    # sized for < 20 min on 2 CPU cores at 1 thread with room to spare (96 samples took 17-19 min there)
     "default": dict(samplers=("euler", "dpmpp_2m", "euler_ancestral"), budgets=(4, 8, 16), patterns=("D.", "D.."),
-                    plain_steps=(4, 6, 8, 12, 16, 24), samples=96, chunk=96, reference_steps=60,
+                    plain_steps=(4, 6, 8, 12, 16, 24), samples=64, chunk=64, reference_steps=60,
                     converged_steps=30, replicates=200, fills=None, n_repeats=3, ablation_samplers=("euler",)),
     "full": dict(samplers=("euler", "dpmpp_2m", "euler_ancestral"), budgets=(4, 6, 8, 12, 20, 30, 50),
                  patterns=("D.", "D..", "D..."), plain_steps=(3, 4, 6, 8, 12, 16, 24, 32, 48, 64), samples=1000,
@@ -104,7 +104,7 @@ def parser() -> argparse.ArgumentParser:
                    help="where each network fill's N is measured, in this run (default: --device). The reference model "
                         "is tiny: on a GPU its calls are bound by kernel launches, not by arithmetic, so its GPU N says "
                         "little about an SD-sized Dash; --n-device cpu prices fills by their CPU cost (on the runs' batch "
-                        "up to 96 samples), as the default run does")
+                        "up to 96 samples)")
     return p
 
 
