@@ -148,3 +148,33 @@ def test_quick_run_end_to_end_and_resume(tmp_path, capsys):
     assert [r["dash_steps"] for r in euler["fills"]["reuse"]["runs"]] == [int(b) for b in quick["budgets"]]
     assert first["bands"]["fd_dash"]["floor"] > 0
     assert (out / "evaluation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_exported_records_are_analysed_elsewhere_without_sampling_again(tmp_path, monkeypatch):
+    from training import evaluate
+
+    dot, ablation = _dot_files(tmp_path)
+    base = ["--quick", "--dot", str(dot), "--ablation-dot", str(ablation), "--samplers", "euler", "--budgets", "4",
+            "--plain-steps", "4,8", "--samples", "16", "--reference-steps", "12", "--converged-steps", "8"]
+    threads = torch.get_num_threads()
+    try:
+        assert evaluate.main(base + ["--out-dir", str(tmp_path / "a"), "--runs", str(tmp_path / "ra"),
+                                     "--export", str(tmp_path / "packs")]) == 0
+        packs = sorted((tmp_path / "packs").glob("records-*.safetensors"))
+        assert [p.name for p in packs] == ["records-dpmpp_2m.safetensors", "records-euler.safetensors"]
+
+        def no_sampling(*a, **k):
+            raise AssertionError("a run was sampled although its record was imported")
+
+        monkeypatch.setattr(evaluate, "run_job", no_sampling)
+        monkeypatch.setattr(evaluate, "measure_n", no_sampling)
+        assert evaluate.main(base + ["--out-dir", str(tmp_path / "b"), "--runs", str(tmp_path / "rb"),
+                                     "--import-records", *map(str, packs)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    a = json.loads((tmp_path / "a" / "evaluation.json").read_text())
+    b = json.loads((tmp_path / "b" / "evaluation.json").read_text())
+    assert a["fills"]["dot"]["n"] == b["fills"]["dot"]["n"]
+    for pa, pb in zip(a["samplers"]["euler"]["plain"], b["samplers"]["euler"]["plain"]):
+        assert pb["rmse"]["value"] == pytest.approx(pa["rmse"]["value"])  # per-sample errors travel in float32
+        assert pb["fd_dash"]["value"] == pytest.approx(pa["fd_dash"]["value"], rel=0.02)  # features in float16

@@ -38,7 +38,7 @@ from morse_engine import MorseError, Pattern
 from .evaluation import report as report_mod
 from .evaluation.analysis import Scorer, json_ready, sampler_analysis
 from .evaluation.fills import collect_fills, measure_fill_n
-from .evaluation.records import RecordStore, RunRecord, run_key
+from .evaluation.records import RecordStore, RunRecord, export_records, import_records, run_key
 from .evaluation.samplers import DETERMINISTIC, SAMPLERS
 from .evaluation.workload import (CALLS_PER_STEP, DEFAULT_ABLATION_DOT, default_cfg, load_models, reference_workload,
                                   run_morse, run_plain)
@@ -96,6 +96,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", type=Path, default=REPORTS_DIR)
     p.add_argument("--runs", type=Path, default=RUNS_DIR / "evaluate", help="where run records are kept (resume)")
     p.add_argument("--fresh", action="store_true", help="ignore records of an earlier run with the same settings")
+    p.add_argument("--export", type=Path, default=None,
+                   help="also pack the run records into this folder (one file per sampler, features in float16), to "
+                        "analyse them on another machine with --import-records")
+    p.add_argument("--import-records", type=Path, nargs="+", default=None,
+                   help="packs written by --export with the same settings: their runs are not sampled again")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: on a small shared CPU machine any other busy process slows a "
                         "2-thread torch job down many times over; 0 = torch's choice)")
@@ -238,6 +243,8 @@ def main(argv=None) -> int:
     print(f"Evaluation ({st['mode']}): {st['samples']} samples per run, CFG {cfg:g}, on {args.device} "
           f"({torch.get_num_threads()} threads); records in {store.dir}", flush=True)
 
+    for pack in args.import_records or []:
+        store.put_value("latency", import_records(store, pack)["latency"])
     latency = None if args.fresh else store.get_value("latency")
     if latency is None:
         latency = measure_n(args, st, fills, work, ablation, cfg)
@@ -264,6 +271,10 @@ def main(argv=None) -> int:
             recorder.references[job[1]] = rec.images.to(device)
         records[key] = (job, rec)
     bar.close()
+    if args.export:
+        for sampler in sorted({job[1] for job, _ in records.values()}):
+            keys = [key for key, (job, _) in records.items() if job[1] == sampler]
+            print(f"packed {export_records(store, keys, args.export / f'records-{sampler}.safetensors', {'latency': latency})}")
 
     report = build_report(records, st, work, fills, classifier, load_digits_split, batched, args, cfg)
     report["machine"] = machine_info(args.device)

@@ -79,3 +79,31 @@ class RecordStore:
 
     def put_value(self, name: str, value) -> None:
         (self.dir / f"{name}.json").write_text(json.dumps(value, default=float))
+
+
+def export_records(store: RecordStore, keys: list[str], path: Path, extra: dict) -> Path:
+    """Pack the records ``keys`` into one safetensors file (features in float16), with ``extra`` values (e.g. the
+    run's N) in its metadata: how a run on a lent machine brings its records back for analysis elsewhere."""
+    tensors, metas = {}, {}
+    for i, key in enumerate(keys):
+        rec = store.get(key)
+        for name in RunRecord.TENSORS:
+            value = getattr(rec, name)
+            if value is not None:
+                value = value.half() if name in ("features", "images") else value
+                tensors[f"{i}.{name}"] = value.contiguous()
+        metas[str(i)] = {"key": key, "record": rec.meta()}
+    save_file_atomic(tensors, Path(path), {"records": json.dumps(metas), "extra": json.dumps(extra, default=float)})
+    return Path(path)
+
+
+def import_records(store: RecordStore, path: Path) -> dict:
+    """Put the records of a pack into ``store`` (features back in float32); returns the pack's extra values."""
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+        metas = json.loads(meta["records"])
+        for i, entry in metas.items():
+            tensors = {name: f.get_tensor(f"{i}.{name}") for name in RunRecord.TENSORS if f"{i}.{name}" in f.keys()}
+            tensors = {k: v.float() if k in ("features", "images") else v for k, v in tensors.items()}
+            store.put(entry["key"], RunRecord(**entry["record"], **tensors))
+    return json.loads(meta["extra"])
