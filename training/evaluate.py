@@ -165,6 +165,12 @@ class Recorder:
                          sq_error=None if sq is None else sq.cpu(), images=x.cpu() if keep_images else None, **meta)
 
 
+def file_digest(path) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16] if path else "-"
+
+
 def plan_jobs(st: dict, fills) -> list[tuple]:
     jobs = [("converged", "dpmpp_2m", None, i) for i in range(len(CONVERGED_SEED_OFFSETS))]
     for sampler in st["samplers"]:
@@ -235,10 +241,10 @@ def main(argv=None) -> int:
     cfg = args.cfg if args.cfg is not None else default_cfg(models.dash_meta)
     work = reference_workload(models, st["samples"], st["chunk"], cfg, args.seed, device)
     classifier, _ = load_feature_classifier(device=device)
-    identity = {"n_device": args.n_device or args.device,
-                "dot": models.dot_info.fingerprint.weights_id + str(models.dot_info.training.get("seconds")),
-                "ablation": models.ablation[1].training.get("seconds") if models.ablation else None,
-                "fills": [f.name for f in fills], "device": args.device}
+    # records belong to these exact files: another Dot (or Dash) starts a new store
+    identity = {"n_device": args.n_device or args.device, "fills": [f.name for f in fills], "device": args.device,
+                "files": [file_digest(p) for p in (models.dash_path, models.dot_info.path,
+                                                   models.ablation[1].path if models.ablation else None)]}
     store = RecordStore(args.runs, {**st, "cfg": cfg, "seed": args.seed, **identity})
     print(f"Evaluation ({st['mode']}): {st['samples']} samples per run, CFG {cfg:g}, on {args.device} "
           f"({torch.get_num_threads()} threads); records in {store.dir}", flush=True)

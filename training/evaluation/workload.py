@@ -150,19 +150,20 @@ class Models:
     dot_info: object
     ablation: Optional[tuple] = None  # (DotModel, DotFileInfo) of the no-trajectory Dot
     notes: list = field(default_factory=list)
+    dash_path: Optional[Path] = None  # the Dash weights file
 
 
 def load_models(dash_path=None, dot_path=None, ablation_path=None, device="cpu") -> Models:
     """The Dash (default: the reference model), the Dot and, where ``ablation_path`` is given and exists, the
     ablation Dot; MorseError for a Dot that does not fit."""
-    from ..reference.unet import load_reference_dash
+    from ..reference.unet import DEFAULT_DASH_PATH, load_reference_dash
 
     unet, conditioner, dash_meta = load_reference_dash(dash_path, device=device)
     dot_path = dot_path or DEFAULT_DOT
     if not Path(dot_path).is_file():
         raise FileNotFoundError(f"no Dot at {dot_path}; train one with `python -m training.train_dot` or pass --dot PATH")
     dot, dot_info = load_dot(dot_path, unet, device=device)
-    models = Models(unet, conditioner, dash_meta, dot, dot_info)
+    models = Models(unet, conditioner, dash_meta, dot, dot_info, dash_path=Path(dash_path or DEFAULT_DASH_PATH))
     if not dot_info.training:
         models.notes.append(f"the Dot {dot_path} has no training summary: it is probably UNTRAINED (eta = 0, same as reuse)")
     if ablation_path is None:
