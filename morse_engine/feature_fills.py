@@ -59,11 +59,17 @@ def check_layout(blocks: UNetBlocks, fill: str) -> int:
     return n_in
 
 
+def _output_module(block: nn.Module) -> nn.Module:
+    """The module whose output is the block's: its last layer where the block is a sequence (ComfyUI runs a
+    block's layers one by one through ``forward_timestep_embed``, so a hook on the block itself never fires)."""
+    return block[-1] if isinstance(block, nn.Sequential) and len(block) else block
+
+
 @contextmanager
 def captured(modules: dict[str, nn.Module]):
-    """Collect the outputs of ``modules`` by name while the block runs (a reference, never a copy)."""
+    """Collect the outputs of the blocks ``modules`` by name while they run (a reference, never a copy)."""
     out: dict[str, torch.Tensor] = {}
-    handles = [m.register_forward_hook(lambda _m, _a, o, name=name: out.__setitem__(name, o))
+    handles = [_output_module(m).register_forward_hook(lambda _m, _a, o, name=name: out.__setitem__(name, o))
                for name, m in modules.items()]
     try:
         yield out
@@ -81,8 +87,10 @@ class _FeatureFill(Filler):
 
     def accepts(self, kwargs: dict) -> bool:
         # ControlNet residuals are added to the skips and the middle block's output; they are not cached
-        # with the features, so a call with a control input falls back to Dash
-        return kwargs.get("control") is None
+        # with the features, so a call with a control input falls back to Dash (as does one the host's blocks
+        # cannot serve, e.g. ComfyUI patches that change the skips)
+        host_ok = getattr(self.blocks, "accepts", None)
+        return kwargs.get("control") is None and (host_ok is None or host_ok(kwargs))
 
 
 class FeatureInheritFiller(_FeatureFill):

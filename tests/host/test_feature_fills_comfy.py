@@ -1,0 +1,38 @@
+"""The feature fills on ComfyUI's own UNetModel: exact at the anchor, and bypassed where patches change the skips."""
+import importlib
+
+import torch
+
+
+def _modules(host):
+    ff = importlib.import_module(host.engine.__name__ + ".feature_fills")
+    fillers = importlib.import_module(host.engine.__name__ + ".fillers")
+    blocks = importlib.import_module(host.pack.__name__ + ".nodes.unet_blocks")
+    return ff, fillers, blocks
+
+
+def test_every_feature_fill_reproduces_comfyuis_unet_at_the_anchor(host, tiny):
+    ff, fillers, blocks_mod = _modules(host)
+    unet = tiny.model.diffusion_model
+    g = torch.Generator().manual_seed(0)
+    x, t, context = torch.randn(2, 4, 16, 16, generator=g), torch.full((2,), 500.0), torch.randn(2, 77, 32, generator=g)
+    blocks = blocks_mod.ComfyUNetBlocks(unet)
+    n = len(unet.input_blocks)
+    fills = [ff.FeatureInheritFiller(blocks, k) for k in range(1, n + 1)] + [ff.EncoderPropagationFiller(blocks)]
+    for fill in fills:
+        with torch.no_grad(), ff.captured(fill.capture_modules()) as feats:
+            z = unet(x, t, context=context, transformer_options={})
+        anchor = fillers.Anchor(x=x, z=z, t=t, step=0, features=dict(feats))
+        with torch.no_grad():
+            out = fill(unet, x, t, anchor, context, {"transformer_options": {}})
+        assert torch.equal(out, z), fill.name
+        later = fill(unet, x * 0.9, t - 40, anchor, context, {"transformer_options": {}})
+        assert later.shape == z.shape and not torch.equal(later, z)
+
+
+def test_patches_that_change_the_skips_and_control_inputs_fall_back(host, tiny):
+    ff, _, blocks_mod = _modules(host)
+    fill = ff.FeatureInheritFiller(blocks_mod.ComfyUNetBlocks(tiny.model.diffusion_model), 1)
+    assert fill.accepts({"transformer_options": {"patches": {"output_block_patch": [lambda h, s, o: (h, s)]}}})
+    assert not fill.accepts({"transformer_options": {"patches": {"input_block_patch": [lambda h, o: h]}}})
+    assert not fill.accepts({"control": {"input": [None]}, "transformer_options": {}})
