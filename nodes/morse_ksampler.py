@@ -6,8 +6,7 @@ import nodes as comfy_nodes
 from comfy_api.latest import io
 
 from ..morse_engine import BudgetSchedule, MorseError
-from ..morse_engine.fillers import TRAINING_FREE_FILLS
-from .sampling_hooks import MorseSettings, apply_morse
+from .sampling_hooks import FILLS_WITHOUT_DOT, MorseSettings, apply_morse
 from .types import CATEGORY, DotModelType, ScheduleType
 
 log = logging.getLogger("morse")
@@ -19,8 +18,11 @@ def morse_inputs():
             "The Dot adapter for this checkpoint (Load Dot Model). Without one, non-Dash steps reuse or "
             "extrapolate the last Dash estimate (training-free).")),
         ScheduleType.Input("schedule", optional=True, tooltip="Which steps run Dash (Dash/Dot Schedule). Default: every 2nd step."),
-        io.Combo.Input("fill_without_dot", options=list(TRAINING_FREE_FILLS), default="reuse", optional=True, tooltip=(
-            "Only without a Dot: reuse the last Dash estimate, or extrapolate from the last two.")),
+        io.Combo.Input("fill_without_dot", options=FILLS_WITHOUT_DOT, default="reuse", optional=True, tooltip=(
+            "Only without a Dot: reuse the last Dash estimate, extrapolate from the last two (both free), rerun the "
+            "outer 1 or 2 UNet blocks per side and inherit the deeper features from the last Dash step (inherit_k1, "
+            "inherit_k2: A-SDM / DeepCache), or run the decoder on the last Dash step's encoder features (propagate: "
+            "Faster Diffusion). SD1.x/SD2.x/SDXL UNets; a ControlNet step runs Dash.")),
         io.Boolean.Input("allow_other_weights", default=False, optional=True, tooltip=(
             "Use a Dot trained on other weights of the same architecture (a fine-tune or merge). Quality may drop.")),
     ]

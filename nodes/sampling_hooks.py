@@ -25,9 +25,13 @@ from ..morse_engine import (
     MorseRouter,
     fingerprint_state_dict,
 )
+from ..morse_engine.errors import MorseError
+from ..morse_engine.feature_fills import FEATURE_FILLS
 from ..morse_engine.fillers import TRAINING_FREE_FILLS
 
 KEY = "morse"  # wrapper key and transformer_options entry of the settings
+# what serves a non-Dash step without a Dot: free fills, and fills that rerun some of the checkpoint's own blocks
+FILLS_WITHOUT_DOT = [*TRAINING_FREE_FILLS, *FEATURE_FILLS]
 RUN_KEY = "morse_run"  # transformer_options entry of the live run
 log = logging.getLogger("morse")
 
@@ -51,7 +55,15 @@ class MorseSettings:
 
     def router_for(self, model_patcher, device, dtype) -> MorseRouter:
         backbone = model_patcher.model.diffusion_model
-        if self.dot is None:
+        if self.dot is None and self.fill in FEATURE_FILLS:
+            from .unet_blocks import ComfyUNetBlocks
+
+            try:
+                filler = FEATURE_FILLS[self.fill](ComfyUNetBlocks(backbone))
+            except (AttributeError, MorseError) as exc:
+                raise ValueError(f"Morse: the fill '{self.fill}' needs an SD1.x, SD2.x or SDXL UNet; this model has "
+                                 f"another layout ({exc}). Pick reuse or extrapolate") from None
+        elif self.dot is None:
             filler = TRAINING_FREE_FILLS[self.fill]()
         else:
             dot = self.dot.dot_for(

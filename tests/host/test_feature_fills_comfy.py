@@ -36,3 +36,20 @@ def test_patches_that_change_the_skips_and_control_inputs_fall_back(host, tiny):
     assert fill.accepts({"transformer_options": {"patches": {"output_block_patch": [lambda h, s, o: (h, s)]}}})
     assert not fill.accepts({"transformer_options": {"patches": {"input_block_patch": [lambda h, o: h]}}})
     assert not fill.accepts({"control": {"input": [None]}, "transformer_options": {}})
+
+
+def test_morse_ksampler_samples_with_each_feature_fill_and_logs_its_measured_n(host, tiny, caplog):
+    import logging
+
+    from test_morse_ksampler import ksampler, morse
+
+    plain = ksampler(host, tiny, steps=6)
+    reuse = morse(host, tiny, steps=6, schedule=host.engine.Pattern("D."), fill_without_dot="reuse")
+    for name in ("inherit_k1", "inherit_k2", "propagate"):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="morse"):
+            out = morse(host, tiny, steps=6, schedule=host.engine.Pattern("D."), fill_without_dot=name)
+        assert out.shape == plain.shape and torch.isfinite(out).all()
+        assert not torch.equal(out, plain) and not torch.equal(out, reuse)
+        line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("Morse:"))
+        assert f"3 Dash steps, 3 {name} steps of 6" in line and "N " in line and "measured" in line
