@@ -135,17 +135,24 @@ class Row:
                 "dash_params": self.dash_params, "dot_param_share": self.dot_params / self.dash_params, "stem": self.stem}
 
 
-@torch.no_grad()
-def bench_arch(arch: str, backbone, ms, device, dtype, repeats: int, warmup: int, progress, stems=None) -> list[Row]:
+def cfg_step_inputs(arch: str, device, dtype):
+    """One CFG step of ``arch`` (cond + uncond of one image): x, t, the anchor's t, context, extra kwargs, sync."""
     spec = ARCHS[arch]
     side = spec["resolution"] // 8
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 4, side, side, generator=g).to(device, dtype)  # cond + uncond of one image
+    x = torch.randn(2, 4, side, side, generator=g).to(device, dtype)
     t = torch.full((2,), 500.0, device=device)
     t_s = torch.full((2,), 550.0, device=device)
     context = torch.randn(2, *spec["context"], generator=g).to(device, dtype)
     extra = {"y": torch.randn(2, spec["adm"], generator=g).to(device, dtype)} if spec["adm"] else {}
     sync = torch.cuda.synchronize if device.type == "cuda" else None
+    return x, t, t_s, context, extra, sync
+
+
+@torch.no_grad()
+def bench_arch(arch: str, backbone, ms, device, dtype, repeats: int, warmup: int, progress, stems=None) -> list[Row]:
+    spec = ARCHS[arch]
+    x, t, t_s, context, extra, sync = cfg_step_inputs(arch, device, dtype)
     dash_params = sum(p.numel() for p in backbone.parameters())
 
     dash = lambda: backbone(x, t, context=context, **extra)  # noqa: E731
@@ -175,13 +182,7 @@ def bench_fills(arch: str, backbone, names, device, dtype, repeats: int, warmup:
 
     from .reference.blocks import ReferenceBlocks
 
-    spec = ARCHS[arch]
-    side = spec["resolution"] // 8
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 4, side, side, generator=g).to(device, dtype)
-    t, t_s = torch.full((2,), 500.0, device=device), torch.full((2,), 550.0, device=device)
-    context = torch.randn(2, *spec["context"], generator=g).to(device, dtype)
-    sync = torch.cuda.synchronize if device.type == "cuda" else None
+    x, t, t_s, context, _, sync = cfg_step_inputs(arch, device, dtype)
     rows = []
     for name in names:
         fill = FEATURE_FILLS[name](ReferenceBlocks(backbone))

@@ -34,12 +34,9 @@ from statistics import NormalDist
 
 import numpy as np
 
-try:
-    from training.reference.classifier import feature_stats, frechet_distance_from_stats
-except ImportError:  # the layout before the classifier moved under training.reference
-    from training.reference.classifier import feature_stats, frechet_distance_from_stats
-
 from morse_engine.speedup import baseline_lsd_for
+
+from ..reference.classifier import feature_stats, frechet_distance_from_stats, psd_sqrt
 
 NOT_SEPARABLE = "not separable at this n"
 
@@ -73,17 +70,12 @@ def fd(feats, ref_mu, ref_cov) -> float:
     return frechet_distance_from_stats(*feature_stats(_as_np(feats)), ref_mu, ref_cov)
 
 
-def _psd_sqrt(mat: np.ndarray) -> np.ndarray:
-    vals, vecs = np.linalg.eigh((mat + mat.T) / 2)
-    return (vecs * np.sqrt(np.clip(vals, 0, None))) @ vecs.T
-
-
 def fd_replicates(f: np.ndarray, ref: ReferenceStats, boot_idx: np.ndarray, block: int = 32) -> np.ndarray:
     """FD of every bootstrap resample ``f[row]`` against ``ref``, batched (one Python loop per block of rows,
     not per row: a full evaluation scores ~10^5 resamples). tr((S S_ref)^1/2) is taken as the eigenvalues of
     S_ref^1/2 S S_ref^1/2, the same spectrum as ``frechet_distance_from_stats`` uses, with the fixed
     reference's square root computed once."""
-    root = _psd_sqrt(ref.cov)
+    root = psd_sqrt(ref.cov)
     out = []
     for start in range(0, len(boot_idx), block):
         x = f[boot_idx[start:start + block]]  # [B, n, D]

@@ -81,7 +81,7 @@ def load_feature_classifier(path=None, device="cpu"):
 
 
 # --------------------------------------------------------------------------- Frechet distance
-def _psd_sqrt(mat: np.ndarray) -> np.ndarray:
+def psd_sqrt(mat: np.ndarray) -> np.ndarray:
     vals, vecs = np.linalg.eigh((mat + mat.T) / 2)
     return (vecs * np.sqrt(np.clip(vals, 0, None))) @ vecs.T
 
@@ -107,7 +107,7 @@ def frechet_distance_from_stats(mu1, sigma1, mu2, sigma2) -> float:
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (mu1.size, mu1.size):
         raise ValueError(f"incompatible statistics: means {mu1.shape}/{mu2.shape}, "
                          f"covariances {sigma1.shape}/{sigma2.shape}")
-    s1h = _psd_sqrt(sigma1)
+    s1h = psd_sqrt(sigma1)
     mid = s1h @ sigma2 @ s1h
     tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((mid + mid.T) / 2), 0, None)).sum()
     diff = mu1 - mu2
