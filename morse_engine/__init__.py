@@ -9,7 +9,7 @@ from .fillers import Anchor, DotFiller, ExtrapolateFiller, ReuseFiller
 from .fingerprint import BackboneFingerprint, fingerprint_module, fingerprint_state_dict
 from .lora import DEFAULT_TARGETS, LoRAWeights
 from .router import MorseRouter, MorseRun, RunSummary
-from .schedules import BudgetPlan, BudgetSchedule, DashSchedule, EveryK, FrontLoaded, Pattern, ScheduleSpec, lsd_cost, plan_budget
+from .schedules import BudgetPlan, BudgetSchedule, DashSchedule, EveryK, FrontLoaded, KeySteps, Pattern, ScheduleSpec, lsd_cost, plan_budget
 from .speedup import SpeedupPoint, average_speedup, speedup_curve
 
 __all__ = [name for name in dir() if not name.startswith("_")]

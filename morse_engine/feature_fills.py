@@ -126,24 +126,60 @@ class FeatureInheritFiller(_FeatureFill):
 
 
 class EncoderPropagationFiller(_FeatureFill):
-    """Skips the encoder: the decoder runs on the anchor's encoder features with the current time."""
+    """Skips the encoder: the decoder runs on the anchor's encoder features with the current time.
+
+    The current input never enters the decoder (it reaches the UNet only through the encoder), so the outputs
+    of the steps up to the next Dash step depend on their times alone and can be computed in one batched call
+    (Faster Diffusion's parallel decoding, :meth:`decode_span`; the router decides when the steps are known).
+    """
 
     name = "propagate"
+
+    def __init__(self, blocks: UNetBlocks, parallel: bool = True, max_parallel: int = 8):
+        super().__init__(blocks)
+        if isinstance(max_parallel, bool) or not isinstance(max_parallel, int) or max_parallel < 1:
+            raise MorseError(f"max_parallel={max_parallel!r} must be a whole number >= 1 (steps decoded in one call)")
+        self.parallel, self.max_parallel = parallel, max_parallel
 
     def capture_modules(self) -> dict[str, nn.Module]:
         b = self.blocks
         return {**{f"in{i}": m for i, m in enumerate(b.input_blocks)}, "middle": b.middle_block}
 
-    def __call__(self, backbone_call, x, t, anchor, context, kwargs, sigma=None):
+    def can_batch(self, kwargs: dict) -> bool:
+        """Whether the steps of a span may share one call: the host says no where its patches split the batch."""
+        host_ok = getattr(self.blocks, "can_batch", None)
+        return self.parallel and (host_ok is None or host_ok(kwargs))
+
+    def _decode(self, x, t, features: dict, context, kwargs):
         b = self.blocks
+        state = b.prepare(x, t, context, kwargs)
+        hs = [features[f"in{i}"] for i in range(self.n_blocks)]
+        h = features["middle"]
+        for j in range(self.n_blocks):
+            skip = hs.pop()
+            h = b.output(j, h, skip, state, hs[-1].shape if hs else None)
+        return b.head(h, state, x)
+
+    def __call__(self, backbone_call, x, t, anchor, context, kwargs, sigma=None):
         with torch.no_grad():
-            state = b.prepare(x, t, context, kwargs)
-            hs = [anchor.features[f"in{i}"] for i in range(self.n_blocks)]
-            h = anchor.features["middle"]
-            for j in range(self.n_blocks):
-                skip = hs.pop()
-                h = b.output(j, h, skip, state, hs[-1].shape if hs else None)
-            return b.head(h, state, x)
+            return self._decode(x, t, anchor.features, context, kwargs)
+
+    def decode_span(self, x, times: Sequence[torch.Tensor], anchor, context, kwargs) -> list[torch.Tensor]:
+        """The fill's outputs at each of ``times`` (each shaped like this call's timestep), in one batched call:
+        the batch is the call's batch once per time, the anchor's features and the context repeated."""
+        m = len(times)
+        if m == 1:
+            return [self(None, x, times[0], anchor, context, kwargs)]
+        n = x.shape[0]
+
+        def rep(v):
+            return v.repeat(m, *[1] * (v.ndim - 1)) if isinstance(v, torch.Tensor) and v.shape[:1] == (n,) else v
+
+        t = torch.cat([tt.reshape(-1).expand(n) for tt in times])
+        with torch.no_grad():
+            out = self._decode(rep(x), t, {k: rep(v) for k, v in anchor.features.items()}, rep(context),
+                               {k: rep(v) for k, v in kwargs.items()})
+        return list(out.chunk(m))
 
 
 #: Fills that rerun Dash's blocks, by the name a user picks them with; each takes the host's UNetBlocks.

@@ -11,6 +11,9 @@ and scheduler works unchanged. Per run it:
   separate calls), so every entry is filled from its own latest Dash step;
 * runs Dash whenever an entry has no usable anchor (first call, a new cond, a changed batch
   or resolution), so bad timing costs speed, never correctness;
+* serves a fill that can decode a span of steps at once (encoder propagation) in one batched call for the
+  steps up to the next Dash step, when the host says how a sigma maps to its timestep, and hands each step
+  its output as the sampler reaches it (calls between steps are filled one at a time);
 * forgets everything when the run ends, also when it raises or is interrupted.
 """
 from __future__ import annotations
@@ -38,6 +41,7 @@ class RunSummary:
     dash_calls: int = 0
     dot_calls: int = 0
     fallback_calls: int = 0  # Dot steps that ran Dash for want of a usable anchor
+    decoded_ahead: int = 0  # fill calls served from a span decoded in one batched call (parallel decoding)
     dash_seconds: float = 0.0
     dot_seconds: float = 0.0
     filler: str = ""
@@ -72,7 +76,9 @@ class RunSummary:
                                               f"N {n:.2f} from the Dot file" if n else "N unmeasured")
         return (
             f"Morse: {len(self.dash_steps)} Dash steps, {fills} {self.filler} steps {of} "
-            f"({self.dash_calls} Dash calls, {self.dot_calls} {self.filler} calls, {self.fallback_calls} fell back to Dash); "
+            f"({self.dash_calls} Dash calls, {self.dot_calls} {self.filler} calls"
+            + (f" of which {self.decoded_ahead} decoded ahead in batched calls" if self.decoded_ahead else "")
+            + f", {self.fallback_calls} fell back to Dash); "
             f"{self.lsd(n):.2f} LSD spent vs {ran} for the plain sampler; {self.filler} fill {cost}"
         )
 
@@ -80,7 +86,8 @@ class RunSummary:
 class MorseRun:
     """State of one sampling run; create it with :meth:`MorseRouter.run`."""
 
-    def __init__(self, schedule: DashSchedule, sample_sigmas: Sequence[float], filler: Filler, measure: bool, sync):
+    def __init__(self, schedule: DashSchedule, sample_sigmas: Sequence[float], filler: Filler, measure: bool, sync,
+                 timestep_of: Optional[Callable] = None):
         self.schedule = schedule
         self.sigmas = [float(s) for s in sample_sigmas]
         self.filler = filler
@@ -91,6 +98,9 @@ class MorseRun:
         self.capture = filler.capture_modules() if self.keep_anchors else {}
         self.measure = measure
         self.sync = sync
+        # sigma -> the model's timestep, for steps decoded ahead of time; None: every fill call runs on its own
+        self.timestep_of = timestep_of if hasattr(filler, "decode_span") else None
+        self.decoded: dict[tuple, _Decoded] = {}  # (keys, step) -> an output decoded ahead with its span
         self.summary = RunSummary(steps=schedule.steps, schedule=schedule.pattern(), filler=filler.name, free_fill=filler.free)
 
     def step_of(self, sigma: float) -> int:
@@ -151,9 +161,12 @@ class MorseRun:
             anchors = self._usable_anchors(keys, chunks) if self.filler.accepts(kwargs) else None
             if anchors is not None:
                 anchor = _stack(anchors)
-                out, secs = self._timed(
-                    lambda: self.filler(dash, x, timestep, anchor, context, kwargs, sigma=sigma)
-                )
+                if self._spans(step, sigma, kwargs):
+                    out, secs = self._timed(lambda: self._span_fill(keys, anchors, anchor, x, timestep, context, kwargs, step))
+                else:
+                    out, secs = self._timed(
+                        lambda: self.filler(dash, x, timestep, anchor, context, kwargs, sigma=sigma)
+                    )
                 s.dot_calls += 1
                 s.dot_seconds += secs
                 s.dot_steps.add(step)
@@ -172,6 +185,30 @@ class MorseRun:
         if self.keep_anchors:
             self._store(keys, x, out, timestep, step, sigma, features)
         return out
+
+    def _spans(self, step: int, sigma: float, kwargs) -> bool:
+        """Whether this fill call is on the step grid (not a second-order sampler's call between steps) and may
+        be decoded with the rest of its span."""
+        if self.timestep_of is None or not self.filler.can_batch(kwargs):
+            return False
+        return abs(self.sigmas[step] - sigma) <= 1e-5 * max(abs(sigma), 1e-3)
+
+    def _span_fill(self, keys, anchors, anchor, x, timestep, context, kwargs, step):
+        signature = (tuple(a.step for a in anchors), x.shape, x.dtype)
+        hit = self.decoded.pop((tuple(keys), step), None)
+        if hit is not None and hit.signature == signature and hit.same_inputs(context, kwargs):
+            self.summary.decoded_ahead += 1
+            return hit.out
+        span = [step]
+        while (len(span) < self.filler.max_parallel and span[-1] + 1 < self.schedule.steps
+               and not self.schedule.is_dash(span[-1] + 1)):
+            span.append(span[-1] + 1)
+        times = [timestep] + [torch.as_tensor(self.timestep_of(torch.tensor(self.sigmas[j])), dtype=timestep.dtype,
+                                              device=timestep.device).reshape(-1)[0].expand_as(timestep) for j in span[1:]]
+        outs = self.filler.decode_span(x, times, anchor, context, kwargs)
+        for j, out in zip(span[1:], outs[1:]):
+            self.decoded[(tuple(keys), j)] = _Decoded(out, signature, context, kwargs.get("y"))
+        return outs[0]
 
     def _store(self, keys, x, out, timestep, step, sigma, features=None):
         n = len(keys)
@@ -201,6 +238,26 @@ class MorseRun:
 
     def close(self):
         self.anchors.clear()
+        self.decoded.clear()
+
+
+@dataclass
+class _Decoded:
+    """An output decoded ahead with its span, and what it was decoded from (served only if those still hold)."""
+
+    out: torch.Tensor
+    signature: tuple  # the anchors' steps, the batch shape and dtype
+    context: Optional[torch.Tensor]
+    y: Optional[torch.Tensor]
+
+    def same_inputs(self, context, kwargs) -> bool:
+        return _same(self.context, context) and _same(self.y, kwargs.get("y"))
+
+
+def _same(a, b) -> bool:
+    if a is None or b is None:
+        return a is b
+    return a is b or (a.shape == b.shape and torch.equal(a, b))
 
 
 def _stack(anchors: list[Anchor]) -> Anchor:
@@ -223,9 +280,11 @@ def _stack(anchors: list[Anchor]) -> Anchor:
 class MorseRouter:
     """Holds the schedule and filler; each sampling run gets fresh state from :meth:`run`."""
 
-    def __init__(self, schedule: ScheduleSpec, filler: Optional[Filler] = None, measure: bool = True, sync=None):
+    def __init__(self, schedule: ScheduleSpec, filler: Optional[Filler] = None, measure: bool = True, sync=None,
+                 timestep_of: Optional[Callable] = None):
         self.spec = schedule
         self.filler = filler or ReuseFiller()
+        self.timestep_of = timestep_of
         self.measure = measure
         self.sync = sync
         self.last_summary: Optional[RunSummary] = None
@@ -237,7 +296,7 @@ class MorseRouter:
     def run(self, sample_sigmas):
         """State for one run; dropped when the block exits, however it exits."""
         sigmas = [float(s) for s in (sample_sigmas.tolist() if hasattr(sample_sigmas, "tolist") else sample_sigmas)]
-        run = MorseRun(self.resolve(sigmas), sigmas, self.filler, self.measure, self.sync)
+        run = MorseRun(self.resolve(sigmas), sigmas, self.filler, self.measure, self.sync, self.timestep_of)
         try:
             yield run
         finally:

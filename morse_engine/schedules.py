@@ -175,6 +175,43 @@ class FrontLoaded(ScheduleSpec):
         return f"front-loaded {self.dash_fraction:g} Dash (power {self.power:g}){tail}"
 
 
+#: Faster Diffusion's key steps for SD with 50 DDIM steps (t = 50, 49, 48, 47, 45, 40, 35, 25, 15 counted down
+#: from 50, i.e. step indices 0, 1, 2, 3, 5, 10, 15, 25, 35): dense early, where the encoder features change most.
+FASTER_DIFFUSION_KEY_STEPS = (0, 1, 2, 3, 5, 10, 15, 25, 35)
+FASTER_DIFFUSION_STEPS = 50
+
+
+@dataclass(frozen=True)
+class KeySteps(ScheduleSpec):
+    """Dash on fixed key steps given for ``reference_steps`` steps (by default Faster Diffusion's non-uniform
+    schedule for 50 steps); another step count places them at the same fractions of the run,
+    ``round(i * steps / reference_steps)``. Faster Diffusion's uniform schedule is :class:`EveryK`."""
+
+    key_steps: tuple = FASTER_DIFFUSION_KEY_STEPS
+    reference_steps: int = FASTER_DIFFUSION_STEPS
+
+    def __post_init__(self):
+        super().__post_init__()
+        ref = self.reference_steps
+        if isinstance(ref, bool) or not isinstance(ref, int) or ref < 1:
+            raise ScheduleError(f"reference_steps must be a whole number >= 1 (got {ref!r}); Faster Diffusion's is 50")
+        keys = tuple(self.key_steps)
+        if not keys or any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < ref for i in keys):
+            raise ScheduleError(f"key_steps must be step indices in [0, {ref}) (got {self.key_steps!r}); "
+                                f"for example {FASTER_DIFFUSION_KEY_STEPS}")
+
+    def _base(self, steps):
+        flags = [False] * steps
+        for i in self.key_steps:
+            flags[min(steps - 1, round(i * steps / self.reference_steps))] = True
+        return flags
+
+    def describe(self):
+        name = ("Faster Diffusion key steps" if tuple(self.key_steps) == FASTER_DIFFUSION_KEY_STEPS and
+                self.reference_steps == FASTER_DIFFUSION_STEPS else f"key steps {list(self.key_steps)} of {self.reference_steps}")
+        return name + (f", last {self.final_dash} Dash" if self.final_dash else "")
+
+
 @dataclass(frozen=True)
 class Pattern(ScheduleSpec):
     """An explicit pattern such as ``D..D.D...``: 'D' is Dash, '.' is Dot.

@@ -75,7 +75,9 @@ class MorseSettings:
             )
             filler = DotFiller(dot, backbone)
         sync = torch.cuda.synchronize if device.type == "cuda" else None
-        return MorseRouter(self.spec, filler, measure=True, sync=sync)
+        # sigma -> timestep, so encoder propagation can decode the steps up to the next key step in one call
+        timestep_of = model_patcher.model.model_sampling.timestep
+        return MorseRouter(self.spec, filler, measure=True, sync=sync, timestep_of=timestep_of)
 
 
 def original_fingerprint(model_patcher):

@@ -1,10 +1,10 @@
 """Dash/Dot Schedule: which steps run the full model (Dash) and which the Dot."""
 from comfy_api.latest import io, ui
 
-from ..morse_engine import BudgetSchedule, EveryK, FrontLoaded, MorseError, Pattern
+from ..morse_engine import BudgetSchedule, EveryK, FrontLoaded, KeySteps, MorseError, Pattern
 from .types import CATEGORY, ScheduleType
 
-KINDS = ["every_k", "front_loaded", "pattern", "lsd_budget"]
+KINDS = ["every_k", "front_loaded", "faster_diffusion", "pattern", "lsd_budget"]
 
 
 def build_schedule(kind, k, dash_fraction, pattern, final_dash, budget_lsd, n_speed):
@@ -12,6 +12,8 @@ def build_schedule(kind, k, dash_fraction, pattern, final_dash, budget_lsd, n_sp
         return EveryK(k, final_dash=final_dash)
     if kind == "front_loaded":
         return FrontLoaded(dash_fraction, final_dash=final_dash)
+    if kind == "faster_diffusion":
+        return KeySteps(final_dash=final_dash)
     if kind == "pattern":
         return Pattern(pattern.strip(), final_dash=final_dash)
     if kind == "lsd_budget":
@@ -43,7 +45,9 @@ class DashDotSchedule(io.ComfyNode):
             "The first step is always Dash. Shows the pattern and its cost in LSD (one Dash step = 1 LSD).",
             inputs=[
                 io.Combo.Input("kind", options=KINDS, default="every_k", tooltip=(
-                    "every_k: Dash on every k-th step. front_loaded: more Dash steps early, fewer late. "
+                    "every_k: Dash on every k-th step (Faster Diffusion's uniform key steps). front_loaded: more Dash steps "
+                    "early, fewer late. faster_diffusion: the paper's 9 key steps of 50 (0-3, 5, 10, 15, 25, 35; "
+                    "scaled for other step counts). "
                     "pattern: an explicit string such as D..D. repeated over the steps. "
                     "lsd_budget: the most steps that fit a budget, using the pattern (or every k-th if empty).")),
                 io.Int.Input("k", default=2, min=1, max=100, tooltip="every_k / lsd_budget: Dash on every k-th step (1 = all Dash)."),

@@ -23,6 +23,12 @@ class ComfyUNetBlocks:
         patches = (kwargs.get("transformer_options") or {}).get("patches", {})
         return not any(patches.get(name) for name in UNSERVED_PATCHES)
 
+    def can_batch(self, kwargs: dict) -> bool:
+        """Whether several steps may share one decoder call (parallel decoding): not where the model carries
+        patches or replaced attention, which may split or index the batch by cond/uncond."""
+        options = kwargs.get("transformer_options") or {}
+        return not any(options.get("patches", {}).values()) and not options.get("patches_replace")
+
     def prepare(self, x, t, context, kwargs):
         unet = self.unet
         options = dict(kwargs.get("transformer_options") or {})  # a copy: the blocks write "block" into it

@@ -130,3 +130,57 @@ def test_a_backbone_without_the_block_layout_is_refused_naming_the_fill():
 
 def test_a_feature_fill_is_priced_by_a_measured_n():
     assert not FeatureInheritFiller.free and not EncoderPropagationFiller.free
+
+
+def _guided_run(unet, conditioner, fill, sampler, schedule, steps=12, timestep_of=True):
+    from morse_engine.parameterization import DiscreteSchedule
+    from training.evaluation.samplers import GuidedDenoiser, normal_sigmas, sample
+
+    ms = DiscreteSchedule.from_alphas_cumprod(torch.cumprod(1 - torch.linspace(0.00085**0.5, 0.012**0.5, 1000) ** 2, 0))
+    sigmas = normal_sigmas(ms, steps)
+    cond, uncond = conditioner(torch.tensor([3, 7])), conditioner(torch.full((2,), NULL_CLASS))
+    router = MorseRouter(schedule, fill, timestep_of=ms.timestep if timestep_of else None)
+    noise = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad(), router.run(sigmas) as run:
+        x = sample(sampler, GuidedDenoiser(unet, ms, cond, uncond, 3.0, run=run), noise, sigmas, ms)
+    return x, router.last_summary
+
+
+@pytest.mark.parametrize("sampler", ["euler", "heun"])
+def test_parallel_decoding_gives_the_sequential_samples_with_fewer_calls(dash, sampler):
+    """Faster Diffusion's parallel decoding: the steps up to the next key step decoded in one batched call give
+    the samples of decoding them one at a time (up to the batch's rounding); a second-order sampler's calls
+    between steps are decoded on their own."""
+    from morse_engine import KeySteps
+
+    unet, conditioner = dash
+    blocks = ReferenceBlocks(unet)
+    schedule = KeySteps((0, 2, 6), reference_steps=12)
+    seq, s_seq = _guided_run(unet, conditioner, EncoderPropagationFiller(blocks, parallel=False), sampler, schedule)
+    par, s_par = _guided_run(unet, conditioner, EncoderPropagationFiller(blocks), sampler, schedule)
+    torch.testing.assert_close(par, seq, rtol=1e-4, atol=1e-4)
+    assert s_seq.decoded_ahead == 0 and s_par.dot_calls == s_seq.dot_calls and s_par.fallback_calls == 0
+    # D.D...D.....: the spans are [1], [3, 4, 5] and [7 .. 11]; all but each span's first step are served ahead
+    assert s_par.decoded_ahead == 0 + 2 + 4
+    assert "decoded ahead in batched calls" in s_par.log_line()
+    # without the host's sigma -> timestep map the router cannot know the span's times: one call per step
+    _, s_none = _guided_run(unet, conditioner, EncoderPropagationFiller(blocks), sampler, schedule, timestep_of=False)
+    assert s_none.decoded_ahead == 0
+
+
+def test_the_decoded_span_is_dropped_when_the_run_raises(dash):
+    from morse_engine import KeySteps
+    from morse_engine.parameterization import DiscreteSchedule
+
+    unet, conditioner = dash
+    ms = DiscreteSchedule.from_alphas_cumprod(torch.linspace(0.99, 0.01, 1000))
+    router = MorseRouter(KeySteps((0,), reference_steps=4), EncoderPropagationFiller(ReferenceBlocks(unet)),
+                         timestep_of=ms.timestep)
+    x, t, context = _inputs(conditioner, b=1)
+    sigmas = [3.0, 2.0, 1.0, 0.5, 0.0]
+    with pytest.raises(KeyboardInterrupt), torch.no_grad(), router.run(sigmas) as run:
+        run(unet, x, ms.timestep(torch.tensor(3.0)).expand(1), 3.0, context=context)
+        run(unet, x, ms.timestep(torch.tensor(2.0)).expand(1), 2.0, context=context)
+        kept = dict(run.decoded)
+        raise KeyboardInterrupt
+    assert len(kept) == 2 and not run.decoded and not run.anchors

@@ -92,3 +92,16 @@ def test_budget_schedule_uses_its_own_n_or_the_dots():
         BudgetSchedule(EveryK(2), 10).plan(measured_n=None)
     with pytest.raises(ScheduleError, match="budget_lsd"):
         BudgetSchedule(EveryK(2), 0.5)
+
+
+def test_faster_diffusion_key_steps_are_the_papers_at_50_steps_and_scale_to_others():
+    from morse_engine import KeySteps
+
+    fifty = KeySteps().resolve(50)
+    # the paper's t_key = {50, 49, 48, 47, 45, 40, 35, 25, 15} counted down from t = 50 at step 0
+    assert [i for i, d in enumerate(fifty.dash) if d] == [50 - t for t in (50, 49, 48, 47, 45, 40, 35, 25, 15)]
+    assert KeySteps().resolve(100).dash_steps == 9 and KeySteps().resolve(25).pattern().startswith("DDD..D")
+    assert KeySteps(final_dash=2).resolve(50).dash[-2:] == (True, True)
+    assert "Faster Diffusion" in KeySteps().describe()
+    with pytest.raises(ScheduleError, match="key_steps must be step indices in"):
+        KeySteps((0, 60))

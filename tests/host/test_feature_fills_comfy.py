@@ -53,3 +53,36 @@ def test_morse_ksampler_samples_with_each_feature_fill_and_logs_its_measured_n(h
         assert not torch.equal(out, plain) and not torch.equal(out, reuse)
         line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("Morse:"))
         assert f"3 Dash steps, 3 {name} steps of 6" in line and "N " in line and "measured" in line
+
+
+def test_the_fills_serve_sdxl_and_sd2_v_unets_and_decode_a_span_in_one_call(host):
+    """SDXL's label embedding (the y vector) and SD2's linear transformers go through the fills' block calls:
+    exact at the anchor, and a span decoded in one batched call equals decoding each time on its own."""
+    from tiny_checkpoints import _randomise, tiny_families
+
+    ff, fillers, blocks_mod = _modules(host)
+    for family in ("sdxl", "sd20v"):
+        cls, unet_config = tiny_families(host)[family]
+        model = cls(dict(unet_config)).get_model({}, device=torch.device("cpu"))
+        unet = model.diffusion_model
+        _randomise(unet, torch.Generator().manual_seed(1))
+        g = torch.Generator().manual_seed(0)
+        x, t = torch.randn(2, 4, 16, 16, generator=g), torch.full((2,), 700.0)
+        context = torch.randn(2, 77, unet_config["context_dim"], generator=g)
+        kwargs = {"transformer_options": {}}
+        if unet_config.get("adm_in_channels"):
+            kwargs["y"] = torch.randn(2, unet_config["adm_in_channels"], generator=g)
+        blocks = blocks_mod.ComfyUNetBlocks(unet)
+        for fill in (ff.FeatureInheritFiller(blocks, 1), ff.FeatureInheritFiller(blocks, 2), ff.EncoderPropagationFiller(blocks)):
+            with torch.no_grad(), ff.captured(fill.capture_modules()) as feats:
+                z = unet(x, t, context=context, **kwargs)
+            anchor = fillers.Anchor(x=x, z=z, t=t, step=0, features=dict(feats))
+            with torch.no_grad():
+                assert torch.equal(fill(unet, x, t, anchor, context, kwargs), z), (family, fill.name)
+        times = [t, t - 50, t - 120]
+        span = fill.decode_span(x, times, anchor, context, kwargs)
+        with torch.no_grad():
+            one_by_one = [fill(unet, x, tt, anchor, context, kwargs) for tt in times]
+        for a, b in zip(span, one_by_one):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        assert not torch.equal(span[0], span[2])
