@@ -25,6 +25,9 @@ def morse_inputs():
             "Faster Diffusion). SD1.x/SD2.x/SDXL UNets; a ControlNet step runs Dash.")),
         io.Boolean.Input("allow_other_weights", default=False, optional=True, tooltip=(
             "Use a Dot trained on other weights of the same architecture (a fine-tune or merge). Quality may drop.")),
+        io.Float.Input("prior_noise", default=0.0, min=0.0, max=0.1, step=0.001, optional=True, tooltip=(
+            "Faster Diffusion's prior noise injection: add this times the initial latent before each step of the "
+            "second half (the paper: 0.003 with encoder propagation, for texture). 0 = off. Exact for euler/ddim.")),
     ]
 
 
@@ -59,7 +62,7 @@ class MorseKSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise,
-                dot=None, schedule=None, fill_without_dot="reuse", allow_other_weights=False) -> io.NodeOutput:
+                dot=None, schedule=None, fill_without_dot="reuse", allow_other_weights=False, prior_noise=0.0) -> io.NodeOutput:
         if denoise <= 0:
             raise ValueError("Morse KSampler: denoise is 0, so there is nothing to sample; set denoise above 0 (1.0 for txt2img)")
         if isinstance(schedule, BudgetSchedule):
@@ -70,7 +73,7 @@ class MorseKSampler(io.ComfyNode):
             log.info("Morse: LSD budget %.2f plans %d steps (%s) instead of the steps input %d",
                      schedule.budget_lsd, plan.steps, plan.schedule.pattern(), steps)
             steps = plan.steps
-        settings = MorseSettings(schedule, dot, fill_without_dot or "reuse", bool(allow_other_weights))
+        settings = MorseSettings(schedule, dot, fill_without_dot or "reuse", bool(allow_other_weights), prior_noise or 0.0)
         patched = apply_morse(model, settings)
         (out,) = comfy_nodes.common_ksampler(
             patched, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise=denoise
@@ -93,6 +96,7 @@ class MorseModelPatch(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, dot=None, schedule=None, fill_without_dot="reuse", allow_other_weights=False) -> io.NodeOutput:
-        settings = MorseSettings(schedule, dot, fill_without_dot or "reuse", bool(allow_other_weights))
+    def execute(cls, model, dot=None, schedule=None, fill_without_dot="reuse", allow_other_weights=False,
+                prior_noise=0.0) -> io.NodeOutput:
+        settings = MorseSettings(schedule, dot, fill_without_dot or "reuse", bool(allow_other_weights), prior_noise or 0.0)
         return io.NodeOutput(apply_morse(model, settings))
