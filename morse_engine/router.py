@@ -144,11 +144,14 @@ class MorseRun:
         sigma: float,
         keys: Optional[Sequence[Hashable]] = None,
         context=None,
+        fill_backbone: Optional[Callable] = None,
         **kwargs,
     ) -> torch.Tensor:
         """One model call. ``dash(x, timestep, context=..., **kwargs)`` is the full model.
 
         ``keys`` names the equal batch chunks of ``x`` (e.g. cond uuids); one chunk if None.
+        ``fill_backbone``: how a fill calls the backbone for its own inner calls (the Dot's low-resolution
+        call), where that must differ from a Dash step's call (a host keeps it away from other packs' wrappers).
         """
         step = self.step_of(sigma)
         keys = list(keys) if keys else [None]
@@ -165,7 +168,7 @@ class MorseRun:
                     out, secs = self._timed(lambda: self._span_fill(keys, anchors, anchor, x, timestep, context, kwargs, step))
                 else:
                     out, secs = self._timed(
-                        lambda: self.filler(dash, x, timestep, anchor, context, kwargs, sigma=sigma)
+                        lambda: self.filler(fill_backbone or dash, x, timestep, anchor, context, kwargs, sigma=sigma)
                     )
                 s.dot_calls += 1
                 s.dot_seconds += secs

@@ -53,3 +53,15 @@ def test_feature_fills_are_timed_against_dash_with_a_real_anchor(tmp_path, monke
         assert f["dash_ms"] > 0 and f["fill_ms"] > 0 and f["N"] == pytest.approx(f["dash_ms"] / f["fill_ms"])
     with pytest.raises(SystemExit, match="--fills"):
         bench_latency.main(["--arch", "tiny", "--fills", "nope"])
+
+
+def test_faster_diffusion_whole_runs_are_timed_against_plain_runs(tmp_path, monkeypatch):
+    w = run_tiny(tmp_path, monkeypatch, "--m", "2", "--faster-diffusion", "--fd-steps", "20", "--fd-sequential")[
+        "faster_diffusion_wall_clock"]
+    assert w["steps"] == 20 and w["schedule"].count("D") == 7 and w["schedule"].startswith("DDD.D")
+    for name in ("faster_diffusion", "faster_diffusion_sequential"):
+        assert w[f"{name}_s"] > 0 and w[f"{name}_speedup"] == pytest.approx(w["plain_s"] / w[f"{name}_s"])
+    # the spans after the key steps (DDD.D.D...D...D.....): all but each span's first step are decoded ahead
+    assert w["faster_diffusion_decoded_ahead"] == 0 + 0 + 2 + 2 + 4 and w["faster_diffusion_sequential_decoded_ahead"] == 0
+    with pytest.raises(SystemExit, match="--faster-diffusion times SD1.5-family"):
+        bench_latency.main(["--arch", "sdxl", "--faster-diffusion"])

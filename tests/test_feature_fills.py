@@ -134,9 +134,10 @@ def test_a_feature_fill_is_priced_by_a_measured_n():
 
 def _guided_run(unet, conditioner, fill, sampler, schedule, steps=12, timestep_of=True):
     from morse_engine.parameterization import DiscreteSchedule
+    from training.reference.unet import sd_alphas_cumprod
     from training.evaluation.samplers import GuidedDenoiser, normal_sigmas, sample
 
-    ms = DiscreteSchedule.from_alphas_cumprod(torch.cumprod(1 - torch.linspace(0.00085**0.5, 0.012**0.5, 1000) ** 2, 0))
+    ms = DiscreteSchedule.from_alphas_cumprod(sd_alphas_cumprod())
     sigmas = normal_sigmas(ms, steps)
     cond, uncond = conditioner(torch.tensor([3, 7])), conditioner(torch.full((2,), NULL_CLASS))
     router = MorseRouter(schedule, fill, timestep_of=ms.timestep if timestep_of else None)

@@ -81,7 +81,7 @@ def build_with_comfy(arch: str, comfy_path: str, device) -> torch.nn.Module:
     from .host.comfyui import ComfyUINotFound, import_comfy
 
     try:
-        comfy = import_comfy(Path(comfy_path), device.type)
+        comfy = import_comfy(Path(comfy_path), device.type, pytorch_attention=True)  # as ComfyUI runs on a GPU
     except ComfyUINotFound as exc:
         raise SystemExit(f"error: {exc}") from None
     import comfy.supported_models
@@ -135,10 +135,11 @@ class Row:
                 "dash_params": self.dash_params, "dot_param_share": self.dot_params / self.dash_params, "stem": self.stem}
 
 
-def cfg_step_inputs(arch: str, device, dtype):
-    """One CFG step of ``arch`` (cond + uncond of one image): x, t, the anchor's t, context, extra kwargs, sync."""
+def cfg_step_inputs(arch: str, device, dtype, px: int | None = None):
+    """One CFG step of ``arch`` (cond + uncond of one image at ``px`` pixels, default the arch's): x, t, the
+    anchor's t, context, extra kwargs, sync."""
     spec = ARCHS[arch]
-    side = spec["resolution"] // 8
+    side = (px or spec["resolution"]) // 8
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 4, side, side, generator=g).to(device, dtype)
     t = torch.full((2,), 500.0, device=device)
@@ -150,9 +151,10 @@ def cfg_step_inputs(arch: str, device, dtype):
 
 
 @torch.no_grad()
-def bench_arch(arch: str, backbone, ms, device, dtype, repeats: int, warmup: int, progress, stems=None) -> list[Row]:
-    spec = ARCHS[arch]
-    x, t, t_s, context, extra, sync = cfg_step_inputs(arch, device, dtype)
+def bench_arch(arch: str, backbone, ms, device, dtype, repeats: int, warmup: int, progress, stems=None,
+               px: int | None = None) -> list[Row]:
+    px = px or ARCHS[arch]["resolution"]
+    x, t, t_s, context, extra, sync = cfg_step_inputs(arch, device, dtype, px)
     dash_params = sum(p.numel() for p in backbone.parameters())
 
     dash = lambda: backbone(x, t, context=context, **extra)  # noqa: E731
@@ -168,32 +170,60 @@ def bench_arch(arch: str, backbone, ms, device, dtype, repeats: int, warmup: int
         dot = dot.to(device, dtype).eval()
         dot_call = lambda: dot(backbone, x, t, x, z, t_s, context=context, sigma=1.0, anchor_sigma=1.1, **extra)  # noqa: E731
         d_t, o_t = interleaved_times(dash, dot_call, repeats, warmup, sync, on_repeat=lambda: progress.update(1))
-        rows.append(Row(arch, spec["resolution"], m, cfg.widths, statistics.median(d_t) * 1e3, statistics.median(o_t) * 1e3,
+        rows.append(Row(arch, px, m, cfg.widths, statistics.median(d_t) * 1e3, statistics.median(o_t) * 1e3,
                         sum(p.numel() for p in dot.parameters()), dash_params, stem))
     return rows
 
 
+def blocks_of(backbone, comfy_path):
+    """The backbone's blocks as the feature fills run them: the nodes' adapter for ComfyUI's UNetModel (loaded
+    from its file: ComfyUI's own ``nodes`` module owns that name), the reference adapter for the project's UNet."""
+    if comfy_path is None:
+        from .reference.blocks import ReferenceBlocks
+
+        return ReferenceBlocks(backbone)
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("morse_unet_blocks", Path(__file__).parents[1] / "nodes" / "unet_blocks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.ComfyUNetBlocks(backbone)
+
+
 @torch.no_grad()
-def bench_fills(arch: str, backbone, names, device, dtype, repeats: int, warmup: int) -> list[dict]:
-    """Dash against each fill that reruns Dash's blocks (``FEATURE_FILLS``), on the project UNet's blocks, with a
-    real anchor: the Dash call 50 timesteps earlier, whose block outputs the fill reads."""
+def bench_fills(arch: str, backbone, blocks, names, device, dtype, repeats: int, warmup: int,
+                px: int | None = None) -> list[dict]:
+    """Dash against each fill that reruns Dash's blocks (``FEATURE_FILLS``) with a real anchor: the Dash call
+    50 timesteps earlier, whose block outputs the fill reads."""
     from morse_engine.feature_fills import FEATURE_FILLS, captured
     from morse_engine.fillers import Anchor
 
-    from .reference.blocks import ReferenceBlocks
-
-    x, t, t_s, context, _, sync = cfg_step_inputs(arch, device, dtype)
+    x, t, t_s, context, extra, sync = cfg_step_inputs(arch, device, dtype, px)
+    kwargs = {"transformer_options": {}, **extra}
     rows = []
     for name in names:
-        fill = FEATURE_FILLS[name](ReferenceBlocks(backbone))
+        fill = FEATURE_FILLS[name](blocks)
         with captured(fill.capture_modules()) as feats:
-            z = backbone(x, t_s, context=context)
+            z = backbone(x, t_s, context=context, **extra)
         anchor = Anchor(x=x, z=z, t=t_s, step=0, features=dict(feats))
-        d_t, f_t = interleaved_times(lambda: backbone(x, t, context=context),  # noqa: B023
-                                     lambda: fill(backbone, x, t, anchor, context, {}), repeats, warmup, sync)  # noqa: B023
+        d_t, f_t = interleaved_times(lambda: backbone(x, t, context=context, **extra),  # noqa: B023
+                                     lambda: fill(backbone, x, t, anchor, context, kwargs), repeats, warmup, sync)  # noqa: B023
         dash_ms, fill_ms = statistics.median(d_t) * 1e3, statistics.median(f_t) * 1e3
-        rows.append({"arch": arch, "fill": name, "dash_ms": dash_ms, "fill_ms": fill_ms, "N": dash_ms / fill_ms})
+        rows.append({"arch": arch, "resolution": x.shape[-1] * 8, "fill": name, "dash_ms": dash_ms, "fill_ms": fill_ms, "N": dash_ms / fill_ms})
     return rows
+
+
+def bench_faster_diffusion(arch, backbone, blocks, device, dtype, args) -> dict:
+    from tqdm.auto import tqdm
+
+    from .evaluation.latency import sampling_wall_clock
+
+    x, _, _, context, _, sync = cfg_step_inputs(arch, device, dtype, args.resolution)
+    noise = torch.randn(x[:1].shape, generator=torch.Generator().manual_seed(2)).to(device, dtype)
+    runs = 3 if args.fd_sequential else 2
+    with tqdm(total=runs * args.fd_steps, desc="whole runs (model calls)", dynamic_ncols=True) as bar:
+        return sampling_wall_clock(backbone, blocks, context[:1], context[1:], noise, steps=args.fd_steps, sync=sync,
+                                   sequential=args.fd_sequential, progress=bar)
 
 
 def peak_memory_mb(device) -> float:
@@ -258,6 +288,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--m", default="1,2,3", help="Dot down-sampling depths to time, comma-separated")
     p.add_argument("--stem", default=None,
                    help="Dot first level(s) to time, comma-separated: pixel_shuffle, full_res (default: train_dot's)")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="image side in pixels for every architecture (default: sd15 512, sdxl 1024); N depends on it")
     p.add_argument("--repeats", type=int, default=3, help="timed calls of each (median reported)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -270,7 +302,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--train-m", type=int, default=2)
     p.add_argument("--fills", default=None,
                    help="also time fills that rerun Dash's blocks, comma-separated (inherit_k1, inherit_k2, propagate); "
-                        "on the project's UNet only")
+                        "on ComfyUI's UNet where one is given, else on the project's")
+    p.add_argument("--faster-diffusion", action="store_true",
+                   help="also time whole 50-step Euler runs with CFG on the first architecture (sd15 or tiny): plain, "
+                        "and with Faster Diffusion's key steps, encoder propagation and parallel decoding")
+    p.add_argument("--fd-steps", type=int, default=50, help="steps of the --faster-diffusion runs")
+    p.add_argument("--fd-sequential", action="store_true",
+                   help="with --faster-diffusion: also the run that decodes each step on its own")
     p.add_argument("--json", type=Path, default=None, help="also write the figures here")
     return p
 
@@ -306,7 +344,9 @@ def main(argv=None) -> int:
     for name in fill_names:
         if name not in FEATURE_FILLS:
             raise SystemExit(f"error: --fills {name!r} is not one of {sorted(FEATURE_FILLS)}")
-    rows, sources, training, fill_rows = [], {}, None, []
+    if args.faster_diffusion and archs[0] not in ("sd15", "tiny"):
+        raise SystemExit("error: --faster-diffusion times SD1.5-family runs (no y vector); put sd15 first in --arch")
+    rows, sources, training, fill_rows, wall_clock = [], {}, None, [], None
     with tqdm(total=len(archs) * len(ms) * len(stems or [0]) * args.repeats, desc="timing", dynamic_ncols=True) as bar:
         for arch in archs:
             if comfy_path and arch != "tiny":
@@ -316,11 +356,13 @@ def main(argv=None) -> int:
                 sources[arch] = "project UNet" + (" in SD1.5 layout (no ComfyUI given)" if arch == "sd15" else "")
             randomize(backbone)
             backbone = backbone.to(device, dtype).eval()
-            rows += bench_arch(arch, backbone, ms, device, dtype, args.repeats, args.warmup, bar, stems)
+            rows += bench_arch(arch, backbone, ms, device, dtype, args.repeats, args.warmup, bar, stems, args.resolution)
+            blocks = blocks_of(backbone, comfy_path if arch != "tiny" else None)
             if fill_names:
-                if sources[arch] == "ComfyUI UNetModel":
-                    raise SystemExit("error: --fills times the project's UNet; run it without --comfyui/COMFYUI_PATH")
-                fill_rows += bench_fills(arch, backbone, fill_names, device, dtype, args.repeats, args.warmup)
+                fill_rows += bench_fills(arch, backbone, blocks, fill_names, device, dtype, args.repeats, args.warmup,
+                                         args.resolution)
+            if args.faster_diffusion and arch == archs[0]:
+                wall_clock = bench_faster_diffusion(arch, backbone, blocks, device, dtype, args)
             if args.train_steps and arch == archs[0]:
                 if dtype != torch.float32:
                     backbone = backbone.float()  # the trainer keeps fp32 master weights
@@ -341,6 +383,14 @@ def main(argv=None) -> int:
         print(f"  {r.arch} m={r.m} {r.stem} (N {r.n:.2f}): {cells}")
     for f in fill_rows:
         print(f"fill {f['fill']:>10} on {f['arch']}: Dash {f['dash_ms']:.1f} ms, fill {f['fill_ms']:.1f} ms, N {f['N']:.2f}")
+    if wall_clock:
+        w = wall_clock
+        print(f"\n{w['steps']} Euler steps with CFG 7.5, one image, wall clock in one run: plain {w['plain_s']:.1f} s; "
+              f"Faster Diffusion ({w['schedule'].count('D')} key steps, parallel decoding) {w['faster_diffusion_s']:.1f} s "
+              f"= {w['faster_diffusion_speedup']:.2f}x")
+        if "faster_diffusion_sequential_s" in w:
+            print(f"  decoding each step on its own: {w['faster_diffusion_sequential_s']:.1f} s "
+                  f"= {w['faster_diffusion_sequential_speedup']:.2f}x")
     if training:
         print(f"\nDot training on {training['arch']} (m={training['m']}, batch {training['batch']}, {training['steps']} steps): "
               f"{training['samples_per_s']:.3f} samples/s, peak memory {training['peak_mb']:.0f} MiB "
@@ -351,7 +401,7 @@ def main(argv=None) -> int:
         report = {"machine": machine, "device": str(device), "dtype": str(dtype), "torch": torch.__version__,
                   "date": datetime.date.today().isoformat(), "repeats": args.repeats, "sources": sources,
                   "rows": [dict(r.to_dict(), schedules=schedule_table(r.n)) for r in rows], "training": training,
-                  "fills": fill_rows}
+                  "fills": fill_rows, "faster_diffusion_wall_clock": wall_clock}
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2))
         print(f"wrote {args.json}")

@@ -7,7 +7,6 @@ import time
 import torch
 
 
-
 def timed(fn, sync=None) -> float:
     """Wall seconds of one call; ``sync`` (e.g. torch.cuda.synchronize) brackets it on an async device."""
     if sync:
@@ -50,3 +49,47 @@ def measure_n(unet, dot, x: torch.Tensor, context: torch.Tensor, t: float = 500.
         repeats, warmup=2, sync=sync)
     dash, dot_s = statistics.median(dash_t), statistics.median(dot_t)
     return {"dash_seconds": dash, "dot_seconds": dot_s, "N": dash / dot_s, "batch": b, "shape": list(x.shape[1:])}
+
+
+@torch.no_grad()
+def sampling_wall_clock(unet, blocks, cond, uncond, noise, steps: int = 50, cfg: float = 7.5, sync=None,
+                        sequential: bool = False, progress=None) -> dict:
+    """Wall seconds of whole Euler/DDIM runs with CFG: ``steps`` plain steps, and the same steps with Faster
+    Diffusion (its key steps, encoder propagation, the spans decoded in one batched call each), one after the
+    other in this process, on SD's noise schedule (scaled-linear betas 0.00085 to 0.012).
+    ``sequential``: also the Faster Diffusion run with each step decoded on its own (what the batching buys)."""
+    from morse_engine import KeySteps, MorseRouter
+    from morse_engine.feature_fills import EncoderPropagationFiller
+    from morse_engine.parameterization import DiscreteSchedule
+    from ..reference.unet import sd_alphas_cumprod
+
+    from .samplers import GuidedDenoiser, normal_sigmas, sample
+
+    ms = DiscreteSchedule.from_alphas_cumprod(sd_alphas_cumprod())
+    sigmas = normal_sigmas(ms, steps).to(noise.device)
+
+    def counted(den):
+        def model(x, sigma):
+            if progress:
+                progress.update(1)
+            return den(x, sigma)
+        return model
+
+    def run(router):
+        def go():
+            if router is None:
+                return sample("euler", counted(GuidedDenoiser(unet, ms, cond, uncond, cfg)), noise, sigmas, ms)
+            with router.run(sigmas) as morse:
+                return sample("euler", counted(GuidedDenoiser(unet, ms, cond, uncond, cfg, run=morse)), noise, sigmas, ms)
+        return timed(go, sync)
+
+    fills = {"faster_diffusion": EncoderPropagationFiller(blocks)}
+    if sequential:
+        fills["faster_diffusion_sequential"] = EncoderPropagationFiller(blocks, parallel=False)
+    out = {"steps": steps, "schedule": KeySteps().resolve(steps).pattern(), "plain_s": run(None)}
+    for name, fill in fills.items():
+        router = MorseRouter(KeySteps(), fill, measure=False, sync=sync, timestep_of=ms.timestep)
+        out[f"{name}_s"] = run(router)
+        out[f"{name}_speedup"] = out["plain_s"] / out[f"{name}_s"]
+        out[f"{name}_decoded_ahead"] = router.last_summary.decoded_ahead
+    return out
