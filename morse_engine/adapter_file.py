@@ -76,6 +76,8 @@ def save_dot(
         "base_family": base_family,
         "dash_architecture": fingerprint.architecture,
         "dash_weights_probe": json.dumps(list(fingerprint.weights)),
+        **({"dash_weights_sample": json.dumps(list(fingerprint.sample)), "dash_weights_sample_dtype": fingerprint.sample_dtype}
+           if fingerprint.sample is not None else {}),
         "measured_n": "" if measured_n is None else repr(float(measured_n)),
         "training": json.dumps(training or {}),
     }
@@ -128,7 +130,10 @@ def read_dot_info(path) -> DotFileInfo:
         )
     try:
         config = DotConfig.from_dict(migrate_config(json.loads(meta["config"]), int(version)))
-        fingerprint = BackboneFingerprint(meta["dash_architecture"], tuple(json.loads(meta["dash_weights_probe"])))
+        sample = meta.get("dash_weights_sample")
+        fingerprint = BackboneFingerprint(meta["dash_architecture"], tuple(json.loads(meta["dash_weights_probe"])),
+                                          tuple(json.loads(sample)) if sample else None,
+                                          meta.get("dash_weights_sample_dtype") or "float32")
         measured_n = float(meta["measured_n"]) if meta.get("measured_n") else None
         training = json.loads(meta.get("training") or "{}")
     except (KeyError, TypeError, ValueError) as exc:

@@ -1,4 +1,6 @@
 """Load Dot Model: pick a Dot adapter file from the dot_models folder."""
+import logging
+
 from comfy_api.latest import io
 
 from ..morse_engine import DotAdapter, MorseError
@@ -32,4 +34,8 @@ class LoadDotModel(io.ComfyNode):
             adapter = DotAdapter(path)
         except MorseError as exc:
             raise ValueError(f"Load Dot Model: {exc}") from None
+        if adapter.info.fingerprint.weak:
+            logging.getLogger("morse").info(
+                "Morse: '%s' was saved before the weight sample, so only its older check (16 tensor means) tells other "
+                "weights apart, and a small fine-tune or merge passes it; retrain it to get the stronger check", dot_name)
         return io.NodeOutput(adapter)

@@ -135,13 +135,29 @@ def test_a_control_input_runs_dash_on_every_step(host, tiny, fill, caplog):
 
 def test_parallel_decoding_matches_decoding_each_step_and_batches_the_span(host, tiny, caplog, monkeypatch):
     """Faster Diffusion's key steps with encoder propagation: the steps up to each key step decoded in one call
-    give the samples of decoding them one by one."""
-    ff = __import__(host.engine.__name__ + ".feature_fills", fromlist=["x"])
+    (as on a GPU) give the samples of decoding them one by one (the CPU's default)."""
+    hooks = __import__(host.pack.__name__ + ".nodes.sampling_hooks", fromlist=["x"])
     schedule = host.engine.KeySteps()
-    par, calls, line = logged(caplog, lambda: morse(host, tiny, steps=25, schedule=schedule, fill_without_dot="propagate"))
-    assert "decoded ahead in batched calls" in line and calls["fallback"] == 0
-    monkeypatch.setattr(ff.EncoderPropagationFiller, "can_batch", lambda self, kwargs: False)
-    seq, _, seq_line = logged(caplog, lambda: morse(host, tiny, steps=25, schedule=schedule, fill_without_dot="propagate"))
-    assert "decoded ahead" not in seq_line
+    seq, calls, seq_line = logged(caplog, lambda: morse(host, tiny, steps=25, schedule=schedule, fill_without_dot="propagate"))
+    assert "decoded ahead" not in seq_line and calls["fallback"] == 0  # this is a CPU
+    monkeypatch.setattr(hooks, "decodes_spans_at_once", lambda device: True)
+    par, _, line = logged(caplog, lambda: morse(host, tiny, steps=25, schedule=schedule, fill_without_dot="propagate"))
+    assert "decoded ahead in batched calls" in line
     torch.testing.assert_close(par, seq, rtol=1e-4, atol=1e-4)
     assert not torch.equal(par, ksampler(host, tiny, steps=25))
+
+
+def test_prior_noise_injection_changes_only_the_late_steps_and_leaves_no_wrapper(host, tiny, caplog):
+    """Faster Diffusion's prior noise injection on Morse KSampler: a small change of the sample, none with 0."""
+    plain = ksampler(host, tiny, steps=10)
+    dash_only = host.engine.EveryK(1)
+    assert torch.equal(morse(host, tiny, steps=10, schedule=dash_only, prior_noise=0.0), plain)
+    injected = morse(host, tiny, steps=10, schedule=dash_only, prior_noise=0.003)
+    assert torch.isfinite(injected).all() and not torch.equal(injected, plain)
+    assert (injected - plain).abs().mean() < 0.1 * plain.abs().mean()  # a texture-sized change, not a new image
+    # with Faster Diffusion's whole recipe: key steps, encoder propagation, the injection
+    out = morse(host, tiny, steps=20, schedule=host.engine.KeySteps(), fill_without_dot="propagate", prior_noise=0.003)
+    assert torch.isfinite(out).all()
+    assert not tiny.get_wrappers(host.comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE, "morse")
+    with pytest.raises(ValueError, match="prior_noise"):
+        morse(host, tiny, steps=4, prior_noise=5.0)

@@ -243,8 +243,24 @@ def test_dot_for_another_model_is_refused_when_sampling_starts(host, tiny, dot_f
 
     dot = node(host, "MorseLoadDotModel").execute(save_test_dot(host, tiny, dot_folder)).result[0]
     other = build_tiny_sd15(host, seed=99)
-    with pytest.raises(host.engine.DotMismatchError, match="other weights"):
+    with pytest.raises(ValueError, match="^Morse: .*other weights"):
         morse(host, other, "euler", schedule=schedule(host, "D."), dot=dot)
+    # the synthetic fine-tune (zero-mean noise of 10% of each tensor's std) and rank-8 merge (5% on the
+    # attention weights), baked into the checkpoint's weights: other weights too
+    g = torch.Generator().manual_seed(5)
+    for change in ("fine-tune", "merge"):
+        changed = build_tiny_sd15(host)
+        with torch.no_grad():
+            for name, p in changed.model.diffusion_model.named_parameters():
+                if change == "fine-tune" and p.numel() > 1:
+                    p.add_(0.1 * p.std() * torch.randn(p.shape, generator=g))
+                elif change == "merge" and ".attn" in name and p.dim() == 2:
+                    delta = torch.randn(p.shape[0], 8, generator=g) @ torch.randn(8, p.shape[1], generator=g)
+                    p.add_(0.05 * p.abs().mean() * delta / delta.abs().mean())
+        with pytest.raises(ValueError, match="^Morse: .*other weights"):
+            morse(host, changed, "euler", schedule=schedule(host, "D."), dot=dot)
+        assert torch.isfinite(morse(host, changed, "euler", schedule=schedule(host, "D."), dot=dot,
+                                    allow_other_weights=True)).all()
 
 
 def test_schedule_node_shows_pattern_and_cost(host):
