@@ -1,7 +1,11 @@
-"""Writes example_workflows/*.json (ComfyUI's UI workflow format) from one description each.
+"""Writes example_workflows/*.json (ComfyUI's UI workflow format), the templates ComfyUI lists for the pack.
 
-Run: python scripts/make_example_workflows.py
-Kept as code so the node wiring is written once and the files stay consistent.
+Run: python scripts/make_example_workflows.py   (thumbnails: python scripts/make_template_thumbnails.py)
+
+Kept as code so the wiring is written once and the files stay consistent. Every template runs as loaded on
+a fresh install with the pack alone: the fills are training-free, and where a Dot is shown its loader is
+muted (a note says how to train one and unmute it). Nodes are placed in columns from their sizes, so no two
+overlap (tests/test_example_workflows.py checks the rectangles; the frontend test checks them as drawn).
 """
 import json
 from pathlib import Path
@@ -29,32 +33,58 @@ SPECS = {
     "PreviewAny": ([("source", "*")], []),
     "VAEDecode": ([("samples", "LATENT"), ("vae", "VAE")], [("IMAGE", "IMAGE")]),
     "SaveImage": ([("images", "IMAGE")], []),
+    "Note": ([], []),
 }
+# width, height as the frontend draws them (at least its computed minimum for the widgets)
+SIZES = {
+    "CheckpointLoaderSimple": (320, 100), "CLIPTextEncode": (400, 200), "EmptyLatentImage": (320, 110),
+    "LoadImage": (320, 330), "VAEEncode": (210, 50), "KSampler": (320, 270), "MorseKSampler": (340, 400),
+    "MorseLoadDotModel": (340, 60), "MorseDashDotSchedule": (340, 290), "PreviewAny": (340, 160),
+    "VAEDecode": (210, 50), "SaveImage": (320, 300), "Note": (400, 220),
+}
+COLUMNS = (40, 480, 940, 1340, 1620)  # x of each column: loaders, prompts/Morse inputs, samplers, decode, save
+GAP = 50  # vertical space between nodes (the title bar is drawn above a node's position)
+MUTED = 2  # the frontend's mode "never": the node and its links are left out of the prompt
+
+SD15 = {"name": "v1-5-pruned-emaonly-fp16.safetensors", "directory": "checkpoints",
+        "url": "https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive/resolve/main/v1-5-pruned-emaonly-fp16.safetensors"}
+SDXL = {"name": "sd_xl_base_1.0.safetensors", "directory": "checkpoints",
+        "url": "https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/resolve/main/sd_xl_base_1.0.safetensors"}
 
 
 class Workflow:
     def __init__(self):
         self.nodes, self.links = [], []
+        self.next_y = {x: 40 for x in COLUMNS}
 
-    def add(self, type_, pos, widgets, title=None):
+    def add(self, type_, column, widgets, title=None, mode=0, properties=None, height=None):
         inputs, outputs = SPECS[type_]
+        x = COLUMNS[column]
+        w, h = SIZES[type_]
+        h = height or h
         node = {
             "id": len(self.nodes) + 1,
             "type": type_,
-            "pos": list(pos),
-            "size": [320, 130],
+            "pos": [x, self.next_y[x]],
+            "size": [w, h],
             "flags": {},
             "order": len(self.nodes),
-            "mode": 0,
+            "mode": mode,
             "inputs": [{"name": n, "type": t, "link": None} for n, t in inputs],
             "outputs": [{"name": n, "type": t, "links": [], "slot_index": i} for i, (n, t) in enumerate(outputs)],
-            "properties": {"Node name for S&R": type_},
+            "properties": {"Node name for S&R": type_, **(properties or {})},
             "widgets_values": list(widgets),
         }
         if title:
             node["title"] = title
+        self.next_y[x] += h + GAP
         self.nodes.append(node)
         return node
+
+    def skip_to(self, column, y):
+        """Start the next node of ``column`` no higher than ``y`` (to line a branch up with another)."""
+        x = COLUMNS[column]
+        self.next_y[x] = max(self.next_y[x], y)
 
     def link(self, src, out_name, dst, in_name):
         out_slot = next(i for i, o in enumerate(src["outputs"]) if o["name"] == out_name)
@@ -79,79 +109,137 @@ class Workflow:
         (OUT / name).write_text(json.dumps(data, indent=1) + "\n")
 
 
-def text_encoders(wf, ckpt, positive, negative):
-    pos = wf.add("CLIPTextEncode", (420, 60), [positive], "Positive")
-    neg = wf.add("CLIPTextEncode", (420, 260), [negative], "Negative")
+def checkpoint(wf, model):
+    return wf.add("CheckpointLoaderSimple", 0, [model["name"]], properties={"models": [model]})
+
+
+def prompts(wf, ckpt, positive, negative):
+    pos = wf.add("CLIPTextEncode", 1, [positive], "Positive")
+    neg = wf.add("CLIPTextEncode", 1, [negative], "Negative")
     wf.link(ckpt, "CLIP", pos, "clip")
     wf.link(ckpt, "CLIP", neg, "clip")
     return pos, neg
 
 
-def morse_branch(wf, ckpt, pos, neg, latent, latent_out, dot_file, y, steps, cfg, sampler, scheduler, denoise, pattern):
-    dot = wf.add("MorseLoadDotModel", (420, y), [dot_file])
-    sched = wf.add("MorseDashDotSchedule", (420, y + 170), ["pattern", 2, 0.5, pattern, 1, 10.0, 0.0, steps])
-    preview = wf.add("PreviewAny", (420, y + 480), [])
-    ks = wf.add("MorseKSampler", (800, y), [7, "fixed", steps, cfg, sampler, scheduler, denoise, "reuse", False])
+def schedule(wf, kind, steps, pattern="D.", k=2):
+    sched = wf.add("MorseDashDotSchedule", 1, [kind, k, 0.5, pattern, 0, 10.0, 0.0, steps])
+    preview = wf.add("PreviewAny", 1, [], "Schedule preview")
+    wf.link(sched, "description", preview, "source")
+    return sched
+
+
+def morse_sampler(wf, ckpt, pos, neg, latent, sched, steps, cfg, sampler, scheduler, denoise, fill, prior_noise=0.0, dot=None):
+    ks = wf.add("MorseKSampler", 2, [7, "fixed", steps, cfg, sampler, scheduler, denoise, fill, False, prior_noise])
     wf.link(ckpt, "MODEL", ks, "model")
     wf.link(pos, "CONDITIONING", ks, "positive")
     wf.link(neg, "CONDITIONING", ks, "negative")
-    wf.link(latent, latent_out, ks, "latent_image")
-    wf.link(dot, "DOT_MODEL", ks, "dot")
+    wf.link(latent, "LATENT", ks, "latent_image")
     wf.link(sched, "MORSE_SCHEDULE", ks, "schedule")
-    wf.link(sched, "description", preview, "source")
+    if dot is not None:
+        wf.link(dot, "DOT_MODEL", ks, "dot")
     return ks
 
 
-def decode_save(wf, ckpt, sampler_node, y, prefix):
-    dec = wf.add("VAEDecode", (1160, y), [])
-    save = wf.add("SaveImage", (1400, y), [prefix])
+def plain_sampler(wf, ckpt, pos, neg, latent, steps, cfg, sampler, scheduler, denoise):
+    ks = wf.add("KSampler", 2, [7, "fixed", steps, cfg, sampler, scheduler, denoise], "KSampler (for comparison)")
+    wf.link(ckpt, "MODEL", ks, "model")
+    wf.link(pos, "CONDITIONING", ks, "positive")
+    wf.link(neg, "CONDITIONING", ks, "negative")
+    wf.link(latent, "LATENT", ks, "latent_image")
+    return ks
+
+
+def decode_save(wf, ckpt, sampler_node, prefix):
+    wf.skip_to(3, sampler_node["pos"][1])
+    wf.skip_to(4, sampler_node["pos"][1])
+    dec = wf.add("VAEDecode", 3, [])
+    save = wf.add("SaveImage", 4, [prefix])
+    wf.skip_to(3, save["pos"][1] + save["size"][1] + GAP)  # the next pair starts below this one
     wf.link(sampler_node, "LATENT", dec, "samples")
     wf.link(ckpt, "VAE", dec, "vae")
     wf.link(dec, "IMAGE", save, "images")
 
 
-def txt2img(name, ckpt_name, dot_file, size, steps, cfg, note):
+def txt2img(name, model, size, steps, cfg, fill, kind, note, pattern="D.", prior_noise=0.0, with_dot=False,
+            sampler="euler", scheduler="normal"):
     wf = Workflow()
-    ckpt = wf.add("CheckpointLoaderSimple", (40, 200), [ckpt_name])
-    pos, neg = text_encoders(wf, ckpt, "a lighthouse on a cliff at sunset, detailed, photograph", "blurry, low quality")
-    latent = wf.add("EmptyLatentImage", (40, 420), [size, size, 1])
-    plain = wf.add("KSampler", (800, 620), [7, "fixed", steps, cfg, "euler", "normal", 1.0], "KSampler (for comparison)")
-    wf.link(ckpt, "MODEL", plain, "model")
-    wf.link(pos, "CONDITIONING", plain, "positive")
-    wf.link(neg, "CONDITIONING", plain, "negative")
-    wf.link(latent, "LATENT", plain, "latent_image")
-    morse = morse_branch(wf, ckpt, pos, neg, latent, "LATENT", dot_file, 40, steps, cfg, "euler", "normal", 1.0, "D.")
-    decode_save(wf, ckpt, morse, 40, "morse")
-    decode_save(wf, ckpt, plain, 620, "ksampler")
+    wf.add("Note", 0, [note], "About this template", height=300)
+    ckpt = checkpoint(wf, model)
+    latent = wf.add("EmptyLatentImage", 0, [size, size, 1])
+    dot = None
+    if with_dot:
+        wf.add("Note", 0, [DOT_NOTE], "How to use a Dot", height=260)
+        dot = wf.add("MorseLoadDotModel", 0, ["my_checkpoint_dot.safetensors"], "Load Dot Model (muted: unmute with Ctrl+M)",
+                     mode=MUTED)
+    pos, neg = prompts(wf, ckpt, "a lighthouse on a cliff at sunset, detailed, photograph", "blurry, low quality")
+    sched = schedule(wf, kind, steps, pattern)
+    morse = morse_sampler(wf, ckpt, pos, neg, latent, sched, steps, cfg, sampler, scheduler, 1.0, fill, prior_noise, dot)
+    decode_save(wf, ckpt, morse, "morse")
+    wf.skip_to(2, wf.next_y[COLUMNS[3]])
+    plain = plain_sampler(wf, ckpt, pos, neg, latent, steps, cfg, sampler, scheduler, 1.0)
+    decode_save(wf, ckpt, plain, "ksampler")
     wf.dump(name, note)
 
 
-def img2img(name, ckpt_name, dot_file, note):
+def img2img(name, model, note):
     wf = Workflow()
-    ckpt = wf.add("CheckpointLoaderSimple", (40, 200), [ckpt_name])
-    pos, neg = text_encoders(wf, ckpt, "an oil painting of the same scene", "blurry, low quality")
-    image = wf.add("LoadImage", (40, 420), ["example.png", "image"])
-    encode = wf.add("VAEEncode", (40, 760), [])
+    wf.add("Note", 0, [note], "About this template", height=240)
+    ckpt = checkpoint(wf, model)
+    image = wf.add("LoadImage", 0, ["example.png", "image"])
+    encode = wf.add("VAEEncode", 0, [])
     wf.link(image, "IMAGE", encode, "pixels")
     wf.link(ckpt, "VAE", encode, "vae")
-    morse = morse_branch(wf, ckpt, pos, neg, encode, "LATENT", dot_file, 40, 30, 7.0, "dpmpp_2m", "karras", 0.6, "D.")
-    decode_save(wf, ckpt, morse, 40, "morse_img2img")
+    pos, neg = prompts(wf, ckpt, "an oil painting of the same scene", "blurry, low quality")
+    sched = schedule(wf, "pattern", 30, "D.")
+    morse = morse_sampler(wf, ckpt, pos, neg, encode, sched, 30, 7.0, "dpmpp_2m", "karras", 0.6, "inherit_k2")
+    decode_save(wf, ckpt, morse, "morse_img2img")
     wf.dump(name, note)
+
+
+DOT_NOTE = (
+    "A Dot is trained for one checkpoint; none ships for SD models, so this loader is muted and the Morse KSampler "
+    "fills the non-Dash steps training-free (fill_without_dot) until you have one.\n\n"
+    "1. From ComfyUI/custom_nodes/comfyui-morse, with ComfyUI's Python:\n"
+    "   python -m pip install -r requirements-train.txt\n"
+    "   python -m training.train_dot --checkpoint ../../models/checkpoints/<your model>.safetensors --prompts prompts.txt\n"
+    "2. Press R to refresh, pick the new file in Load Dot Model, unmute it (select it, Ctrl+M) and Run."
+)
 
 
 if __name__ == "__main__":
     OUT.mkdir(exist_ok=True)
+    for old in OUT.glob("*.json"):
+        old.unlink()
     txt2img(
-        "morse_txt2img_sd15.json", "v1-5-pruned-emaonly.safetensors", "sd15_dot.safetensors", 512, 20, 7.0,
-        "SD1.5 txt2img: Morse KSampler (top) next to the same settings in KSampler (bottom). Train sd15_dot.safetensors "
-        "for your checkpoint with python -m training.train_dot and put it in models/dot_models.",
+        "morse_faster_diffusion_sd15.json", SD15, 512, 50, 7.0, "propagate", "faster_diffusion",
+        "Faster Diffusion on Morse KSampler (top), training-free: the checkpoint runs the full UNet on the paper's 9 key "
+        "steps of 50, and the other steps run only its decoder on the last key step's encoder features (on a GPU the "
+        "steps up to the next key step are decoded in one batched call), with prior noise injection 0.003. Below: the same 50 steps in KSampler, to compare "
+        "image and time. The console prints a 'Morse:' line with the steps and LSD spent.",
+        prior_noise=0.003,
+    )
+    txt2img(
+        "morse_feature_inheritance_sd15.json", SD15, 512, 30, 7.0, "inherit_k2", "pattern",
+        "Feature inheritance (A-SDM / DeepCache's shallow branch) on Morse KSampler (top), training-free: every other "
+        "step reruns only the outer 2 UNet blocks per side at full resolution and inherits the deeper features from "
+        "the last full step (pattern D.). Try inherit_k1 for more speed, or another pattern. Below: KSampler.",
+    )
+    txt2img(
+        "morse_dot_sd15.json", SD15, 512, 20, 7.0, "extrapolate", "pattern",
+        "Morse with a Dot (the paper's method): the Dot fills every other step with a learned residual on the last "
+        "Dash estimate. Until you train a Dot for your checkpoint the loader is muted and the other steps are "
+        "extrapolated from the last two Dash estimates (free). Below: KSampler.",
+        with_dot=True,
     )
     img2img(
-        "morse_img2img_sd15.json", "v1-5-pruned-emaonly.safetensors", "sd15_dot.safetensors",
-        "SD1.5 img2img at denoise 0.6 with Morse KSampler and DPM++ 2M Karras.",
+        "morse_img2img_sd15.json", SD15,
+        "img2img at denoise 0.6 with Morse KSampler, DPM++ 2M Karras and feature inheritance (inherit_k2) on every "
+        "other step; training-free. Load your own image in Load Image.",
     )
     txt2img(
-        "morse_txt2img_sdxl.json", "sd_xl_base_1.0.safetensors", "sdxl_dot.safetensors", 1024, 25, 6.0,
-        "SDXL txt2img at 1024 px: Morse KSampler next to KSampler. Needs a Dot trained for your SDXL checkpoint.",
+        "morse_faster_diffusion_sdxl.json", SDXL, 1024, 50, 6.0, "propagate", "faster_diffusion",
+        "SDXL at 1024 px with Faster Diffusion on Morse KSampler (top), training-free: full UNet on the 9 key steps of "
+        "50, the decoder alone on the others. Below: KSampler with the same 50 steps.",
+        prior_noise=0.003,
     )
     print("wrote", sorted(p.name for p in OUT.glob("*.json")))

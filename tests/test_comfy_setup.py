@@ -2,13 +2,18 @@
 
 Nothing here imports ComfyUI (the ComfyUI path is covered by tests/host/test_train_checkpoint.py).
 """
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from training import train_dot
 from training.host import comfy_setup, comfyui, data
 from training.reference.unet import DEFAULT_DASH_PATH
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -41,18 +46,19 @@ def test_no_comfyui_names_all_three_ways(tmp_path, monkeypatch, no_env):
         comfyui.find_comfyui(str(tmp_path))
 
 
-def test_a_comfyui_that_this_python_cannot_import_says_to_use_comfyuis_python(tmp_path, monkeypatch):
+def test_a_comfyui_that_this_python_cannot_import_says_to_use_comfyuis_python(tmp_path):
+    """In a fresh interpreter: in this one a real ComfyUI may already be imported (host tests in the same run),
+    and a fake must neither be shadowed by it nor replace it."""
     root = fake_comfyui(tmp_path / "ComfyUI")
     (root / "comfy" / "__init__.py").write_text("")
     (root / "comfy" / "cli_args.py").write_text("import a_module_only_comfyuis_python_has\n")
-    saved_path = list(sys.path)
-    try:
-        with pytest.raises(comfyui.ComfyUINotFound, match="ComfyUI's own Python"):
-            comfyui.import_comfy(root)
-    finally:  # the fake must not stay importable as 'comfy' for other tests
-        sys.path[:] = saved_path
-        for name in [n for n in sys.modules if n == "comfy" or n.startswith("comfy.")]:
-            del sys.modules[name]
+    code = ("import sys; from pathlib import Path; from training.host import comfyui\n"
+            "try:\n    comfyui.import_comfy(Path(sys.argv[1]))\nexcept comfyui.ComfyUINotFound as exc:\n"
+            "    print(exc); sys.exit(0)\nsys.exit('imported')\n")
+    result = subprocess.run([sys.executable, "-c", code, str(root)], cwd=ROOT, capture_output=True, text=True,
+                            env={k: v for k, v in os.environ.items() if k != "COMFYUI_PATH"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "ComfyUI's own Python" in result.stdout
 
 
 def test_train_dot_refuses_checkpoint_options_with_a_clear_message(tmp_path, monkeypatch, capsys, no_env):
