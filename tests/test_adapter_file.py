@@ -189,3 +189,19 @@ def test_a_file_from_a_newer_pack_is_refused_with_update_it(saved, backbone, tmp
     newer = _rewrite_meta(path, tmp_path / "newer.safetensors", format_version="3")
     with pytest.raises(DotFileError, match="made by a newer version of the pack; update it"):
         load_dot(newer, backbone)
+
+
+def test_a_file_from_before_the_weight_sample_loads_on_the_older_check_and_says_it_is_weak(saved, backbone):
+    path, _ = saved
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    assert not read_dot_info(path).fingerprint.weak
+    old = {k: v for k, v in meta.items() if not k.startswith("dash_weights_sample")}
+    save_file(tensors, str(path), metadata=old)
+    info = read_dot_info(path)
+    assert info.fingerprint.weak
+    load_dot(path, backbone)  # same weights: accepted on the mean probe
+    with pytest.raises(DotMismatchError, match="other weights"):
+        load_dot(path, TinyBackbone(seed=123))
