@@ -60,28 +60,34 @@ class DeepChange(nn.Module):
 
 
 class LearnedInherit(FeatureInheritFiller):
-    """inherit_k1 with the deep feature moved by :class:`DeepChange`."""
+    """inherit_k with the deep feature moved by :class:`DeepChange` (conditioned on input block k-1's output)."""
 
-    def __init__(self, blocks, change: DeepChange):
-        super().__init__(blocks, k=1)
+    def __init__(self, blocks, change: DeepChange, k: int = 1):
+        super().__init__(blocks, k=k)
         self.change = change
-        self.name = "inherit_k1+change"
+        self.name = f"inherit_k{k}+change"
 
     def capture_modules(self):
-        return {**super().capture_modules(), "in0": self.blocks.input_blocks[0]}
+        return {**super().capture_modules(), "in0": self.blocks.input_blocks[self.k - 1]}
 
     gate = True  # scale the change by 1 - sigma_i / sigma_s: none for no jump (where inheriting is exact)
 
     def forward(self, x, t, deep, anchor_shallow, anchor_t, context, kwargs, sigma=None, anchor_sigma=None):
         b = self.blocks
         state = b.prepare(x, t, context, kwargs)
-        h0 = b.input(0, x, state)
-        change = self.change(deep, h0, anchor_shallow, t, anchor_t)
+        hs, h = [], x
+        for i in range(self.k):
+            h = b.input(i, h, state)
+            hs.append(h)
+        change = self.change(deep, h, anchor_shallow, t, anchor_t)
         if self.gate:
             ratio = torch.as_tensor(sigma, dtype=deep.dtype).reshape(-1, 1, 1, 1) / anchor_sigma.reshape(-1, 1, 1, 1)
             change = change * (1 - ratio).clamp(0, 1)
-        deep = deep + change
-        return b.head(b.output(self.n_blocks - 1, deep, h0, state, None), state, x)
+        h = deep + change
+        for j in range(self.n_blocks - self.k, self.n_blocks):
+            skip = hs.pop()
+            h = b.output(j, h, skip, state, hs[-1].shape if hs else None)
+        return b.head(h, state, x)
 
     def __call__(self, backbone_call, x, t, anchor, context, kwargs, sigma=None):
         with torch.no_grad():
@@ -126,23 +132,24 @@ def main():
     p.add_argument("--samples", type=int, default=48)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-gate", action="store_true", help="the change is not scaled by the jump")
+    p.add_argument("--k", type=int, default=1, help="blocks per side rerun at full resolution (inherit_k)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     models = load_models()
     unet = models.unet.eval().requires_grad_(False)
     blocks = ReferenceBlocks(unet)
-    probe = FeatureInheritFiller(blocks, 1)
-    with torch.no_grad(), captured({**probe.capture_modules(), "in0": blocks.input_blocks[0]}) as f:
+    probe = FeatureInheritFiller(blocks, args.k)
+    with torch.no_grad(), captured({**probe.capture_modules(), "in0": blocks.input_blocks[args.k - 1]}) as f:
         unet(torch.zeros(1, 1, 32, 32), torch.tensor([500.0]), context=models.conditioner(torch.tensor([0])))
-    fill = LearnedInherit(blocks, DeepChange(f["deep"].shape[1], f["in0"].shape[1]))
+    fill = LearnedInherit(blocks, DeepChange(f["deep"].shape[1], f["in0"].shape[1]), k=args.k)
     fill.gate = not args.no_gate
     start = time.time()
     train(fill, args.steps, args.batch, args.seed)
     print(f"trained {args.steps} steps in {time.time() - start:.0f} s; "
           f"{sum(p.numel() for p in fill.change.parameters())} parameters")
     work = reference_workload(models, args.samples, args.samples, default_cfg(models.dash_meta), 0, "cpu")
-    fills = [EvalFill("inherit_k1", FeatureInheritFiller(blocks, 1)), EvalFill(fill.name, fill)]
+    fills = [EvalFill(f"inherit_k{args.k}", FeatureInheritFiller(blocks, args.k)), EvalFill(fill.name, fill)]
     for f in fills:
         f.n = measure_fill_n(work, f.filler)["N"]
     rows = compare(work, fills, "euler", [6, 12, 20, 40], "D.", 200)
