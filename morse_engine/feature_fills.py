@@ -92,6 +92,15 @@ class _FeatureFill(Filler):
         host_ok = getattr(self.blocks, "accepts", None)
         return kwargs.get("control") is None and (host_ok is None or host_ok(kwargs))
 
+    def _up_to_head(self, h, skips: list, state, x):
+        """The last ``len(skips)`` output blocks from the feature ``h`` entering them, each taking its skip
+        (the deepest last in ``skips``), then the head."""
+        b = self.blocks
+        for j in range(self.n_blocks - len(skips), self.n_blocks):
+            skip = skips.pop()
+            h = b.output(j, h, skip, state, skips[-1].shape if skips else None)
+        return b.head(h, state, x)
+
 
 class FeatureInheritFiller(_FeatureFill):
     """Reruns the outer k blocks per side at full resolution; inherits the deep feature from the anchor."""
@@ -118,11 +127,7 @@ class FeatureInheritFiller(_FeatureFill):
             for i in range(self.k):
                 h = b.input(i, h, state)
                 hs.append(h)
-            h = anchor.features["deep"]
-            for j in range(self.n_blocks - self.k, self.n_blocks):
-                skip = hs.pop()
-                h = b.output(j, h, skip, state, hs[-1].shape if hs else None)
-            return b.head(h, state, x)
+            return self._up_to_head(anchor.features["deep"], hs, state, x)
 
 
 class EncoderPropagationFiller(_FeatureFill):
@@ -151,14 +156,8 @@ class EncoderPropagationFiller(_FeatureFill):
         return self.parallel and (host_ok is None or host_ok(kwargs))
 
     def _decode(self, x, t, features: dict, context, kwargs):
-        b = self.blocks
-        state = b.prepare(x, t, context, kwargs)
-        hs = [features[f"in{i}"] for i in range(self.n_blocks)]
-        h = features["middle"]
-        for j in range(self.n_blocks):
-            skip = hs.pop()
-            h = b.output(j, h, skip, state, hs[-1].shape if hs else None)
-        return b.head(h, state, x)
+        state = self.blocks.prepare(x, t, context, kwargs)
+        return self._up_to_head(features["middle"], [features[f"in{i}"] for i in range(self.n_blocks)], state, x)
 
     def __call__(self, backbone_call, x, t, anchor, context, kwargs, sigma=None):
         with torch.no_grad():

@@ -28,6 +28,27 @@ def denoised_from_eps(x, sigma, eps):
     return x - sigma * eps
 
 
+def step_at(sigmas, sigma: float) -> int:
+    """The step at or above ``sigma`` of a descending schedule (``sigmas`` has steps + 1 entries): a call between
+    two steps (second-order samplers) belongs to the earlier one."""
+    step, tol = 0, _sigma_tolerance(sigma)
+    for i in range(len(sigmas) - 1):
+        if sigmas[i] + tol < sigma:
+            break
+        step = i
+    return step
+
+
+def on_step(sigmas, step: int, sigma: float) -> bool:
+    """Whether ``sigma`` is the schedule's own sigma of ``step`` (not a call between steps)."""
+    return abs(sigmas[step] - sigma) <= _sigma_tolerance(sigma)
+
+
+def _sigma_tolerance(sigma: float) -> float:
+    # a sigma that went through float32 on its way to the model still names its step
+    return 1e-5 * max(abs(sigma), 1e-3)
+
+
 def to_eps(x_scaled, sigma, z, prediction: str):
     """The eps implied by a native estimate ``z`` at the scaled input ``x_scaled``.
 

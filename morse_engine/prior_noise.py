@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 import torch
 
 from .errors import MorseError
-from .parameterization import scale_input
+from .parameterization import on_step, scale_input, step_at
 
 
 @dataclass(frozen=True)
@@ -44,22 +44,13 @@ class PriorNoise:
             s = float(torch.as_tensor(sigma).reshape(-1)[0])
             if "z_T" not in state:
                 state["z_T"] = scale_input(x, grid[0]).detach().clone()
-            step = _on_grid(grid, s)
-            if step is None:
-                step = next((i for i in range(len(grid) - 1) if grid[i + 1] < s), len(grid) - 2)  # between steps
-                correct = False
-            else:
-                correct = True
+            step = step_at(grid, s)
             if not self.alpha or not active[step]:
                 return denoise(x, sigma, **kw)
             delta = self.alpha * (s**2 + 1) ** 0.5 * state["z_T"]
             out = denoise(x + delta, sigma, **kw)
             s_next = grid[step + 1]
-            return out + delta * (s_next / (s - s_next)) if correct else out
+            # a call between steps (second-order samplers) sees the shifted input only
+            return out + delta * (s_next / (s - s_next)) if on_step(grid, step, s) else out
 
         return injected
-
-
-def _on_grid(grid, s):
-    tol = 1e-5 * max(abs(s), 1e-3)
-    return next((i for i, g in enumerate(grid[:-1]) if abs(g - s) <= tol), None)

@@ -26,6 +26,7 @@ from typing import Callable, Hashable, Optional, Sequence
 import torch
 
 from .feature_fills import captured
+from .parameterization import on_step, step_at
 from .fillers import Anchor, Filler, ReuseFiller
 from .schedules import DashSchedule, ScheduleSpec
 
@@ -105,14 +106,7 @@ class MorseRun:
 
     def step_of(self, sigma: float) -> int:
         """The step at or above ``sigma`` (sigmas descend)."""
-        step = 0
-        tol = 1e-5 * max(abs(sigma), 1e-3)
-        for i in range(self.schedule.steps):
-            if self.sigmas[i] + tol >= sigma:
-                step = i
-            else:
-                break
-        return step
+        return step_at(self.sigmas, sigma)
 
     def _usable_anchors(self, keys, chunks) -> Optional[list[Anchor]]:
         found = []
@@ -194,7 +188,7 @@ class MorseRun:
         be decoded with the rest of its span."""
         if self.timestep_of is None or not self.filler.can_batch(kwargs):
             return False
-        return abs(self.sigmas[step] - sigma) <= 1e-5 * max(abs(sigma), 1e-3)
+        return on_step(self.sigmas, step, sigma)
 
     def _span_fill(self, keys, anchors, anchor, x, timestep, context, kwargs, step):
         signature = (tuple(a.step for a in anchors), x.shape, x.dtype)
@@ -206,8 +200,8 @@ class MorseRun:
         while (len(span) < self.filler.max_parallel and span[-1] + 1 < self.schedule.steps
                and not self.schedule.is_dash(span[-1] + 1)):
             span.append(span[-1] + 1)
-        times = [timestep] + [torch.as_tensor(self.timestep_of(torch.tensor(self.sigmas[j])), dtype=timestep.dtype,
-                                              device=timestep.device).reshape(-1)[0].expand_as(timestep) for j in span[1:]]
+        times = [timestep] + [torch.full_like(timestep, float(self.timestep_of(torch.tensor(self.sigmas[j]))))
+                              for j in span[1:]]
         outs = self.filler.decode_span(x, times, anchor, context, kwargs)
         for j, out in zip(span[1:], outs[1:]):
             self.decoded[(tuple(keys), j)] = _Decoded(out, signature, context, kwargs.get("y"))

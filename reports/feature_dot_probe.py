@@ -83,11 +83,7 @@ class LearnedInherit(FeatureInheritFiller):
         if self.gate:
             ratio = torch.as_tensor(sigma, dtype=deep.dtype).reshape(-1, 1, 1, 1) / anchor_sigma.reshape(-1, 1, 1, 1)
             change = change * (1 - ratio).clamp(0, 1)
-        h = deep + change
-        for j in range(self.n_blocks - self.k, self.n_blocks):
-            skip = hs.pop()
-            h = b.output(j, h, skip, state, hs[-1].shape if hs else None)
-        return b.head(h, state, x)
+        return self._up_to_head(deep + change, hs, state, x)
 
     def __call__(self, backbone_call, x, t, anchor, context, kwargs, sigma=None):
         with torch.no_grad():
