@@ -3,7 +3,8 @@
 Only safetensors is read or written, never pickle. The metadata says what the Dot is
 (format and version, m, widths, LoRA rank/alpha/targets, latent channels, whether it uses
 the trajectory inputs), what it was trained on (base-model family, fingerprint of the
-Dash weights, a training summary) and how fast it is (measured N).
+Dash weights, a training summary) and how fast it is (measured N); optionally which Dash/fill pattern
+its evaluation measured best per sampler and LSD budget (``pattern_table``, read by the budget planner).
 """
 from __future__ import annotations
 
@@ -20,8 +21,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .dot_model import DotConfig, DotModel
-from .errors import DotFileError, DotMismatchError
+from .errors import DotFileError, DotMismatchError, ScheduleError
 from .fingerprint import BackboneFingerprint, fingerprint_module
+from .pattern_choice import check_pattern_table
 
 FORMAT = "morse-dot"
 # 2: the layout fields (step_input, prediction, stem, eta_scale, base) are always written. Version 1 files
@@ -29,6 +31,9 @@ FORMAT = "morse-dot"
 FORMAT_VERSION = 2
 # What a field that a version-1 file lacks meant when it was written: the paper's Dot.
 PAPER_LAYOUT = {"step_input": "x_s", "prediction": "eps", "stem": "full_res", "eta_scale": "none", "base": "anchor"}
+# optional metadata entry: {sampler: [[budget_lsd, pattern], ...]}, the measured best pattern per budget (files
+# without it are read as before; no format version change)
+PATTERN_TABLE_KEY = "pattern_table"
 
 
 def migrate_config(config: dict, version: int) -> dict:
@@ -46,6 +51,7 @@ class DotFileInfo:
     fingerprint: BackboneFingerprint
     measured_n: Optional[float]
     training: dict = field(default_factory=dict)
+    pattern_table: Optional[dict] = None  # {sampler: ((budget, pattern), ...)} where the file has one
 
     def describe(self) -> str:
         n = f"{self.measured_n:.2f}" if self.measured_n else "unmeasured"
@@ -63,6 +69,7 @@ def save_dot(
     fingerprint: BackboneFingerprint,
     measured_n: Optional[float] = None,
     training: Optional[dict] = None,
+    pattern_table: Optional[dict] = None,
 ) -> Path:
     """Write the Dot's own weights (never the backbone) atomically, with its metadata."""
     path = Path(path)
@@ -81,7 +88,44 @@ def save_dot(
         "measured_n": "" if measured_n is None else repr(float(measured_n)),
         "training": json.dumps(training or {}),
     }
+    if pattern_table is not None:
+        metadata[PATTERN_TABLE_KEY] = _pattern_table_json(pattern_table, path)
     save_file_atomic(tensors, path, metadata)
+    return path
+
+
+def _pattern_table_json(table: dict, path: Path) -> str:
+    try:
+        checked = check_pattern_table(table)
+    except ScheduleError as exc:
+        raise DotFileError(f"the pattern table for '{path.name}' cannot be written: {exc}") from None
+    return json.dumps({sampler: [[b, p] for b, p in rows] for sampler, rows in checked.items()})
+
+
+def _read_pattern_table(meta: dict, name: str) -> Optional[dict]:
+    text = meta.get(PATTERN_TABLE_KEY)
+    if not text:
+        return None
+    try:
+        return check_pattern_table(json.loads(text))
+    except (ValueError, ScheduleError) as exc:  # JSONDecodeError is a ValueError
+        raise DotFileError(
+            f"'{name}' has a bad '{PATTERN_TABLE_KEY}' metadata entry ({exc}); write it again with "
+            f"`python -m training.pattern_table --write` or remove it with `--clear`"
+        ) from None
+
+
+def write_pattern_table(path, table: Optional[dict]) -> Path:
+    """Put a measured pattern table into a Dot file's metadata (``None`` removes it), leaving its tensors and every
+    other metadata entry as they are; the file is checked as a Dot first and replaced atomically."""
+    path = Path(path)
+    read_dot_info(path)  # a foreign or broken file is refused before anything is written
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        meta, tensors = dict(f.metadata() or {}), {k: f.get_tensor(k) for k in f.keys()}
+    meta.pop(PATTERN_TABLE_KEY, None)
+    if table is not None:
+        meta[PATTERN_TABLE_KEY] = _pattern_table_json(table, path)
+    save_file_atomic(tensors, path, meta)
     return path
 
 
@@ -138,7 +182,8 @@ def read_dot_info(path) -> DotFileInfo:
         training = json.loads(meta.get("training") or "{}")
     except (KeyError, TypeError, ValueError) as exc:
         raise DotFileError(f"'{path.name}' has damaged Morse metadata ({exc!r}); train or download the Dot again") from None
-    return DotFileInfo(str(path), config, meta.get("base_family", "unknown"), fingerprint, measured_n, training)
+    return DotFileInfo(str(path), config, meta.get("base_family", "unknown"), fingerprint, measured_n, training,
+                       _read_pattern_table(meta, path.name))
 
 
 def check_compatible(
@@ -235,6 +280,11 @@ class DotAdapter:
     @property
     def measured_n(self) -> Optional[float]:
         return self.info.measured_n
+
+    @property
+    def pattern_table(self) -> Optional[dict]:
+        """The measured best pattern per sampler and budget, where the file has one (for the budget planner)."""
+        return self.info.pattern_table
 
     def dot_for(
         self,

@@ -10,7 +10,7 @@ Dash estimate, and before the first step there is none.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 from .errors import ScheduleError
@@ -103,6 +103,11 @@ class ScheduleSpec:
 
     def _base(self, steps: int) -> list[bool]:
         raise NotImplementedError
+
+    def for_budget(self, budget_lsd: float, n_speed: float, sampler=None, table=None):
+        """(the spec an LSD budget plans with, why it was chosen or None). A spec is the user's own choice; a spec
+        that chooses per budget (``pattern_choice.AutoPattern``) returns the pattern it chose."""
+        return self, None
 
     def resolve(self, steps: int) -> DashSchedule:
         _check_steps(steps)
@@ -250,13 +255,16 @@ class Pattern(ScheduleSpec):
 
 @dataclass(frozen=True)
 class BudgetPlan:
-    """What the budget planner chose: the step count, the schedule and what it costs."""
+    """What the budget planner chose: the step count, the schedule and what it costs; ``spec`` is the spec it
+    planned with, ``choice`` why its pattern was chosen where the planner chose it (a ``PatternChoice``)."""
 
     steps: int
     schedule: DashSchedule
     lsd: float
     budget_lsd: float
     n_speed: float
+    spec: Optional[ScheduleSpec] = None
+    choice: Optional[object] = None
 
 
 def plan_budget(budget_lsd: float, n_speed: float, spec: ScheduleSpec, max_steps: int = 1000) -> BudgetPlan:
@@ -275,7 +283,7 @@ def plan_budget(budget_lsd: float, n_speed: float, spec: ScheduleSpec, max_steps
         schedule = spec.resolve(steps)
         cost = schedule.lsd(n_speed)
         if cost <= budget_lsd + 1e-9:
-            best = BudgetPlan(steps, schedule, cost, float(budget_lsd), n_speed)
+            best = BudgetPlan(steps, schedule, cost, float(budget_lsd), n_speed, spec)
         elif schedule.dash_steps > budget_lsd:
             break  # Dash steps alone exceed the budget; more steps only cost more
     assert best is not None  # steps=1 costs exactly 1 LSD <= budget
@@ -301,14 +309,23 @@ class BudgetSchedule:
         if self.n_speed is not None:
             _check_n(self.n_speed)
 
-    def plan(self, measured_n: Optional[float]) -> BudgetPlan:
+    def _n(self, measured_n: Optional[float]) -> float:
         n = self.n_speed if self.n_speed is not None else measured_n
         if n is None:
             raise ScheduleError(
                 "an LSD budget needs N (how many times faster the Dot is): connect a Dot whose file records "
                 "a measured N, or set N on the schedule"
             )
-        return plan_budget(self.budget_lsd, n, self.spec)
+        return n
+
+    def spec_for(self, measured_n: Optional[float], sampler: Optional[str] = None, table: Optional[dict] = None):
+        """(the spec this budget runs, why or None): the spec itself, or the pattern an auto spec chose for the
+        budget, N, the sampler and a measured table ``{sampler: [[budget, pattern], ...]}``."""
+        return self.spec.for_budget(self.budget_lsd, self._n(measured_n), sampler, table)
+
+    def plan(self, measured_n: Optional[float], sampler: Optional[str] = None, table: Optional[dict] = None) -> BudgetPlan:
+        spec, choice = self.spec_for(measured_n, sampler, table)
+        return replace(plan_budget(self.budget_lsd, self._n(measured_n), spec), choice=choice)
 
     def describe(self) -> str:
         n = f"N={self.n_speed:g}" if self.n_speed is not None else "the Dot's N"

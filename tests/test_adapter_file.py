@@ -205,3 +205,71 @@ def test_a_file_from_before_the_weight_sample_loads_on_the_older_check_and_says_
     load_dot(path, backbone)  # same weights: accepted on the mean probe
     with pytest.raises(DotMismatchError, match="other weights"):
         load_dot(path, TinyBackbone(seed=123))
+
+
+# --------------------------------------------------------------------------- measured pattern table
+def _header_and_data(path):
+    """The safetensors header (tensor entries and metadata) and the raw tensor bytes after it."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    return header.pop("__metadata__", {}), header, raw[8 + n:]
+
+
+def test_a_file_without_a_pattern_table_loads_as_before(saved, backbone):
+    path, _ = saved
+    assert "pattern_table" not in _header_and_data(path)[0]
+    assert read_dot_info(path).pattern_table is None
+    from morse_engine import DotAdapter
+
+    assert DotAdapter(path).pattern_table is None
+
+
+def test_writing_a_pattern_table_changes_only_that_metadata_entry(saved, backbone):
+    from morse_engine import DotAdapter, write_pattern_table
+
+    path, dot = saved
+    meta, entries, data = _header_and_data(path)
+    write_pattern_table(path, {"euler": [[8, "D."], [4, "D..."]], "dpmpp_2m": [[6, "D.."]]})
+    meta2, entries2, data2 = _header_and_data(path)
+    assert data2 == data and entries2 == entries  # the tensors, byte for byte, at the same offsets
+    assert {k: v for k, v in meta2.items() if k != "pattern_table"} == meta
+    expected = {"euler": ((4.0, "D..."), (8.0, "D.")), "dpmpp_2m": ((6.0, "D.."),)}
+    assert read_dot_info(path).pattern_table == expected and DotAdapter(path).pattern_table == expected
+    loaded, _ = load_dot(path, backbone)
+    for (k, a), (k2, b) in zip(dot.state_dict().items(), loaded.state_dict().items()):
+        assert k == k2 and torch.equal(a, b)
+    write_pattern_table(path, None)  # removed again: the file is as it was
+    assert _header_and_data(path) == (meta, entries, data)
+
+
+def test_save_dot_can_write_the_table_too(tmp_path, backbone):
+    dot = DotModel.build(backbone, DotConfig.for_backbone(backbone, m=2, lora_rank=4, lora_alpha=4.0))
+    path = save_dot(tmp_path / "t.safetensors", dot, base_family="tiny-test", fingerprint=fingerprint_module(backbone),
+                    pattern_table={"euler": [[4, "D.."]]})
+    assert read_dot_info(path).pattern_table == {"euler": ((4.0, "D.."),)}
+
+
+@pytest.mark.parametrize("text", ['{"euler": [[4, "D.x"]]}', '{"euler": [[0, "D."]]}', "not json", '[1, 2]'])
+def test_a_bad_pattern_table_in_a_file_is_refused_naming_the_entry_and_the_fix(saved, tmp_path, text):
+    path, _ = saved
+    bad = _rewrite_meta(path, tmp_path / "bad.safetensors", pattern_table=text)
+    with pytest.raises(DotFileError) as err:
+        read_dot_info(bad)
+    message = str(err.value)
+    assert "'pattern_table'" in message and "python -m training.pattern_table" in message and "bad.safetensors" in message
+
+
+def test_a_bad_table_or_a_foreign_file_is_refused_and_nothing_is_written(saved, tmp_path):
+    from morse_engine import write_pattern_table
+
+    path, _ = saved
+    before = path.read_bytes()
+    with pytest.raises(DotFileError, match="cannot be written.*'D' followed by dots"):
+        write_pattern_table(path, {"euler": [[4, ".D"]]})
+    assert path.read_bytes() == before
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"w": torch.zeros(2)}, str(foreign))
+    with pytest.raises(DotFileError, match="no Morse Dot metadata"):
+        write_pattern_table(foreign, {"euler": [[4, "D."]]})
+    assert "pattern_table" not in _header_and_data(foreign)[0]
