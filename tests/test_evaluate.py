@@ -93,6 +93,50 @@ def test_records_round_trip_and_the_store_is_keyed_by_settings(tmp_path):
     assert RecordStore(tmp_path, {"samples": N, "seed": 1}).get("k") is None  # other settings: another store
 
 
+def test_an_auto_run_reports_what_the_planner_chose():
+    scorer = Scorer(_feats(0, 100).numpy(), _feats(0.3, 101).numpy(), np.arange(N) % 10, replicates=60, seed=0)
+    bands = scorer.bands(_feats(0, 102).numpy(), _feats(0, 103).numpy(), _feats(0.3, 104).numpy(), _feats(0.3, 105).numpy())
+    plain = [_record("plain", s, shift, err=e, seed=s) for s, shift, e in ((4, 3.0, 0.4), (16, 0.8, 0.1))]
+    auto = _record("dot", 6, 0.5, budget=6, pattern="auto", err=0.1, seed=7)
+    auto.extra = {"chosen": {"pattern": "D..", "source": "rule", "reason": "why"}}
+    fixed = _record("dot", 6, 1.5, budget=6, pattern="D.", err=0.3, seed=8)
+    score = lambda recs: [(r, scorer.score(r)) for r in recs]  # noqa: E731
+    out = sampler_analysis(score(plain), {"dot": score([auto, fixed])}, bands, deterministic=True)
+    best = out["fills"]["dot"]["best"]["rmse"][0]
+    assert best["pattern"] == "auto" and best["chosen"]["pattern"] == "D.."
+    assert [r.get("chosen") for r in out["fills"]["dot"]["runs"]] == [auto.extra["chosen"], None]
+    report = json_ready({"title": "t", "date": "d", "machine": {"processor": "x"}, "settings": {"samples": N, "cfg": 2.5, "patterns": ["D.", "auto"],
+                         "budgets": [6], "level": 0.9, "replicates": 60}, "fills": {"dot": {"n": 5.0}}, "bands": bands,
+                         "samplers": {"euler": out}})
+    assert "`auto=D..`" in rep.format_report(report)
+
+
+def test_the_pattern_auto_is_accepted_next_to_fixed_ones():
+    from training import evaluate
+
+    st = evaluate.settings_from(evaluate.parser().parse_args(["--quick", "--patterns", "D.,auto"]))
+    assert st["patterns"] == ("D.", "auto")
+    with pytest.raises(SystemExit, match="--patterns"):
+        evaluate.settings_from(evaluate.parser().parse_args(["--quick", "--patterns", "D.,Dx"]))
+
+
+def test_an_auto_run_samples_the_planners_choice_exactly_as_that_fixed_pattern():
+    from morse_engine import ReuseFiller, choose_pattern
+    from training.evaluation.workload import TRAINING_FREE_N, Models, reference_workload, run_morse
+    from training.reference.unet import load_reference_dash
+
+    unet, conditioner, meta = load_reference_dash()
+    work = reference_workload(Models(unet, conditioner, meta, None, None), 4, 4, 2.5, 0, "cpu")
+    x, auto = run_morse("euler", work, 6, "auto", ReuseFiller(), None)
+    choice = choose_pattern(6, TRAINING_FREE_N, "euler")  # the nodes' call
+    assert auto["chosen"] == {"pattern": choice.pattern, "source": "rule", "reason": choice.reason}
+    y, fixed = run_morse("euler", work, 6, choice.pattern, ReuseFiller(), None)
+    assert torch.equal(x, y) and (auto["steps"], auto["pattern"]) == (fixed["steps"], fixed["pattern"])
+    assert fixed["chosen"] is None
+    _, measured = run_morse("euler", work, 6, "auto", ReuseFiller(), None, {"euler": [[5, "D."]]})
+    assert measured["chosen"]["source"] == "measured" and measured["pattern"].startswith("D.D.D")
+
+
 # --------------------------------------------------------------------------- end to end
 def _dot_files(tmp_path):
     """The trained Dot files if they exist, else untrained ones saved into tmp_path."""

@@ -40,8 +40,8 @@ from .evaluation.analysis import Scorer, json_ready, sampler_analysis
 from .evaluation.fills import collect_fills, measure_fill_n
 from .evaluation.records import RecordStore, RunRecord, export_records, import_records, run_key
 from .evaluation.samplers import DETERMINISTIC, SAMPLERS
-from .evaluation.workload import (CALLS_PER_STEP, DEFAULT_ABLATION_DOT, default_cfg, load_models, reference_workload,
-                                  run_morse, run_plain)
+from .evaluation.workload import (AUTO, CALLS_PER_STEP, DEFAULT_ABLATION_DOT, default_cfg, load_models,
+                                  reference_workload, run_morse, run_plain)
 from .paths import REPORTS_DIR, RUNS_DIR
 
 CONVERGED_SEED_OFFSETS = (1000, 2000, 3000)  # the converged sets' noise: disjoint from the runs' and each other's
@@ -84,7 +84,9 @@ def parser() -> argparse.ArgumentParser:
                         "inherit_k1, inherit_k2 and propagate on request)")
     p.add_argument("--samplers", type=_csv(str), default=None)
     p.add_argument("--budgets", type=_csv(float), default=None, help="LSD budgets of the fills")
-    p.add_argument("--patterns", type=_csv(str), default=None, help="Dash/fill patterns ('D' Dash, '.' a fill)")
+    p.add_argument("--patterns", type=_csv(str), default=None,
+                   help="Dash/fill patterns ('D' Dash, '.' a fill); 'auto' is the budget planner's own choice per "
+                        "budget (the Dot file's measured table, else the rule), measured next to the fixed ones")
     p.add_argument("--plain-steps", type=_csv(int), default=None, help="step counts of the plain sampler")
     p.add_argument("--samples", type=int, default=None, help="samples per run (labels cycle 0..9)")
     p.add_argument("--chunk", type=int, default=None, help="samples per sampling call (batch = 2 x chunk with CFG)")
@@ -129,6 +131,8 @@ def settings_from(args) -> dict:
     if min(st["plain_steps"]) < 1 or st["samples"] < 8:
         raise SystemExit("error: --plain-steps must be >= 1 and --samples >= 8")
     for pattern in st["patterns"]:
+        if pattern == AUTO:
+            continue
         try:
             Pattern(pattern)
         except MorseError as exc:
@@ -200,10 +204,11 @@ def run_job(job, work, st, fills_by_name, recorder: Recorder) -> RunRecord:
         return recorder.record(sampler, x, compare=kind == "plain", keep_images=kind == "reference", fill=kind,
                                steps=info["steps"], lsd=info["lsd"], seconds=info["seconds"])
     fill = fills_by_name[kind]
-    x, point = run_morse(sampler, work, value, pattern, fill.filler, fill.n)
+    x, point = run_morse(sampler, work, value, pattern, fill.filler, fill.n, fill.pattern_table)
     return recorder.record(sampler, x, fill=kind, steps=point["steps"], lsd=point["lsd"], pattern=pattern, budget=value,
                            dash_steps=point["dash_steps"], fill_steps=point["dot_steps"],
-                           fallback_calls=point["fallback_calls"], seconds=point["seconds"])
+                           fallback_calls=point["fallback_calls"], seconds=point["seconds"],
+                           extra={"chosen": point["chosen"]} if point["chosen"] else {})
 
 
 def measure_n(args, st, fills, work, ablation, cfg) -> dict:

@@ -76,7 +76,13 @@ class Scorer:
 def _row(rec: RunRecord, scores: dict) -> dict:
     return {"fill": rec.fill, "pattern": rec.pattern, "budget": rec.budget, "steps": rec.steps, "lsd": rec.lsd,
             "dash_steps": rec.dash_steps, "fill_steps": rec.fill_steps, "fallback_calls": rec.fallback_calls,
-            "seconds": rec.seconds, **{m: scores[m] for m in scores}}
+            "seconds": rec.seconds, **_chosen(rec), **{m: scores[m] for m in scores}}
+
+
+def _chosen(rec: RunRecord) -> dict:
+    """What an "auto" run's planner chose (pattern, measured or rule, why); nothing for a fixed pattern."""
+    chosen = (rec.extra or {}).get("chosen")
+    return {"chosen": chosen} if chosen else {}
 
 
 def sampler_analysis(plain: list, fills: dict, bands: dict, deterministic: bool, level: float = 0.9) -> dict:
@@ -94,7 +100,7 @@ def sampler_analysis(plain: list, fills: dict, bands: dict, deterministic: bool,
                     continue
                 sign = -1 if metric == "label" else 1  # the label share: higher is better
                 r, s = min(cands, key=lambda c: sign * c[1][metric]["value"])
-                best_rows.append({"budget": budget, "pattern": r.pattern, "steps": r.steps, "lsd": r.lsd,
+                best_rows.append({"budget": budget, "pattern": r.pattern, "steps": r.steps, "lsd": r.lsd, **_chosen(r),
                                   **{k: v for k, v in s[metric].items()}})
                 if metric not in SPEEDUP_METRICS:
                     continue

@@ -28,6 +28,7 @@ class EvalFill:
     filler: Filler
     n: Optional[float] = None  # measured speed ratio; None for a free fill
     latency: Optional[dict] = None
+    pattern_table: Optional[dict] = None  # the Dot file's measured best patterns, for the pattern "auto"
 
     @property
     def free(self) -> bool:
@@ -47,9 +48,10 @@ def collect_fills(models, names=None) -> list[EvalFill]:
     Dash's blocks (``FEATURE_FILLS``, run on the reference UNet's blocks)."""
     from ..reference.blocks import ReferenceBlocks
 
-    fills = [EvalFill("dot", DotFiller(models.dot, models.unet))]
+    fills = [EvalFill("dot", DotFiller(models.dot, models.unet), pattern_table=models.dot_info.pattern_table)]
     if models.ablation is not None:
-        fills.append(EvalFill("ablation", DotFiller(models.ablation[0], models.unet)))
+        fills.append(EvalFill("ablation", DotFiller(models.ablation[0], models.unet),
+                              pattern_table=models.ablation[1].pattern_table))
     fills += [EvalFill(name, cls()) for name, cls in TRAINING_FREE_FILLS.items()]
     blocks = ReferenceBlocks(models.unet)
     fills += [EvalFill(name, make(blocks)) for name, make in FEATURE_FILLS.items()]

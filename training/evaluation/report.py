@@ -95,7 +95,8 @@ def format_report(report: dict) -> str:
                     if best is None:
                         row.append("-")
                         continue
-                    cell = f"{best['value']:{FMT[metric]}} `{best['pattern']}` @{best['lsd']:.1f}"
+                    chosen = f"={best['chosen']['pattern']}" if best.get("chosen") else ""  # what "auto" chose
+                    cell = f"{best['value']:{FMT[metric]}} `{best['pattern']}{chosen}` @{best['lsd']:.1f}"
                     if sp and sp.get("speedup") is not None:
                         mark = {"lower bound": ">=", "upper bound": "<="}.get(sp["status"], "")
                         cell += f" {mark}{sp['speedup']:.2f}x"

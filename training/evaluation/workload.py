@@ -14,7 +14,7 @@ from typing import Callable, Optional
 
 import torch
 
-from morse_engine import MorseRouter, Pattern, load_dot, plan_budget
+from morse_engine import AutoPattern, BudgetSchedule, MorseRouter, Pattern, load_dot, plan_budget
 from morse_engine.parameterization import DiscreteSchedule
 
 from ..paths import DOT_DIR
@@ -81,15 +81,25 @@ def run_plain(sampler: str, work: Workload, steps: int, noise: Optional[torch.Te
     return torch.cat(out), {"steps": steps, "lsd": dash.calls / work.n_chunks, "seconds": seconds}
 
 
+AUTO = "auto"  # the pattern name of the budget planner's own choice (morse_engine.pattern_choice)
+
+
 @torch.no_grad()
-def run_morse(sampler: str, work: Workload, budget: float, pattern: str, filler, n_speed: Optional[float]) -> tuple[torch.Tensor, dict]:
+def run_morse(sampler: str, work: Workload, budget: float, pattern: str, filler, n_speed: Optional[float],
+              table: Optional[dict] = None) -> tuple[torch.Tensor, dict]:
     """One Morse run at an LSD budget; latency from the calls the router actually made. A free fill
-    (``filler.free``) costs nothing and is planned so; a fill with a network costs 1/N a call."""
-    spec = Pattern(pattern)
+    (``filler.free``) costs nothing and is planned so; a fill with a network costs 1/N a call. The pattern
+    ``auto`` is the planner's choice for this budget, N, sampler and the fill's measured ``table``, as the
+    nodes make it."""
     cps = CALLS_PER_STEP.get(sampler, 1)
     if filler.free:
         n_speed = TRAINING_FREE_N
-    plan = plan_budget(max(1.0, budget / cps), n_speed, spec)
+    if pattern == AUTO:
+        plan = BudgetSchedule(AutoPattern(), max(1.0, budget / cps)).plan(n_speed, sampler, table)
+        spec = plan.spec
+    else:
+        spec = Pattern(pattern)
+        plan = plan_budget(max(1.0, budget / cps), n_speed, spec)
     start = time.perf_counter()
     x, totals = sample_routed(sampler, work, plan.steps, spec, filler)
     seconds = time.perf_counter() - start
@@ -104,6 +114,8 @@ def run_morse(sampler: str, work: Workload, budget: float, pattern: str, filler,
         "dash_steps": plan.schedule.dash_steps,
         "dot_steps": plan.schedule.dot_steps,
         "pattern": plan.schedule.pattern(),
+        "chosen": None if plan.choice is None else {"pattern": plan.choice.pattern, "source": plan.choice.source,
+                                                     "reason": plan.choice.reason},
         "filler": filler.name,
         "dash_calls_per_run": dash_per,
         "fill_calls_per_run": dot_per,
