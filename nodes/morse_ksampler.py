@@ -5,11 +5,13 @@ import comfy.samplers
 import nodes as comfy_nodes
 from comfy_api.latest import io
 
-from ..morse_engine import BudgetSchedule, MorseError
+from ..morse_engine import AutoPattern, BudgetSchedule, MorseError
 from .sampling_hooks import FILLS_WITHOUT_DOT, MorseSettings, apply_morse
 from .types import CATEGORY, DotModelType, ScheduleType
 
 log = logging.getLogger("morse")
+# what an LSD budget prices a fill without a Dot at: (almost) free
+FREE_FILL_N = 1e9
 
 
 def morse_inputs():
@@ -67,12 +69,16 @@ class MorseKSampler(io.ComfyNode):
             raise ValueError("Morse KSampler: denoise is 0, so there is nothing to sample; set denoise above 0 (1.0 for txt2img)")
         if isinstance(schedule, BudgetSchedule):
             try:
-                plan = schedule.plan(dot.measured_n if dot is not None else 1e9)
+                plan = schedule.plan(dot.measured_n if dot is not None else FREE_FILL_N, sampler_name,
+                                     dot.pattern_table if dot is not None else None)
             except MorseError as exc:
                 raise ValueError(f"Morse KSampler: {exc}") from None
-            log.info("Morse: LSD budget %.2f plans %d steps (%s) instead of the steps input %d",
-                     schedule.budget_lsd, plan.steps, plan.schedule.pattern(), steps)
+            why = "" if plan.choice is None else f"; pattern {plan.choice.describe()}"
+            log.info("Morse: LSD budget %.2f plans %d steps (%s) instead of the steps input %d%s",
+                     schedule.budget_lsd, plan.steps, plan.schedule.pattern(), steps, why)
             steps = plan.steps
+            if plan.choice is not None:
+                schedule = plan.spec  # the chosen pattern; the router resolves it for the planned steps
         settings = MorseSettings(schedule, dot, fill_without_dot or "reuse", bool(allow_other_weights), prior_noise or 0.0)
         patched = apply_morse(model, settings)
         (out,) = comfy_nodes.common_ksampler(
@@ -89,7 +95,8 @@ class MorseModelPatch(io.ComfyNode):
             display_name="Morse Model Patch",
             category=CATEGORY,
             description="Adds Morse to a model for custom sampling (CFGGuider + SamplerCustomAdvanced, custom sigmas "
-            "such as Align Your Steps). The step count comes from the sigmas; an lsd_budget schedule uses only its pattern.",
+            "such as Align Your Steps). The step count comes from the sigmas; an lsd_budget schedule uses only its pattern "
+            "('auto' there: the rule's choice for the budget, since the sampler is not known yet).",
             inputs=[io.Model.Input("model", tooltip="The checkpoint's model (Dash). It is not changed; a clone is patched."),
                     *morse_inputs()],
             outputs=[io.Model.Output(tooltip="The model with Morse, for a guider or any sampler node.")],
@@ -98,5 +105,15 @@ class MorseModelPatch(io.ComfyNode):
     @classmethod
     def execute(cls, model, dot=None, schedule=None, fill_without_dot="reuse", allow_other_weights=False,
                 prior_noise=0.0) -> io.NodeOutput:
+        if isinstance(schedule, BudgetSchedule) and isinstance(schedule.spec, AutoPattern):
+            # the sampler is picked later (SamplerCustomAdvanced), so the choice cannot use the Dot's
+            # per-sampler table: the rule chooses, for the budget and N
+            budget = schedule.budget_lsd
+            try:
+                schedule, choice = schedule.spec_for(dot.measured_n if dot is not None else FREE_FILL_N)
+            except MorseError as exc:
+                raise ValueError(f"Morse Model Patch: {exc}") from None
+            log.info("Morse: pattern %s for an LSD budget of %.2f; the step count comes from the sigmas",
+                     choice.describe(), budget)
         settings = MorseSettings(schedule, dot, fill_without_dot or "reuse", bool(allow_other_weights), prior_noise or 0.0)
         return io.NodeOutput(apply_morse(model, settings))

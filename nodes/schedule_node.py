@@ -1,10 +1,16 @@
 """Dash/Dot Schedule: which steps run the full model (Dash) and which the Dot."""
 from comfy_api.latest import io, ui
 
-from ..morse_engine import BudgetSchedule, EveryK, FrontLoaded, KeySteps, MorseError, Pattern
+from ..morse_engine import AutoPattern, BudgetSchedule, EveryK, FrontLoaded, KeySteps, MorseError, Pattern
 from .types import CATEGORY, ScheduleType
 
 KINDS = ["every_k", "front_loaded", "faster_diffusion", "pattern", "lsd_budget"]
+AUTO = "auto"  # the pattern text that lets the budget planner choose the fills per Dash
+
+
+def pattern_spec(pattern: str, final_dash: int):
+    text = pattern.strip()
+    return AutoPattern(final_dash=final_dash) if text.lower() == AUTO else Pattern(text, final_dash=final_dash)
 
 
 def build_schedule(kind, k, dash_fraction, pattern, final_dash, budget_lsd, n_speed):
@@ -15,9 +21,9 @@ def build_schedule(kind, k, dash_fraction, pattern, final_dash, budget_lsd, n_sp
     if kind == "faster_diffusion":
         return KeySteps(final_dash=final_dash)
     if kind == "pattern":
-        return Pattern(pattern.strip(), final_dash=final_dash)
+        return pattern_spec(pattern, final_dash)
     if kind == "lsd_budget":
-        spec = Pattern(pattern.strip(), final_dash=final_dash) if pattern.strip() else EveryK(k, final_dash=final_dash)
+        spec = pattern_spec(pattern, final_dash) if pattern.strip() else EveryK(k, final_dash=final_dash)
         return BudgetSchedule(spec, budget_lsd, n_speed if n_speed > 0 else None)
     raise ValueError(f"schedule kind {kind!r} is not one of {KINDS}")
 
@@ -28,7 +34,11 @@ def describe(schedule, preview_steps: int, n_speed: float) -> str:
         if schedule.n_speed is None and n is None:
             return f"{schedule.describe()}: steps are planned when the Dot's N is known"
         plan = schedule.plan(n)
-        return f"{schedule.describe()}: {plan.steps} steps {plan.schedule.pattern()}, {plan.lsd:.2f} LSD"
+        text = f"{schedule.describe()}: {plan.steps} steps {plan.schedule.pattern()}, {plan.lsd:.2f} LSD"
+        if plan.choice is None:
+            return text
+        return (f"{text}; pattern {plan.choice.describe()}. Morse KSampler chooses again for its sampler and the "
+                "Dot's measured patterns, where the Dot file has them")
     resolved = schedule.resolve(preview_steps)
     cost = f", {resolved.lsd(n):.2f} LSD at N={n:g}" if n else ""
     return f"{schedule.describe()}: at {preview_steps} steps {resolved.pattern()} ({resolved.dash_steps} Dash + {resolved.dot_steps} Dot{cost})"
@@ -49,11 +59,15 @@ class DashDotSchedule(io.ComfyNode):
                     "early, fewer late. faster_diffusion: the paper's 9 key steps of 50 (0-3, 5, 10, 15, 25, 35; "
                     "scaled for other step counts). "
                     "pattern: an explicit string such as D..D. repeated over the steps. "
-                    "lsd_budget: the most steps that fit a budget, using the pattern (or every k-th if empty).")),
+                    "lsd_budget: the most steps that fit a budget, using the pattern (or every k-th if empty); "
+                    "pattern 'auto' also chooses how many fills per Dash the budget buys.")),
                 io.Int.Input("k", default=2, min=1, max=100, tooltip="every_k / lsd_budget: Dash on every k-th step (1 = all Dash)."),
                 io.Float.Input("dash_fraction", default=0.5, min=0.01, max=1.0, step=0.01,
                                tooltip="front_loaded: the share of steps that run Dash."),
-                io.String.Input("pattern", default="D.", tooltip="pattern / lsd_budget: 'D' = Dash, '.' = Dot; must start with 'D'."),
+                io.String.Input("pattern", default="D.", tooltip=(
+                    "pattern / lsd_budget: 'D' = Dash, '.' = Dot; must start with 'D'. lsd_budget also takes 'auto': "
+                    "D followed by 0-3 fills, chosen per budget from the Dot file's measured best patterns for the "
+                    "sampler, else by a rule (more fills while the run has under 14 steps; one fill for ancestral/SDE samplers).")),
                 io.Int.Input("final_dash", default=0, min=0, max=1000, tooltip="Always run the last n steps on Dash (fine detail)."),
                 io.Float.Input("budget_lsd", default=10.0, min=1.0, max=1000.0, step=0.5,
                                tooltip="lsd_budget: the latency budget in Dash steps; Morse KSampler's steps input is replaced by the plan."),

@@ -285,6 +285,42 @@ def test_lsd_budget_schedule_sets_the_step_count(host, tiny, dot_folder):
     assert probe.sizes == [16, 8, 16, 8]
 
 
+def test_schedule_node_lsd_budget_auto_says_which_pattern_and_why(host):
+    engine = host.engine
+    spec, text = node(host, "MorseDashDotSchedule").execute("lsd_budget", 2, 0.5, " Auto ", 0, 6.0, 9.7, 20).result
+    choice = engine.choose_pattern(6.0, 9.7)  # the one home of the choice; the node has no sampler yet
+    assert isinstance(spec.spec, engine.AutoPattern)
+    assert f"pattern {choice.pattern} (rule: " in text and "auto pattern" in text
+    _, explicit = node(host, "MorseDashDotSchedule").execute("lsd_budget", 2, 0.5, "D.", 0, 10.0, 5.0, 20).result
+    assert "rule" not in explicit and "measured" not in explicit
+    _, waiting = node(host, "MorseDashDotSchedule").execute("lsd_budget", 2, 0.5, "auto", 0, 6.0, 0.0, 20).result
+    assert "when the Dot's N is known" in waiting
+    with pytest.raises(ValueError, match="lsd_budget"):
+        node(host, "MorseDashDotSchedule").execute("pattern", 2, 0.5, "auto", 0, 10.0, 0.0, 9)
+
+
+def test_lsd_budget_auto_plans_with_the_dots_measured_table_for_the_sampler_else_the_rule(host, tiny, dot_folder, caplog):
+    engine = host.engine
+    name = save_test_dot(host, tiny, dot_folder)  # N = 4
+    engine.write_pattern_table(dot_folder / name, {"euler": [[3, "D.."]]})
+    dot = node(host, "MorseLoadDotModel").execute(name).result[0]
+    budget = node(host, "MorseDashDotSchedule").execute("lsd_budget", 2, 0.5, "auto", 0, 3.0, 0.0, 20).result[0]
+    runs = {}
+    for sampler in ("euler", "dpmpp_2m"):  # the table has euler only: dpmpp_2m gets the rule
+        probe = BackboneSizes(tiny)
+        try:
+            with caplog.at_level("INFO", logger="morse"):
+                morse(host, tiny, sampler, steps=50, schedule=budget, dot=dot)
+        finally:
+            probe.close()
+        runs[sampler] = "".join("D" if size == 16 else "." for size in probe.sizes)
+    for sampler, pattern in runs.items():  # what ran is what the engine's planner gives for that sampler
+        assert pattern == budget.plan(4.0, sampler, dot.pattern_table).schedule.pattern()
+    assert runs["euler"].startswith("D..D") and engine.choose_pattern(3.0, 4.0, "dpmpp_2m", dot.pattern_table).source == "rule"
+    assert runs["dpmpp_2m"] != runs["euler"]
+    assert "pattern D.. (measured: best for euler at 3 LSD)" in caplog.text and "(rule: " in caplog.text
+
+
 def test_custom_sampling_with_morse_model_patch(host, tiny, dot_folder):
     """SamplerCustomAdvanced path: CFGGuider over the patched model, custom sigmas."""
     comfy = host.comfy
@@ -303,3 +339,21 @@ def test_custom_sampling_with_morse_model_patch(host, tiny, dot_folder):
         probe.close()
     assert probe.sizes == [16, 8, 16, 8, 16]
     assert torch.isfinite(out).all()
+
+
+def test_morse_model_patch_with_an_auto_budget_uses_the_rules_pattern_over_the_sigmas(host, tiny, dot_folder):
+    engine, comfy = host.engine, host.comfy
+    dot = node(host, "MorseLoadDotModel").execute(save_test_dot(host, tiny, dot_folder)).result[0]  # N = 4
+    budget = node(host, "MorseDashDotSchedule").execute("lsd_budget", 2, 0.5, "auto", 0, 3.0, 0.0, 20).result[0]
+    patched = node(host, "MorseModelPatch").execute(tiny, dot=dot, schedule=budget).result[0]
+    sigmas = torch.tensor([14.6, 6.0, 2.5, 1.0, 0.3, 0.0])
+    probe = BackboneSizes(tiny)
+    try:
+        guider = comfy.samplers.CFGGuider(patched)
+        guider.set_conds(conditioning(1), conditioning(2))
+        guider.set_cfg(3.0)
+        guider.sample(torch.randn(1, 4, 16, 16), torch.zeros(1, 4, 16, 16), comfy.samplers.sampler_object("euler"), sigmas, seed=1)
+    finally:
+        probe.close()
+    chosen = engine.Pattern(engine.choose_pattern(3.0, 4.0).pattern).resolve(5).pattern()
+    assert "".join("D" if size == 16 else "." for size in probe.sizes) == chosen
