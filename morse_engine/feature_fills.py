@@ -3,6 +3,9 @@
 * **Feature inheritance** (A-SDM's inheritance of block outputs across steps; DeepCache's shallow branch):
   a non-Dash step runs the first k input blocks and the last k output blocks on the current input and
   time, and inherits the deep feature map that enters those output blocks from the anchor's Dash call.
+* **Feature forecasting** (``forecast_k``; TaylorSeer's first order, on the SD UNet's deep feature): feature
+  inheritance with the inherited feature extrapolated in t from the Dash call before the anchor and the
+  anchor's, to the current time; the router keeps that earlier call's features only for a fill that asks.
 * **Encoder propagation** (Faster Diffusion): a non-key step skips the encoder (the input blocks and the
   middle block) and runs the decoder on the anchor's encoder features with the current time.
 
@@ -21,6 +24,7 @@ from typing import Protocol, Sequence
 import torch
 from torch import nn
 
+from .dot_model import extrapolated_change
 from .errors import MorseError
 from .fillers import Filler
 
@@ -103,16 +107,23 @@ class _FeatureFill(Filler):
 
 
 class FeatureInheritFiller(_FeatureFill):
-    """Reruns the outer k blocks per side at full resolution; inherits the deep feature from the anchor."""
+    """Reruns the outer k blocks per side at full resolution; inherits the deep feature from the anchor.
+
+    ``forecast``: the inherited deep feature is first moved along the line in t through the Dash call before
+    the anchor and the anchor's own, to the current time (first-order feature forecasting, as TaylorSeer does
+    for DiT features; the same line extrapolation takes through the estimates). Where there is no earlier
+    Dash call yet (the first fill of a run) it inherits as is.
+    """
 
     name = "inherit"
 
-    def __init__(self, blocks: UNetBlocks, k: int = 1):
+    def __init__(self, blocks: UNetBlocks, k: int = 1, forecast: bool = False):
         super().__init__(blocks)
         if not 1 <= k <= self.n_blocks:
             raise MorseError(f"feature inheritance k={k} must be between 1 and the {self.n_blocks} blocks per side")
         self.k = k
-        self.name = f"inherit_k{k}"
+        self.forecast = self.reads_previous_features = forecast
+        self.name = f"forecast_k{k}" if forecast else f"inherit_k{k}"
         self.deep = self.n_blocks - k - 1  # the output block whose output enters the last k; -1: the middle block
 
     def capture_modules(self) -> dict[str, nn.Module]:
@@ -127,7 +138,13 @@ class FeatureInheritFiller(_FeatureFill):
             for i in range(self.k):
                 h = b.input(i, h, state)
                 hs.append(h)
-            return self._up_to_head(anchor.features["deep"], hs, state, x)
+            return self._up_to_head(self._deep_at(t, anchor), hs, state, x)
+
+    def _deep_at(self, t, anchor) -> torch.Tensor:
+        deep = anchor.features["deep"]
+        if not self.forecast or anchor.prev_features is None or anchor.prev_t is None:
+            return deep
+        return deep + extrapolated_change(deep, anchor.t, anchor.prev_features["deep"], anchor.prev_t, t)
 
 
 class EncoderPropagationFiller(_FeatureFill):
@@ -185,5 +202,7 @@ class EncoderPropagationFiller(_FeatureFill):
 FEATURE_FILLS = {
     "inherit_k1": lambda blocks: FeatureInheritFiller(blocks, k=1),
     "inherit_k2": lambda blocks: FeatureInheritFiller(blocks, k=2),
+    "forecast_k1": lambda blocks: FeatureInheritFiller(blocks, k=1, forecast=True),
+    "forecast_k2": lambda blocks: FeatureInheritFiller(blocks, k=2, forecast=True),
     "propagate": EncoderPropagationFiller,
 }

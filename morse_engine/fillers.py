@@ -26,6 +26,7 @@ class Anchor:
     prev_t: Optional[torch.Tensor] = None
     sigma: Optional[torch.Tensor] = None  # per entry; a Dot that reads the step since the anchor needs it
     features: Optional[dict] = None  # block outputs of the anchor's Dash call, for fills that rerun Dash's blocks
+    prev_features: Optional[dict] = None  # the same of the Dash call of prev_z, where the fill asks for them
 
 
 class Filler:
@@ -34,6 +35,8 @@ class Filler:
 
     name = "filler"
     free = True
+    # whether the router keeps the captured features of the Dash call before the anchor too (one more set alive)
+    reads_previous_features = False
 
     def capture_modules(self) -> dict:
         """Modules whose outputs the fill needs from each Dash call (captured by the router); none by default."""

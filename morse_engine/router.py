@@ -217,10 +217,13 @@ class MorseRun:
             t = t.expand(x.shape[0])
         for key, xc, zc, tc, fc in zip(keys, x.chunk(n), out.chunk(n), t.chunk(n), per_key):
             old = self.anchors.get(key)
-            prev_z = prev_t = None
+            prev_z = prev_t = prev_features = None
             if old is not None and old.z.shape == zc.shape:
                 # A second call in the same step (second-order samplers) keeps the older step as prev.
-                prev_z, prev_t = (old.prev_z, old.prev_t) if old.step == step else (old.z, old.t)
+                same = old.step == step
+                prev_z, prev_t = (old.prev_z, old.prev_t) if same else (old.z, old.t)
+                if self.filler.reads_previous_features:
+                    prev_features = old.prev_features if same else old.features
             # Copies, not views: the sampler owns x and out and may reuse their memory.
             self.anchors[key] = Anchor(
                 x=xc.detach().clone(),
@@ -231,6 +234,7 @@ class MorseRun:
                 prev_t=prev_t,
                 sigma=torch.full((xc.shape[0],), float(sigma), dtype=torch.float32, device=xc.device),
                 features=fc,
+                prev_features=prev_features,
             )
 
     def close(self):
@@ -269,9 +273,15 @@ def _stack(anchors: list[Anchor]) -> Anchor:
         prev_z=torch.cat([a.prev_z for a in anchors]) if prev_ok else None,
         prev_t=torch.cat([a.prev_t for a in anchors]) if prev_ok else None,
         sigma=torch.cat([a.sigma for a in anchors]) if all(a.sigma is not None for a in anchors) else None,
-        features={k: torch.cat([a.features[k] for a in anchors]) for k in anchors[0].features}
-        if all(a.features for a in anchors) else None,
+        features=_cat_features([a.features for a in anchors]),
+        prev_features=_cat_features([a.prev_features for a in anchors]),
     )
+
+
+def _cat_features(per_anchor: list) -> Optional[dict]:
+    if not all(per_anchor):
+        return None
+    return {k: torch.cat([f[k] for f in per_anchor]) for k in per_anchor[0]}
 
 
 class MorseRouter:

@@ -26,7 +26,8 @@ def _inputs(conditioner, b=2, seed=0):
 def _fills(unet):
     blocks = ReferenceBlocks(unet)
     n = len(unet.input_blocks)
-    return [FeatureInheritFiller(blocks, k) for k in range(1, n + 1)] + [EncoderPropagationFiller(blocks)]
+    return ([FeatureInheritFiller(blocks, k) for k in range(1, n + 1)] + [EncoderPropagationFiller(blocks)]
+            + [FeatureInheritFiller(blocks, k, forecast=True) for k in (1, 2)])
 
 
 def _anchor_of(fill, unet, x, t, context):
@@ -90,7 +91,56 @@ def _euler(run, unet, cond, uncond, sigmas, keys_apart: bool):
     return x
 
 
-@pytest.mark.parametrize("make", [lambda b: FeatureInheritFiller(b, 2), EncoderPropagationFiller])
+def test_forecasting_moves_the_deep_feature_along_the_line_through_the_last_two_dash_calls(dash):
+    from morse_engine.fillers import Anchor
+
+    unet, conditioner = dash
+    x, t, context = _inputs(conditioner)
+    blocks = ReferenceBlocks(unet)
+    inherit, forecast = FeatureInheritFiller(blocks, 2), FeatureInheritFiller(blocks, 2, forecast=True)
+    _, earlier = _anchor_of(inherit, unet, x * 1.2, t + 80, context)
+    z, latest = _anchor_of(inherit, unet, x, t, context)
+    x2, t2 = x * 0.9, t - 40
+    with torch.no_grad():
+        # no earlier Dash call (a run's first fill): the same as inheriting
+        assert torch.equal(forecast(unet, x2, t2, latest, context, {}), inherit(unet, x2, t2, latest, context, {}))
+        both = Anchor(x=x, z=z, t=t, step=2, prev_z=earlier.z, prev_t=earlier.t, features=latest.features,
+                      prev_features=earlier.features)
+        # at the anchor's time the line passes through the anchor's feature: Dash exactly
+        assert torch.equal(forecast(unet, x, t, both, context, {}), z)
+        # half a span further on: the deep feature moved by half the last change, entering the same blocks
+        moved = dict(latest.features, deep=latest.features["deep"] * 1.5 - earlier.features["deep"] * 0.5)
+        expected = inherit(unet, x2, t2, Anchor(x=x, z=z, t=t, step=2, features=moved), context, {})
+        torch.testing.assert_close(forecast(unet, x2, t2, both, context, {}), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_the_router_keeps_the_previous_dash_calls_features_only_for_a_fill_that_reads_them(dash):
+    unet, conditioner = dash
+    cond, uncond = conditioner(torch.tensor([3, 7])), conditioner(torch.full((2,), NULL_CLASS))
+    sigmas = torch.linspace(10.0, 0.0, 7)
+    seen = []
+
+    class Spy(FeatureInheritFiller):  # records the anchor each fill call gets
+        def __call__(self, backbone_call, x, t, anchor, context, kwargs, sigma=None):
+            seen.append(anchor)
+            return super().__call__(backbone_call, x, t, anchor, context, kwargs, sigma=sigma)
+
+    for forecast in (False, True):
+        seen.clear()
+        fill = Spy(ReferenceBlocks(unet), 2, forecast=forecast)
+        router = MorseRouter(Pattern("D."), fill)
+        with torch.no_grad(), router.run(sigmas) as run:
+            _euler(run, unet, cond, uncond, sigmas, keys_apart=True)
+        assert len(seen) == 6  # 3 fill steps x cond and uncond apart
+        assert seen[0].prev_features is None  # the first fill: one Dash call so far
+        later = [a.prev_features for a in seen[2:]]
+        assert all(f is not None for f in later) if forecast else all(f is None for f in later)
+        if forecast:  # the Dash call before the anchor, not the anchor's own
+            assert not torch.equal(seen[2].prev_features["deep"], seen[2].features["deep"])
+
+
+@pytest.mark.parametrize("make", [lambda b: FeatureInheritFiller(b, 2), EncoderPropagationFiller,
+                                  lambda b: FeatureInheritFiller(b, 2, forecast=True)])
 def test_cond_and_uncond_in_one_call_or_apart_give_the_same_samples(dash, make):
     unet, conditioner = dash
     fill = make(ReferenceBlocks(unet))
