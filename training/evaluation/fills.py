@@ -19,6 +19,7 @@ from .samplers import GuidedDenoiser, normal_sigmas, sample
 LABELS = {"dot": "Morse (Dash + Dot)", "ablation": "ablation: Dot without trajectory inputs",
           "reuse": "training-free: reuse", "extrapolate": "training-free: extrapolate",
           "inherit_k1": "feature inheritance, 1 block per side (A-SDM)", "inherit_k2": "feature inheritance, 2 blocks per side",
+          "forecast_k1": "feature forecasting, 1 block per side", "forecast_k2": "feature forecasting, 2 blocks per side",
           "propagate": "encoder propagation (Faster Diffusion)"}
 
 
