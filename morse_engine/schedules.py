@@ -25,6 +25,11 @@ def _check_steps(steps: int) -> int:
     return steps
 
 
+# The N a training-free fill (reuse, extrapolate: arithmetic, ~0 LSD) is planned with. 1e12 rather than 1e9
+# because plan_budget's 1e-9 LSD tolerance would let 1e9 lose a Dash step (budget 4 -> 3 Dash + 3 fills).
+FREE_FILL_N = 1e12
+
+
 def lsd_cost(dash_steps: int, dot_steps: int, n_speed: float) -> float:
     """Latency of a run in LSD (latency of one Dash step): k Dash steps + j Dot steps cost k + j/N."""
     _check_n(n_speed)
@@ -313,8 +318,9 @@ class BudgetSchedule:
         n = self.n_speed if self.n_speed is not None else measured_n
         if n is None:
             raise ScheduleError(
-                "an LSD budget needs N (how many times faster the Dot is): connect a Dot whose file records "
-                "a measured N, or set N on the schedule"
+                "an LSD budget needs N (how many times faster the fill is than Dash): connect a Dot whose file "
+                "records a measured N, or set N on the schedule (a fill that reruns UNet blocks has no N of its own: "
+                "it depends on the model and resolution; measure it with python -m training.bench_latency --fills)"
             )
         return n
 

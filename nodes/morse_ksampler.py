@@ -6,12 +6,20 @@ import nodes as comfy_nodes
 from comfy_api.latest import io
 
 from ..morse_engine import AutoPattern, BudgetSchedule, MorseError
+from ..morse_engine.fillers import TRAINING_FREE_FILLS
+from ..morse_engine.schedules import FREE_FILL_N
 from .sampling_hooks import FILLS_WITHOUT_DOT, MorseSettings, apply_morse
 from .types import CATEGORY, DotModelType, ScheduleType
 
 log = logging.getLogger("morse")
-# what an LSD budget prices a fill without a Dot at: (almost) free
-FREE_FILL_N = 1e9
+
+
+def fill_speed(dot, fill_without_dot):
+    """The N an LSD budget is planned with: the Dot's measured one; a training-free fill's ~free; None for a fill
+    that reruns UNet blocks (its N depends on the model and resolution: the schedule's n_speed must give it)."""
+    if dot is not None:
+        return dot.measured_n
+    return FREE_FILL_N if (fill_without_dot or "reuse") in TRAINING_FREE_FILLS else None
 
 
 def morse_inputs():
@@ -70,7 +78,7 @@ class MorseKSampler(io.ComfyNode):
             raise ValueError("Morse KSampler: denoise is 0, so there is nothing to sample; set denoise above 0 (1.0 for txt2img)")
         if isinstance(schedule, BudgetSchedule):
             try:
-                plan = schedule.plan(dot.measured_n if dot is not None else FREE_FILL_N, sampler_name,
+                plan = schedule.plan(fill_speed(dot, fill_without_dot), sampler_name,
                                      dot.pattern_table if dot is not None else None)
             except MorseError as exc:
                 raise ValueError(f"Morse KSampler: {exc}") from None
@@ -111,7 +119,7 @@ class MorseModelPatch(io.ComfyNode):
             # per-sampler table: the rule chooses, for the budget and N
             budget = schedule.budget_lsd
             try:
-                schedule, choice = schedule.spec_for(dot.measured_n if dot is not None else FREE_FILL_N)
+                schedule, choice = schedule.spec_for(fill_speed(dot, fill_without_dot))
             except MorseError as exc:
                 raise ValueError(f"Morse Model Patch: {exc}") from None
             log.info("Morse: pattern %s for an LSD budget of %.2f; the step count comes from the sigmas",

@@ -285,6 +285,24 @@ def test_lsd_budget_schedule_sets_the_step_count(host, tiny, dot_folder):
     assert probe.sizes == [16, 8, 16, 8]
 
 
+def test_an_lsd_budget_without_a_dot_prices_free_fills_free_and_asks_n_of_a_fill_that_runs_blocks(host, tiny, caplog):
+    import logging
+
+    budget = host.engine.BudgetSchedule(host.engine.Pattern("D."), 4.0)
+    with caplog.at_level(logging.INFO, logger="morse"):
+        morse(host, tiny, "euler", steps=50, schedule=budget, fill_without_dot="reuse")
+    line = next(r.getMessage() for r in caplog.records if "LSD budget" in r.getMessage())
+    assert "plans 8 steps (D.D.D.D.)" in line  # 4 Dash steps for 4 LSD, the fills free: none lost to rounding
+    with pytest.raises(ValueError, match="needs N"):
+        morse(host, tiny, "euler", steps=50, schedule=budget, fill_without_dot="inherit_k2")
+    priced = host.engine.BudgetSchedule(host.engine.Pattern("D."), 4.0, n_speed=4.0)  # 3 Dash + 3 fills = 3.75
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="morse"):
+        morse(host, tiny, "euler", steps=50, schedule=priced, fill_without_dot="inherit_k2")
+    line = next(r.getMessage() for r in caplog.records if "LSD budget" in r.getMessage())
+    assert "plans 6 steps (D.D.D.)" in line
+
+
 def test_schedule_node_lsd_budget_auto_says_which_pattern_and_why(host):
     engine = host.engine
     spec, text = node(host, "MorseDashDotSchedule").execute("lsd_budget", 2, 0.5, " Auto ", 0, 6.0, 9.7, 20).result

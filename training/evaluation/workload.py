@@ -16,15 +16,14 @@ import torch
 
 from morse_engine import AutoPattern, BudgetSchedule, MorseRouter, Pattern, load_dot, plan_budget
 from morse_engine.parameterization import DiscreteSchedule
+from morse_engine.schedules import FREE_FILL_N
 
 from ..paths import DOT_DIR
 from .samplers import GuidedDenoiser, normal_sigmas, sample
 
 DEFAULT_DOT = DOT_DIR / "reference_digits.safetensors"
 DEFAULT_ABLATION_DOT = DOT_DIR / "reference_digits_no_trajectory.safetensors"
-# Training-free fills cost ~nothing: plan them as (almost) free. 1e12 rather than 1e9 because
-# plan_budget's 1e-9 LSD tolerance would let 1e9 lose a Dash step (budget 4 -> 3 Dash + 3 fills).
-TRAINING_FREE_N = 1e12
+TRAINING_FREE_N = FREE_FILL_N  # training-free fills cost ~nothing: planned as (almost) free, as the nodes do
 CALLS_PER_STEP = {"heun": 2}  # model calls per step; everything else in evaluation.samplers makes one
 
 
