@@ -80,6 +80,7 @@ class LearnedInherit(FeatureInheritFiller):
         return {**super().capture_modules(), "in0": self.blocks.input_blocks[self.k - 1]}
 
     gate = True  # scale the change by 1 - sigma_i / sigma_s: none for no jump (where inheriting is exact)
+    gate_span = None  # instead: scale by the jump in timesteps over this many, capped at 1 (off for short jumps)
 
     def forward(self, x, t, deep, anchor_shallow, anchor_t, context, kwargs, sigma=None, anchor_sigma=None):
         b = self.blocks
@@ -89,7 +90,10 @@ class LearnedInherit(FeatureInheritFiller):
             h = b.input(i, h, state)
             hs.append(h)
         change = self.change(deep, h, anchor_shallow, t, anchor_t)
-        if self.gate:
+        if self.gate_span:
+            jump = (anchor_t.reshape(-1, 1, 1, 1) - t.reshape(-1, 1, 1, 1)).to(deep.dtype)
+            change = change * (jump / self.gate_span).clamp(0, 1)
+        elif self.gate:
             ratio = torch.as_tensor(sigma, dtype=deep.dtype).reshape(-1, 1, 1, 1) / anchor_sigma.reshape(-1, 1, 1, 1)
             change = change * (1 - ratio).clamp(0, 1)
         return self._up_to_head(deep + change, hs, state, x)
@@ -238,6 +242,8 @@ def main():
     p.add_argument("--samples", type=int, default=48)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-gate", action="store_true", help="the change is not scaled by the jump")
+    p.add_argument("--gate-span", type=float, default=None, help="scale the change by the jump in timesteps over "
+                   "this many (capped at 1) instead of by 1 - sigma_i / sigma_s")
     p.add_argument("--k", type=int, default=1, help="blocks per side rerun at full resolution (inherit_k)")
     p.add_argument("--on-policy", action="store_true", help="train on the fill calls of sampling runs with the "
                    "current fill (DAgger), not on Algorithm 1's tuples")
@@ -259,6 +265,7 @@ def main():
     fill = LearnedInherit(blocks, DeepChange(f["deep"].shape[1], f["in0"].shape[1], width=args.width, half=args.half), k=args.k,
                           forecast=args.forecast)
     fill.gate = not args.no_gate
+    fill.gate_span = args.gate_span
     start = time.time()
     if args.on_policy:
         train_on_policy(fill, models, args.steps, args.batch, args.seed, args.refresh, args.runs)
