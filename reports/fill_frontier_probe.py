@@ -26,20 +26,55 @@ from training.evaluation.workload import load_models, reference_workload  # noqa
 from training.reference.blocks import ReferenceBlocks  # noqa: E402
 
 
+class SecondOrderForecast(FeatureInheritFiller):
+    """Forecasting through the last three Dash calls' deep features (the parabola in t through them,
+    TaylorSeer's second order); the history is kept here, for one batch layout per run (a probe, not the
+    engine's way: the router keeps only the previous call's features). Fewer than three calls: first order."""
+
+    def __init__(self, blocks, k):
+        super().__init__(blocks, k, forecast=True)
+        self.name = f"forecast2_k{k}"
+        self.history = []  # [(step, t, deep)], oldest first
+
+    def _deep_at(self, t, anchor):
+        deep = anchor.features["deep"]
+        if not self.history or anchor.step != self.history[-1][0]:
+            if self.history and (anchor.step < self.history[-1][0] or self.history[-1][2].shape != deep.shape):
+                self.history = []  # a new run
+            self.history = (self.history + [(anchor.step, anchor.t.float(), deep)])[-3:]
+        if len(self.history) < 3:
+            return super()._deep_at(t, anchor)
+        (_, t0, f0), (_, t1, f1), (_, t2, f2) = self.history
+        view = lambda v: v.reshape(-1, 1, 1, 1)  # noqa: E731
+        t0, t1, t2, tt = view(t0), view(t1), view(t2), view(t.float())
+        l0 = (tt - t1) * (tt - t2) / ((t0 - t1) * (t0 - t2))
+        l1 = (tt - t0) * (tt - t2) / ((t1 - t0) * (t1 - t2))
+        l2 = (tt - t0) * (tt - t1) / ((t2 - t0) * (t2 - t1))
+        return l0 * f0 + l1 * f1 + l2 * f2
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--samples", type=int, default=48)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--ks", default="1,2,3,4,5")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--second-order", action="store_true", help="forecast_k against the second-order forecast "
+                   "through the last three Dash calls, for --ks")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     models = load_models()
     blocks = ReferenceBlocks(models.unet)
     work = reference_workload(models, args.samples, args.samples, default_cfg(models.dash_meta), 0, "cpu")
     ks = [int(k) for k in args.ks.split(",")]
-    fills = [EvalFill(f"inherit_k{k}", FeatureInheritFiller(blocks, k)) for k in ks]
-    fills += [EvalFill(f"forecast_k{k}", FeatureInheritFiller(blocks, k, forecast=True)) for k in ks[:2]]
+    if args.second_order:
+        fills = [EvalFill(f"forecast_k{k}", FeatureInheritFiller(blocks, k, forecast=True)) for k in ks]
+        fills += [EvalFill(f"forecast2_k{k}", SecondOrderForecast(blocks, k)) for k in ks]
+    else:
+        fills = None
+    if fills is None:
+        fills = [EvalFill(f"inherit_k{k}", FeatureInheritFiller(blocks, k)) for k in ks]
+        fills += [EvalFill(f"forecast_k{k}", FeatureInheritFiller(blocks, k, forecast=True)) for k in ks[:2]]
     for f in fills:
         f.n = measure_fill_n(work, f.filler)["N"]
     out = {"samples": args.samples, "n": {f.name: f.n for f in fills}, "samplers": {}}
