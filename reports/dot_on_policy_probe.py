@@ -23,6 +23,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from feature_dot_probe import RecordingFill, optimise  # noqa: E402
 
 from morse_engine import DotFiller, Pattern  # noqa: E402
 from morse_engine.dot_model import DotModel  # noqa: E402
@@ -37,35 +40,17 @@ FIELDS = ("x", "t", "anchor_x", "anchor_z", "anchor_t", "anchor_sigma", "prev_z"
           "context", "target")
 
 
-class Recorder:
-    """Serves the Dot on-policy inside sampling runs and records each fill call with Dash's estimate there."""
+class Recorder(RecordingFill):
+    """The Dot's inputs at each fill call (the anchor, the estimate before it, the times)."""
 
-    name, free = "recorder", False
-
-    def __init__(self, filler: DotFiller, unet):
-        self.filler, self.unet, self.items = filler, unet, []
-        self.sigmas, self.cfg = None, None
-
-    def capture_modules(self):
-        return {}
-
-    def accepts(self, kwargs):
-        return True
-
-    def __call__(self, backbone_call, x, t, anchor, context, kwargs, sigma=None):
-        with torch.no_grad():
-            target = self.unet(x, t, context=context)
-            out = self.filler(backbone_call, x, t, anchor, context, kwargs, sigma=sigma)
-        i = int((self.sigmas - sigma).abs().argmin())
+    def record(self, x, t, anchor, context, target, sigma, step):
         n = x.shape[0]
         full = lambda v: torch.full((n,), float(v))  # noqa: E731
         prev_z, prev_t = (anchor.z, anchor.t) if anchor.prev_z is None else (anchor.prev_z, anchor.prev_t)
-        self.items.append(dict(x=x, t=t.expand(n).float(), anchor_x=anchor.x, anchor_z=anchor.z,
-                               anchor_t=anchor.t.float().expand(n), anchor_sigma=anchor.sigma.float().expand(n),
-                               prev_z=prev_z, prev_t=prev_t.float().expand(n), sigma=full(sigma),
-                               step=full(self.sigmas[i] - self.sigmas[i + 1]), cfg=full(self.cfg), context=context,
-                               target=target))
-        return out
+        return dict(x=x, t=t.expand(n).float(), anchor_x=anchor.x, anchor_z=anchor.z,
+                    anchor_t=anchor.t.float().expand(n), anchor_sigma=anchor.sigma.float().expand(n),
+                    prev_z=prev_z, prev_t=prev_t.float().expand(n), sigma=full(sigma), step=full(step),
+                    cfg=full(self.cfg), context=context, target=target)
 
 
 def collect(rec: Recorder, models, runs: int, batch: int, gen: torch.Generator, samplers=("euler", "dpmpp_2m"),
@@ -116,13 +101,7 @@ def train(dot: DotModel, models, steps: int, batch: int, seed: int, refresh: int
         pred = dot(models.unet, d["x"], d["t"], d["anchor_x"], d["anchor_z"], d["anchor_t"], context=d["context"],
                    sigma=d["sigma"], anchor_sigma=d["anchor_sigma"], prev_z=d["prev_z"], prev_t=d["prev_t"])
         loss, reuse = guided_error(pred, d), guided_error(d["anchor_z"], d)
-        opt.zero_grad()
-        (loss / reuse.detach()).backward()
-        opt.step()
-        sched.step()
-        losses.append(float(loss.detach() / reuse))
-        if (step + 1) % 100 == 0:
-            print(f"step {step + 1}: loss / reuse's {sum(losses[-100:]) / 100:.4f}", flush=True)
+        optimise(opt, sched, loss / reuse.detach(), loss / reuse, losses, step)
     dot.eval()
     return losses
 

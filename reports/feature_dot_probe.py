@@ -123,27 +123,32 @@ def train(fill: LearnedInherit, steps: int, batch: int, seed: int, lr: float = 1
         w = tup.sigma_step.view(-1, 1, 1, 1) ** 2
         loss = (w * (pred - tup.target) ** 2).mean() / w.mean()
         reuse = (w * (tup.anchor_z - tup.target) ** 2).mean() / w.mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(float(loss.detach() / reuse))
-        if (step + 1) % 100 == 0:
-            print(f"step {step + 1}: loss / reuse's {sum(losses[-100:]) / 100:.4f}", flush=True)
+        optimise(opt, sched, loss, loss / reuse, losses, step)
     return losses
 
 
-class Recorder:
-    """Serves the learned fill on-policy inside real sampling runs and keeps, for each fill call, its inputs and
-    Dash's own estimate there: training data from the states the fill itself leads the sampler to (DAgger),
-    with the jumps of the step counts actually sampled."""
+def optimise(opt, sched, objective, ratio, losses: list, step: int) -> None:
+    """One optimizer step on ``objective``; logs ``ratio`` (the loss over reuse's), averaged every 100 steps."""
+    opt.zero_grad()
+    objective.backward()
+    opt.step()
+    sched.step()
+    losses.append(float(ratio.detach()))
+    if (step + 1) % 100 == 0:
+        print(f"step {step + 1}: loss / reuse's {sum(losses[-100:]) / 100:.4f}", flush=True)
+
+
+class RecordingFill:
+    """Serves a fill on-policy inside real sampling runs and keeps, for each fill call, what :meth:`record`
+    takes from it with Dash's own estimate there: training data from the states the fill itself leads the
+    sampler to (DAgger), with the jumps of the step counts actually sampled."""
 
     name, free = "recorder", False
 
-    def __init__(self, fill: LearnedInherit, unet):
+    def __init__(self, fill, unet):
         self.fill, self.unet, self.items = fill, unet, []
         self.sigmas, self.cfg = None, None
-        self.reads_previous_features = fill.reads_previous_features
+        self.reads_previous_features = getattr(fill, "reads_previous_features", False)
 
     def capture_modules(self):
         return self.fill.capture_modules()
@@ -156,13 +161,22 @@ class Recorder:
             target = self.unet(x, t, context=context)
             out = self.fill(backbone_call, x, t, anchor, context, kwargs, sigma=sigma)
         i = int((self.sigmas - sigma).abs().argmin())
-        step = float(self.sigmas[i] - self.sigmas[i + 1])
-        n = x.shape[0]
-        self.items.append(dict(x=x, t=t.expand(n).float(), deep=self.fill._deep_at(t, anchor), in0=anchor.features["in0"],
-                               anchor_t=anchor.t.float(), anchor_sigma=anchor.sigma.float(),
-                               sigma=torch.full((n,), float(sigma)), step=torch.full((n,), step),
-                               cfg=torch.full((n,), self.cfg), context=context, target=target, anchor_z=anchor.z))
+        self.items.append(self.record(x, t, anchor, context, target, sigma, float(self.sigmas[i] - self.sigmas[i + 1])))
         return out
+
+    def record(self, x, t, anchor, context, target, sigma, step) -> dict:
+        raise NotImplementedError
+
+
+class Recorder(RecordingFill):
+    """The learned change's inputs: the (forecast) deep feature, the anchor's first-block output, the times."""
+
+    def record(self, x, t, anchor, context, target, sigma, step):
+        n = x.shape[0]
+        return dict(x=x, t=t.expand(n).float(), deep=self.fill._deep_at(t, anchor), in0=anchor.features["in0"],
+                    anchor_t=anchor.t.float(), anchor_sigma=anchor.sigma.float(),
+                    sigma=torch.full((n,), float(sigma)), step=torch.full((n,), step),
+                    cfg=torch.full((n,), self.cfg), context=context, target=target, anchor_z=anchor.z)
 
 
 def collect(rec: Recorder, models, runs: int, batch: int, gen: torch.Generator, cfg_range, step_range):
@@ -224,13 +238,7 @@ def train_on_policy(fill: LearnedInherit, models, steps: int, batch: int, seed: 
             return (w * guided.pow(2)).mean() + branches.mean()
 
         loss, reuse = err(pred), err(d["anchor_z"])
-        opt.zero_grad()
-        (loss / reuse.detach()).backward()
-        opt.step()
-        sched.step()
-        losses.append(float(loss.detach() / reuse))
-        if (step + 1) % 100 == 0:
-            print(f"step {step + 1}: loss / reuse's {sum(losses[-100:]) / 100:.4f}", flush=True)
+        optimise(opt, sched, loss / reuse.detach(), loss / reuse, losses, step)
     return losses
 
 
