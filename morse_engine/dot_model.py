@@ -202,6 +202,23 @@ def extrapolated_change(anchor_z, anchor_t, prev_z, prev_t, t) -> torch.Tensor:
     return ratio.reshape(-1, *([1] * (anchor_z.dim() - 1))).to(anchor_z.dtype) * (anchor_z - prev_z)
 
 
+def parabola_change(f_s, t_s, f_p, t_p, f_q, t_q, t) -> Optional[torch.Tensor]:
+    """How far the parabola in t through (t_q, f_q), (t_p, f_p) and (t_s, f_s) moves from f_s by t (second-order
+    extrapolation through three calls, oldest q; TaylorSeer's second order in Lagrange form). Written as
+    l_q (f_q - f_s) + l_p (f_p - f_s), so it is exactly zero at t = t_s. None where any two of the three times
+    coincide in some row (the caller then extrapolates to first order)."""
+    b = f_s.shape[0]
+    per = lambda v: torch.as_tensor(v, device=f_s.device).float().reshape(-1).expand(b)  # noqa: E731
+    t_s, t_p, t_q, t_now = per(t_s), per(t_p), per(t_q), per(t)
+    spans = torch.stack([t_s - t_p, t_s - t_q, t_p - t_q])
+    if bool((spans.abs() <= 1e-8).any()):
+        return None
+    l_q = (t_now - t_p) * (t_now - t_s) / ((t_q - t_p) * (t_q - t_s))
+    l_p = (t_now - t_q) * (t_now - t_s) / ((t_p - t_q) * (t_p - t_s))
+    view = lambda v: v.reshape(-1, *([1] * (f_s.dim() - 1))).to(f_s.dtype)  # noqa: E731
+    return view(l_q) * (f_q - f_s) + view(l_p) * (f_p - f_s)
+
+
 def timestep_features(t: torch.Tensor, dim: int) -> torch.Tensor:
     """Sinusoidal features of a diffusion timestep (the embedding of DDPM / SD)."""
     half = dim // 2

@@ -5,7 +5,8 @@
   time, and inherits the deep feature map that enters those output blocks from the anchor's Dash call.
 * **Feature forecasting** (``forecast_k``; TaylorSeer's first order, on the SD UNet's deep feature): feature
   inheritance with the inherited feature extrapolated in t from the Dash call before the anchor and the
-  anchor's, to the current time; the router keeps that earlier call's features only for a fill that asks.
+  anchor's, to the current time; ``forecast2_k`` along the parabola through the last three Dash calls
+  (second order). The router keeps those earlier calls' features only for a fill that asks.
 * **Encoder propagation** (Faster Diffusion): a non-key step skips the encoder (the input blocks and the
   middle block) and runs the decoder on the anchor's encoder features with the current time.
 
@@ -24,7 +25,7 @@ from typing import Protocol, Sequence
 import torch
 from torch import nn
 
-from .dot_model import extrapolated_change
+from .dot_model import extrapolated_change, parabola_change
 from .errors import MorseError
 from .fillers import Filler
 
@@ -109,21 +110,24 @@ class _FeatureFill(Filler):
 class FeatureInheritFiller(_FeatureFill):
     """Reruns the outer k blocks per side at full resolution; inherits the deep feature from the anchor.
 
-    ``forecast``: the inherited deep feature is first moved along the line in t through the Dash call before
-    the anchor and the anchor's own, to the current time (first-order feature forecasting, as TaylorSeer does
-    for DiT features; the same line extrapolation takes through the estimates). Where there is no earlier
-    Dash call yet (the first fill of a run) it inherits as is.
+    ``forecast`` (the order, 0-2): the inherited deep feature is first moved to the current time along the line
+    in t through the Dash call before the anchor and the anchor's own (1: first-order feature forecasting, as
+    TaylorSeer does for DiT features; the same line extrapolation takes through the estimates), or along the
+    parabola through the last three Dash calls (2). With fewer earlier Dash calls than the order asks for (the
+    first fills of a run) it forecasts to the order they allow.
     """
 
     name = "inherit"
 
-    def __init__(self, blocks: UNetBlocks, k: int = 1, forecast: bool = False):
+    def __init__(self, blocks: UNetBlocks, k: int = 1, forecast: int = 0):
         super().__init__(blocks)
         if not 1 <= k <= self.n_blocks:
             raise MorseError(f"feature inheritance k={k} must be between 1 and the {self.n_blocks} blocks per side")
+        if forecast not in (0, 1, 2):
+            raise MorseError(f"feature forecasting order {forecast!r} must be 0 (inherit), 1 (line) or 2 (parabola)")
         self.k = k
-        self.forecast = self.reads_previous_features = forecast
-        self.name = f"forecast_k{k}" if forecast else f"inherit_k{k}"
+        self.forecast = self.earlier_feature_calls = int(forecast)
+        self.name = {0: f"inherit_k{k}", 1: f"forecast_k{k}", 2: f"forecast2_k{k}"}[self.forecast]
         self.deep = self.n_blocks - k - 1  # the output block whose output enters the last k; -1: the middle block
 
     def capture_modules(self) -> dict[str, nn.Module]:
@@ -144,7 +148,12 @@ class FeatureInheritFiller(_FeatureFill):
         deep = anchor.features["deep"]
         if not self.forecast or anchor.prev_features is None or anchor.prev_t is None:
             return deep
-        return deep + extrapolated_change(deep, anchor.t, anchor.prev_features["deep"], anchor.prev_t, t)
+        prev = anchor.prev_features["deep"]
+        if self.forecast == 2 and anchor.prev2_features is not None and anchor.prev2_t is not None:
+            change = parabola_change(deep, anchor.t, prev, anchor.prev_t, anchor.prev2_features["deep"], anchor.prev2_t, t)
+            if change is not None:
+                return deep + change
+        return deep + extrapolated_change(deep, anchor.t, prev, anchor.prev_t, t)
 
 
 class EncoderPropagationFiller(_FeatureFill):
@@ -202,7 +211,9 @@ class EncoderPropagationFiller(_FeatureFill):
 FEATURE_FILLS = {
     "inherit_k1": lambda blocks: FeatureInheritFiller(blocks, k=1),
     "inherit_k2": lambda blocks: FeatureInheritFiller(blocks, k=2),
-    "forecast_k1": lambda blocks: FeatureInheritFiller(blocks, k=1, forecast=True),
-    "forecast_k2": lambda blocks: FeatureInheritFiller(blocks, k=2, forecast=True),
+    "forecast_k1": lambda blocks: FeatureInheritFiller(blocks, k=1, forecast=1),
+    "forecast_k2": lambda blocks: FeatureInheritFiller(blocks, k=2, forecast=1),
+    # second order at k = 1 was measured and not offered: it collapses at 12 dpmpp_2m steps (reports/2026-12-01-dot-limits.md)
+    "forecast2_k2": lambda blocks: FeatureInheritFiller(blocks, k=2, forecast=2),
     "propagate": EncoderPropagationFiller,
 }

@@ -27,6 +27,8 @@ class Anchor:
     sigma: Optional[torch.Tensor] = None  # per entry; a Dot that reads the step since the anchor needs it
     features: Optional[dict] = None  # block outputs of the anchor's Dash call, for fills that rerun Dash's blocks
     prev_features: Optional[dict] = None  # the same of the Dash call of prev_z, where the fill asks for them
+    prev2_t: Optional[torch.Tensor] = None  # the Dash call before that one, where the fill asks for two
+    prev2_features: Optional[dict] = None
 
 
 class Filler:
@@ -35,8 +37,9 @@ class Filler:
 
     name = "filler"
     free = True
-    # whether the router keeps the captured features of the Dash call before the anchor too (one more set alive)
-    reads_previous_features = False
+    # of how many Dash calls before the anchor's the router keeps the captured features too (0-2; one more set
+    # alive per call)
+    earlier_feature_calls = 0
 
     def capture_modules(self) -> dict:
         """Modules whose outputs the fill needs from each Dash call (captured by the router); none by default."""

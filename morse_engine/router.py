@@ -217,13 +217,16 @@ class MorseRun:
             t = t.expand(x.shape[0])
         for key, xc, zc, tc, fc in zip(keys, x.chunk(n), out.chunk(n), t.chunk(n), per_key):
             old = self.anchors.get(key)
-            prev_z = prev_t = prev_features = None
+            prev_z = prev_t = prev_features = prev2_t = prev2_features = None
             if old is not None and old.z.shape == zc.shape:
                 # A second call in the same step (second-order samplers) keeps the older step as prev.
                 same = old.step == step
                 prev_z, prev_t = (old.prev_z, old.prev_t) if same else (old.z, old.t)
-                if self.filler.reads_previous_features:
+                depth = self.filler.earlier_feature_calls
+                if depth >= 1:
                     prev_features = old.prev_features if same else old.features
+                if depth >= 2:
+                    prev2_t, prev2_features = (old.prev2_t, old.prev2_features) if same else (old.prev_t, old.prev_features)
             # Copies, not views: the sampler owns x and out and may reuse their memory.
             self.anchors[key] = Anchor(
                 x=xc.detach().clone(),
@@ -235,6 +238,8 @@ class MorseRun:
                 sigma=torch.full((xc.shape[0],), float(sigma), dtype=torch.float32, device=xc.device),
                 features=fc,
                 prev_features=prev_features,
+                prev2_t=prev2_t,
+                prev2_features=prev2_features,
             )
 
     def close(self):
@@ -275,6 +280,8 @@ def _stack(anchors: list[Anchor]) -> Anchor:
         sigma=torch.cat([a.sigma for a in anchors]) if all(a.sigma is not None for a in anchors) else None,
         features=_cat_features([a.features for a in anchors]),
         prev_features=_cat_features([a.prev_features for a in anchors]),
+        prev2_t=torch.cat([a.prev2_t for a in anchors]) if all(a.prev2_t is not None for a in anchors) else None,
+        prev2_features=_cat_features([a.prev2_features for a in anchors]),
     )
 
 

@@ -32,7 +32,8 @@ def morse_inputs():
             "Only without a Dot: reuse the last Dash estimate, extrapolate from the last two (both free), rerun the "
             "outer 1 or 2 UNet blocks per side and inherit the deeper features from the last Dash step (inherit_k1, "
             "inherit_k2: A-SDM / DeepCache), the same with the deeper features extrapolated from the last two Dash "
-            "steps (forecast_k1, forecast_k2: first-order feature forecasting), or run the decoder on the last Dash step's encoder features (propagate: "
+            "steps (forecast_k1, forecast_k2: first-order feature forecasting) or along the parabola through the last three "
+            "(forecast2_k2), or run the decoder on the last Dash step's encoder features (propagate: "
             "Faster Diffusion). SD1.x/SD2.x/SDXL UNets; a ControlNet step runs Dash.")),
         io.Boolean.Input("allow_other_weights", default=False, optional=True, tooltip=(
             "Use a Dot trained on other weights of the same architecture (a fine-tune or merge). Quality may drop.")),

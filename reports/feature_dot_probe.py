@@ -148,7 +148,7 @@ class RecordingFill:
     def __init__(self, fill, unet):
         self.fill, self.unet, self.items = fill, unet, []
         self.sigmas, self.cfg = None, None
-        self.reads_previous_features = getattr(fill, "reads_previous_features", False)
+        self.earlier_feature_calls = getattr(fill, "earlier_feature_calls", 0)
 
     def capture_modules(self):
         return self.fill.capture_modules()

@@ -27,7 +27,7 @@ def _fills(unet):
     blocks = ReferenceBlocks(unet)
     n = len(unet.input_blocks)
     return ([FeatureInheritFiller(blocks, k) for k in range(1, n + 1)] + [EncoderPropagationFiller(blocks)]
-            + [FeatureInheritFiller(blocks, k, forecast=True) for k in (1, 2)])
+            + [FeatureInheritFiller(blocks, k, forecast=order) for k in (1, 2) for order in (1, 2)])
 
 
 def _anchor_of(fill, unet, x, t, context):
@@ -97,7 +97,7 @@ def test_forecasting_moves_the_deep_feature_along_the_line_through_the_last_two_
     unet, conditioner = dash
     x, t, context = _inputs(conditioner)
     blocks = ReferenceBlocks(unet)
-    inherit, forecast = FeatureInheritFiller(blocks, 2), FeatureInheritFiller(blocks, 2, forecast=True)
+    inherit, forecast = FeatureInheritFiller(blocks, 2), FeatureInheritFiller(blocks, 2, forecast=1)
     _, earlier = _anchor_of(inherit, unet, x * 1.2, t + 80, context)
     z, latest = _anchor_of(inherit, unet, x, t, context)
     x2, t2 = x * 0.9, t - 40
@@ -114,6 +114,50 @@ def test_forecasting_moves_the_deep_feature_along_the_line_through_the_last_two_
         torch.testing.assert_close(forecast(unet, x2, t2, both, context, {}), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_the_parabola_through_three_calls_is_exact_for_a_quadratic_in_t_and_zero_at_the_anchor():
+    from morse_engine.dot_model import parabola_change
+
+    g = torch.Generator().manual_seed(0)
+    a, b, c = (torch.randn(2, 3, 4, 4, generator=g) for _ in range(3))
+    f = lambda t: a + b * (t / 100) + c * (t / 100) ** 2  # noqa: E731
+    t_q, t_p, t_s = torch.tensor([900.0, 700.0]), torch.tensor([800.0, 600.0]), torch.tensor([700.0, 450.0])
+    for t in (torch.tensor([650.0, 400.0]), torch.tensor([500.0, 100.0])):
+        change = parabola_change(f(t_s.view(-1, 1, 1, 1)), t_s, f(t_p.view(-1, 1, 1, 1)), t_p, f(t_q.view(-1, 1, 1, 1)), t_q, t)
+        torch.testing.assert_close(change, f(t.view(-1, 1, 1, 1)) - f(t_s.view(-1, 1, 1, 1)), rtol=1e-4, atol=1e-4)
+    at_anchor = parabola_change(a, t_s, b, t_p, c, t_q, t_s)
+    assert torch.equal(at_anchor, torch.zeros_like(a))
+    assert parabola_change(a, t_s, b, t_p, c, t_p, t_s - 10) is None  # two calls at one time: no parabola
+
+
+def test_second_order_forecasting_moves_the_deep_feature_along_the_parabola_through_three_dash_calls(dash):
+    from morse_engine.dot_model import parabola_change
+    from morse_engine.fillers import Anchor
+
+    unet, conditioner = dash
+    x, t, context = _inputs(conditioner)
+    blocks = ReferenceBlocks(unet)
+    inherit, line, parabola = (FeatureInheritFiller(blocks, 2, forecast=o) for o in (0, 1, 2))
+    _, oldest = _anchor_of(inherit, unet, x * 1.4, t + 200, context)
+    _, earlier = _anchor_of(inherit, unet, x * 1.2, t + 80, context)
+    z, latest = _anchor_of(inherit, unet, x, t, context)
+    x2, t2 = x * 0.9, t - 40
+    two = Anchor(x=x, z=z, t=t, step=2, prev_z=earlier.z, prev_t=earlier.t, features=latest.features,
+                 prev_features=earlier.features)
+    three = Anchor(x=x, z=z, t=t, step=4, prev_z=earlier.z, prev_t=earlier.t, features=latest.features,
+                   prev_features=earlier.features, prev2_t=oldest.t, prev2_features=oldest.features)
+    with torch.no_grad():
+        # two Dash calls so far: the line, as first order
+        assert torch.equal(parabola(unet, x2, t2, two, context, {}), line(unet, x2, t2, two, context, {}))
+        assert torch.equal(parabola(unet, x, t, three, context, {}), z)  # at the anchor's time: Dash exactly
+        deep = latest.features["deep"]
+        moved = dict(latest.features, deep=deep + parabola_change(deep, t, earlier.features["deep"], t + 80,
+                                                                  oldest.features["deep"], t + 200, t2))
+        expected = inherit(unet, x2, t2, Anchor(x=x, z=z, t=t, step=4, features=moved), context, {})
+        got = parabola(unet, x2, t2, three, context, {})
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(got, line(unet, x2, t2, three, context, {}))
+
+
 def test_the_router_keeps_the_previous_dash_calls_features_only_for_a_fill_that_reads_them(dash):
     unet, conditioner = dash
     cond, uncond = conditioner(torch.tensor([3, 7])), conditioner(torch.full((2,), NULL_CLASS))
@@ -125,22 +169,28 @@ def test_the_router_keeps_the_previous_dash_calls_features_only_for_a_fill_that_
             seen.append(anchor)
             return super().__call__(backbone_call, x, t, anchor, context, kwargs, sigma=sigma)
 
-    for forecast in (False, True):
+    for order in (0, 1, 2):
         seen.clear()
-        fill = Spy(ReferenceBlocks(unet), 2, forecast=forecast)
+        fill = Spy(ReferenceBlocks(unet), 2, forecast=order)
         router = MorseRouter(Pattern("D."), fill)
         with torch.no_grad(), router.run(sigmas) as run:
             _euler(run, unet, cond, uncond, sigmas, keys_apart=True)
         assert len(seen) == 6  # 3 fill steps x cond and uncond apart
-        assert seen[0].prev_features is None  # the first fill: one Dash call so far
+        assert seen[0].prev_features is None and seen[2].prev2_features is None  # one, then two Dash calls so far
         later = [a.prev_features for a in seen[2:]]
-        assert all(f is not None for f in later) if forecast else all(f is None for f in later)
-        if forecast:  # the Dash call before the anchor, not the anchor's own
+        assert all(f is not None for f in later) if order else all(f is None for f in later)
+        if order:  # the Dash call before the anchor, not the anchor's own
             assert not torch.equal(seen[2].prev_features["deep"], seen[2].features["deep"])
+        if order == 2:  # the third fill step (after three Dash calls): the call before that one too, per key
+            for a, b in ((seen[4], seen[2]), (seen[5], seen[3])):
+                assert a.prev2_features["deep"] is b.prev_features["deep"] and torch.equal(a.prev2_t, b.prev_t)
+        else:
+            assert all(a.prev2_features is None for a in seen)
 
 
 @pytest.mark.parametrize("make", [lambda b: FeatureInheritFiller(b, 2), EncoderPropagationFiller,
-                                  lambda b: FeatureInheritFiller(b, 2, forecast=True)])
+                                  lambda b: FeatureInheritFiller(b, 2, forecast=1),
+                                  lambda b: FeatureInheritFiller(b, 2, forecast=2)])
 def test_cond_and_uncond_in_one_call_or_apart_give_the_same_samples(dash, make):
     unet, conditioner = dash
     fill = make(ReferenceBlocks(unet))
@@ -176,6 +226,27 @@ def test_a_backbone_without_the_block_layout_is_refused_naming_the_fill():
         FeatureInheritFiller(Flat(), 1)
     with pytest.raises(MorseError, match="k=9"):
         FeatureInheritFiller(ReferenceBlocks(load_reference_dash()[0]), 9)
+    with pytest.raises(MorseError, match="order 3 must be 0"):
+        FeatureInheritFiller(ReferenceBlocks(load_reference_dash()[0]), 2, forecast=3)
+
+
+def test_under_heun_second_order_forecasting_reads_three_different_dash_steps(dash):
+    """Heun calls Dash twice per step; the parabola must run through three steps' calls, not two of one step."""
+    from morse_engine import KeySteps
+
+    unet, conditioner = dash
+    seen = []
+
+    class Spy(FeatureInheritFiller):
+        def __call__(self, backbone_call, x, t, anchor, context, kwargs, sigma=None):
+            seen.append((anchor.t, anchor.prev_t, anchor.prev2_t))
+            return super().__call__(backbone_call, x, t, anchor, context, kwargs, sigma=sigma)
+
+    _guided_run(unet, conditioner, Spy(ReferenceBlocks(unet), 2, forecast=2), "heun", KeySteps((0, 1, 2, 4, 6), reference_steps=8), steps=8)
+    with_three = [s for s in seen if s[2] is not None]
+    assert with_three
+    for t, t_p, t_q in with_three:  # strictly earlier (noisier) calls each: three distinct times
+        assert bool((t_q > t_p).all() and (t_p > t).all()), (t, t_p, t_q)
 
 
 def test_a_feature_fill_is_priced_by_a_measured_n():

@@ -194,7 +194,7 @@ def blocks_of(backbone, comfy_path):
 def bench_fills(arch: str, backbone, blocks, names, device, dtype, repeats: int, warmup: int,
                 px: int | None = None) -> list[dict]:
     """Dash against each fill that reruns Dash's blocks (``FEATURE_FILLS``) with a real anchor: the Dash call
-    50 timesteps earlier, whose block outputs the fill reads."""
+    50 timesteps earlier, whose block outputs the fill reads (and, for a forecast, two calls before it)."""
     from morse_engine.feature_fills import FEATURE_FILLS, captured
     from morse_engine.fillers import Anchor
 
@@ -205,7 +205,9 @@ def bench_fills(arch: str, backbone, blocks, names, device, dtype, repeats: int,
         fill = FEATURE_FILLS[name](blocks)
         with captured(fill.capture_modules()) as feats:
             z = backbone(x, t_s, context=context, **extra)
-        anchor = Anchor(x=x, z=z, t=t_s, step=0, features=dict(feats))
+        # the earlier calls a forecast reads (their values do not change its cost: the same features, later times)
+        anchor = Anchor(x=x, z=z, t=t_s, step=2, prev_z=z, prev_t=t_s + 50, features=dict(feats),
+                        prev_features=dict(feats), prev2_t=t_s + 100, prev2_features=dict(feats))
         d_t, f_t = interleaved_times(lambda: backbone(x, t, context=context, **extra),  # noqa: B023
                                      lambda: fill(backbone, x, t, anchor, context, kwargs), repeats, warmup, sync)  # noqa: B023
         dash_ms, fill_ms = statistics.median(d_t) * 1e3, statistics.median(f_t) * 1e3

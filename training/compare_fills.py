@@ -52,7 +52,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dash", type=Path, default=None, help="reference-format Dash weights (default: the embedded reference model)")
     p.add_argument("--dot", type=Path, default=None, help=f"Dot adapter (default: {DEFAULT_DOT.name})")
     p.add_argument("--fills", default="dot", help="comma-separated fills to compare (default: dot); e.g. "
-                   "dot,extrapolate,inherit_k1,inherit_k2,forecast_k1,forecast_k2,propagate")
+                   "dot,extrapolate,inherit_k1,inherit_k2,forecast_k1,forecast_k2,forecast2_k2,propagate")
     p.add_argument("--sampler", default="euler", choices=sorted(DETERMINISTIC), help="a deterministic sampler")
     p.add_argument("--steps", default="6,12,20,40", help="step counts, comma-separated")
     p.add_argument("--pattern", default="D.", help="Dash/Dot pattern ('D' Dash, '.' a fill); default 'D.'")

@@ -81,7 +81,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ablation", action="store_true", help="leave the ablation Dot out")
     p.add_argument("--fills", type=_csv(str), default=None,
                    help="the fills to compare (default: dot, ablation, reuse, extrapolate; the feature fills "
-                        "inherit_k1, inherit_k2, forecast_k1, forecast_k2 and propagate on request)")
+                        "inherit_k1, inherit_k2, forecast_k1, forecast_k2, forecast2_k2 and propagate on request)")
     p.add_argument("--samplers", type=_csv(str), default=None)
     p.add_argument("--budgets", type=_csv(float), default=None, help="LSD budgets of the fills")
     p.add_argument("--patterns", type=_csv(str), default=None,

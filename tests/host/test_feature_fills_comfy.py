@@ -1,5 +1,6 @@
 """The feature fills on ComfyUI's own UNetModel: exact at the anchor, and bypassed where patches change the skips."""
 import importlib
+import re
 
 import torch
 
@@ -45,7 +46,7 @@ def test_morse_ksampler_samples_with_each_feature_fill_and_logs_its_measured_n(h
 
     plain = ksampler(host, tiny, steps=6)
     reuse = morse(host, tiny, steps=6, schedule=host.engine.Pattern("D."), fill_without_dot="reuse")
-    for name in ("inherit_k1", "inherit_k2", "forecast_k1", "forecast_k2", "propagate"):
+    for name in ("inherit_k1", "inherit_k2", "forecast_k1", "forecast_k2", "forecast2_k2", "propagate"):
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="morse"):
             out = morse(host, tiny, steps=6, schedule=host.engine.Pattern("D."), fill_without_dot=name)
@@ -53,8 +54,11 @@ def test_morse_ksampler_samples_with_each_feature_fill_and_logs_its_measured_n(h
         assert not torch.equal(out, plain) and not torch.equal(out, reuse)
         if name.startswith("forecast"):  # the deep feature moves from the second fill on
             inherited = morse(host, tiny, steps=6, schedule=host.engine.Pattern("D."),
-                              fill_without_dot=name.replace("forecast", "inherit"))
+                              fill_without_dot=re.sub(r"forecast\d?", "inherit", name))
             assert not torch.equal(out, inherited)
+        if name == "forecast2_k2":  # the third fill follows three Dash steps: the parabola, not the line
+            line_out = morse(host, tiny, steps=6, schedule=host.engine.Pattern("D."), fill_without_dot="forecast_k2")
+            assert not torch.equal(out, line_out)
         line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("Morse:"))
         assert f"3 Dash steps, 3 {name} steps of 6" in line and "N " in line and "measured" in line
 

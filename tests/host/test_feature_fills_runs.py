@@ -11,7 +11,7 @@ import torch
 from comfy_host import conditioning
 from test_morse_ksampler import ksampler, morse
 
-FILLS = ["inherit_k1", "inherit_k2", "forecast_k2", "propagate"]
+FILLS = ["inherit_k1", "inherit_k2", "forecast_k2", "forecast2_k2", "propagate"]
 
 
 def logged(caplog, fn):

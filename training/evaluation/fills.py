@@ -20,6 +20,7 @@ LABELS = {"dot": "Morse (Dash + Dot)", "ablation": "ablation: Dot without trajec
           "reuse": "training-free: reuse", "extrapolate": "training-free: extrapolate",
           "inherit_k1": "feature inheritance, 1 block per side (A-SDM)", "inherit_k2": "feature inheritance, 2 blocks per side",
           "forecast_k1": "feature forecasting, 1 block per side", "forecast_k2": "feature forecasting, 2 blocks per side",
+          "forecast2_k2": "second-order feature forecasting, 2 blocks per side",
           "propagate": "encoder propagation (Faster Diffusion)"}
 
 
