@@ -69,6 +69,9 @@ def test_training_lowers_the_loss_below_reusing_the_anchor(tmp_path):
     trained = eval_loss(result.dot, clean, batch)
     assert trained < 0.9 * reuse, (trained, reuse)
     assert all(not m._forward_hooks for m in clean.modules())
+    # every 50 steps the loss and the reuse baseline of the same batches, for the file's loss curve
+    loss, base = result.summary["history"], result.summary["reuse_history"]
+    assert len(loss) == len(base) == 3 and loss[-1] / base[-1] < loss[0] / base[0]
 
 
 def test_dash_targets_are_computed_without_the_lora(tmp_path):

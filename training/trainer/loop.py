@@ -195,6 +195,7 @@ def train_dot(
 
     start = 0
     history: list[float] = []
+    reuse_history: list[float] = []  # the reuse baseline on the same batches: the ratio shows progress without their mix
     if resume:
         if not state_path.is_file():
             raise FileNotFoundError(f"--resume was given but there is no checkpoint at {state_path}; start without --resume")
@@ -215,7 +216,7 @@ def train_dot(
                 "resume with the same options or start a new run without --resume"
             )
         dot.lora.copy_to_peft(unet)
-        history = extra.get("history", [])
+        history, reuse_history = extra.get("history", []), extra.get("reuse_history", [])
         loss_ema, reuse_ema = extra.get("loss_ema"), extra.get("reuse_ema")
         if scaler is not None and extra.get("grad_scaler"):
             scaler.load_state_dict(extra["grad_scaler"])  # the loss scale the run had found
@@ -272,9 +273,11 @@ def train_dot(
         bar.set_postfix(loss=f"{loss_ema:.4f}", reuse=f"{reuse_ema:.4f}")
         if (step + 1) % 50 == 0:
             history.append(round(loss_ema, 6))
+            reuse_history.append(round(reuse_ema, 6))
         if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
             dot.lora.load_from_peft(unet)
-            extra = {"config": config.flat(), "history": history, "loss_ema": loss_ema, "reuse_ema": reuse_ema}
+            extra = {"config": config.flat(), "history": history, "reuse_history": reuse_history, "loss_ema": loss_ema,
+                     "reuse_ema": reuse_ema}
             if dp:
                 extra["world_size"] = dp.world_size
             if scaler is not None:
@@ -299,5 +302,5 @@ def train_dot(
         final_reuse_loss=float(reuse_ema if reuse_ema is not None else float("nan")),
         seconds=seconds,
         resumed_from=start,
-        summary={"history": history},
+        summary={"history": history, "reuse_history": reuse_history},
     )

@@ -1,0 +1,127 @@
+"""A Dot's training loss curve, from its file's metadata: ``python -m training.loss_curve DOT [DOT ...]``.
+
+``train_dot`` keeps the loss (its running mean, every 50 optimizer steps) in the Dot file, and since
+2026-12-01 the same of the reuse baseline on the same batches (the loss of reusing the anchor estimate). This
+prints, for each file, whether the curve is flat over the last fifth of training: the change a least-squares line
+fitted there makes across that fifth, relative to its level, with a 90% interval from the fit's residuals (the
+running mean makes neighbouring points correlated, so the interval is on the narrow side). The curve judged is
+the loss over the reuse baseline where the file has both (the batches' mix of noise levels moves both alike),
+else the loss. ``--png`` draws both.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from morse_engine import MorseError, read_dot_info
+
+HISTORY_EVERY = 50  # optimizer steps between the points of a file's loss history (training/trainer/loop.py)
+
+
+@dataclass(frozen=True)
+class Trend:
+    """The fitted change of the loss across the last fifth of training, relative to its mean there."""
+
+    change: float
+    low: float
+    high: float
+    points: int
+
+    @property
+    def flat(self) -> bool:
+        return self.low <= 0.0 <= self.high
+
+
+def last_fifth_trend(history: list[float]) -> Trend:
+    """Least-squares line through the last fifth of ``history`` (at least 3 points)."""
+    n = max(3, round(len(history) / 5))
+    if len(history) < n or n < 3:
+        raise ValueError(f"a loss history of {len(history)} points is too short to judge its last fifth (3 needed)")
+    ys = history[-n:]
+    xs = list(range(n))
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+    resid = [y - (my + slope * (x - mx)) for x, y in zip(xs, ys)]
+    se = (sum(r * r for r in resid) / max(1, n - 2) / sxx) ** 0.5
+    span = n - 1
+    rel = lambda v: v * span / my  # noqa: E731
+    return Trend(rel(slope), rel(slope - 1.645 * se), rel(slope + 1.645 * se), n)
+
+
+def judged_curve(training: dict) -> tuple[str, list[float]]:
+    """The curve the verdict is on: loss / reuse where the file keeps both, else the loss."""
+    loss, reuse = training.get("loss_history") or [], training.get("reuse_loss_history") or []
+    if loss and len(reuse) == len(loss):
+        return "loss / reuse", [a / b for a, b in zip(loss, reuse)]
+    return "loss", list(loss)
+
+
+def describe(path: Path) -> tuple[dict, str, Trend]:
+    training = read_dot_info(path).training
+    what, curve = judged_curve(training)
+    if not curve:
+        raise MorseError(f"'{path.name}' keeps no loss history (made before train_dot recorded one); train it again")
+    return training, what, last_fifth_trend(curve)
+
+
+def plot(rows: list[tuple[Path, dict]], png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, ax_ratio) = plt.subplots(1, 2, figsize=(11, 4))
+    for path, training in rows:
+        h = training["loss_history"]
+        steps = [HISTORY_EVERY * (i + 1) for i in range(len(h))]
+        label = f"{path.stem} ({training.get('steps')} steps)"
+        (line,) = ax.plot(steps, h, label=label)
+        reuse = training.get("reuse_loss_history") or []
+        if len(reuse) == len(h):
+            ax.plot(steps, reuse, color=line.get_color(), linestyle=":", linewidth=1)
+            ax_ratio.plot(steps, [a / b for a, b in zip(h, reuse)], color=line.get_color(), label=label)
+        elif training.get("final_reuse_loss"):
+            ax.axhline(training["final_reuse_loss"], color=line.get_color(), linestyle=":", linewidth=1)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss (running mean)")
+    ax.set_title("Dot loss; dotted: reusing the anchor estimate", fontsize=10)
+    ax.legend(fontsize=8)
+    ax_ratio.set_xlabel("optimizer step")
+    ax_ratio.set_ylabel("loss / reuse loss, same batches")
+    ax_ratio.set_title("relative to reuse (files that keep both)", fontsize=10)
+    if ax_ratio.lines:
+        ax_ratio.legend(fontsize=8)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m training.loss_curve", description=__doc__.splitlines()[0])
+    p.add_argument("dots", type=Path, nargs="+", help="Dot files written by train_dot")
+    p.add_argument("--png", type=Path, default=None, help="draw the curves into this PNG")
+    args = p.parse_args(argv)
+    rows = []
+    for path in args.dots:
+        try:
+            training, what, trend = describe(path)
+        except (MorseError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        verdict = "flat" if trend.flat else ("still falling" if trend.high < 0 else "rising")
+        print(f"{path.name}: {training.get('steps')} steps, final loss {training.get('final_loss', float('nan')):.5f} "
+              f"(reuse {training.get('final_reuse_loss', float('nan')):.5f}); {what} over the last fifth ({trend.points} points): "
+              f"{trend.change:+.1%} [{trend.low:+.1%}, {trend.high:+.1%}] -> {verdict}")
+        rows.append((path, training))
+    if args.png:
+        plot(rows, args.png)
+        print(f"wrote {args.png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
