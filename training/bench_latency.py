@@ -303,7 +303,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--train-batch", type=int, default=1, help="images per training step (each is a CFG pair)")
     p.add_argument("--train-m", type=int, default=2)
     p.add_argument("--fills", default=None,
-                   help="also time fills that rerun Dash's blocks, comma-separated (inherit_k1, inherit_k2, propagate); "
+                   help="also time fills that rerun Dash's blocks, comma-separated (inherit_k1, inherit_k2, forecast_k1, "
+                        "forecast_k2, forecast2_k2, propagate); "
                         "on ComfyUI's UNet where one is given, else on the project's")
     p.add_argument("--faster-diffusion", action="store_true",
                    help="also time whole 50-step Euler runs with CFG on the first architecture (sd15 or tiny): plain, "

@@ -27,7 +27,9 @@ class DotTrainConfig:
     dot: DotConfig = field(default=RECIPE_DOT)
     tuples: TupleRecipe = field(default_factory=TupleRecipe)
     loss: LossRecipe = field(default_factory=LossRecipe)
-    steps: int = _opt(1700, "optimizer steps (the default: about 12 min on 2 idle CPU cores for the reference model)")
+    # the README's main job: 1000 steps keep it under 20 min on a 2-core VM whose speed has varied 2x between
+    # sessions (1700 took 12 to 24 min); the committed reference Dot is the same recipe run longer (--steps 1700)
+    steps: int = _opt(1000, "optimizer steps (the default: 12-15 min on 2 CPU cores for the reference model)")
     batch_size: int = _opt(32, "samples per micro-batch (per process under torchrun); each is a cond + uncond pair")
     grad_accum: int = _opt(1, "micro-batches per optimizer step: the step's batch is batch-size x K (x processes), for "
                               "the memory of one micro-batch; --steps and --checkpoint-every count optimizer steps")
