@@ -196,3 +196,16 @@ def test_cli_base_is_extrapolate_except_for_the_no_trajectory_ablation(tmp_path,
                    "--runs", str(tmp_path)])
     assert rc == 2 and "--base anchor" in capsys.readouterr().err
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_the_reference_run_writes_its_own_file_beside_the_committed_dot(tmp_path, monkeypatch, capsys):
+    """The default run is shorter than the committed reference Dot's: it must not write over it."""
+    from training import train_dot as cli
+
+    committed = tmp_path / "reference_digits.safetensors"
+    committed.write_bytes(b"the committed Dot")
+    monkeypatch.setattr(cli, "DOT_DIR", tmp_path)
+    assert cli.main(["--steps", "1", "--batch-size", "2", "--n-batch", "2", "--runs", str(tmp_path / "runs")]) == 0
+    assert committed.read_bytes() == b"the committed Dot"
+    assert (tmp_path / "reference_digits_trained.safetensors").is_file()
+    assert "reference_digits_trained.safetensors" in capsys.readouterr().out

@@ -1,7 +1,8 @@
 """Train a Dot adapter: ``python -m training.train_dot``.
 
 With no arguments it trains a Dot for the embedded reference Dash on the digits training
-split and writes ``models/dot_models/reference_digits.safetensors``. A run writes a
+split and writes ``models/dot_models/reference_digits_trained.safetensors`` (beside the committed
+``reference_digits.safetensors``, a longer run of the same recipe, which it never overwrites). A run writes a
 resumable checkpoint every ``--checkpoint-every`` steps to ``runs/<name>/train-state.safetensors``;
 ``--resume`` continues a killed run from it.
 
@@ -42,7 +43,8 @@ def parser() -> argparse.ArgumentParser:
                    help="Dash weights: your checkpoint, loaded by ComfyUI (with --prompts or --images), or reference-format "
                         "weights (default: the embedded reference model)")
     p.add_argument("--data", default="digits", choices=["digits"], help="training data (default: scikit-learn digits, train split)")
-    p.add_argument("--name", default=None, help="output name (default: reference_digits, or reference_digits_no_trajectory)")
+    p.add_argument("--name", default=None, help="output name (default: reference_digits_trained, or reference_digits_no_trajectory_trained; the "
+                   "committed reference_digits*.safetensors are longer runs of the same recipe and stay as they are)")
     p.add_argument("--out", type=Path, default=None, help="output .safetensors (default: models/dot_models/<name>.safetensors)")
     add_config_arguments(p)  # every option of the Dot, its tuples, its loss and the loop, from DotTrainConfig's fields
     p.add_argument("--resume", action="store_true", help="continue from runs/<name>/train-state.safetensors")
@@ -79,8 +81,10 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     ablation = "" if config.dot.trajectory else "_no_trajectory"
+    # the reference model's own run gets a name of its own: the default run is shorter than the committed Dot's
+    # (1000 steps against 1700), and writing over the committed file would lose the better Dot
     stem = f"dot_{Path(args.checkpoint or 'checkpoint').stem}" if on_checkpoint else "reference_digits"
-    name = args.name or stem + ablation
+    name = args.name or stem + ablation + ("" if on_checkpoint else "_trained")
     n_batch = args.n_batch or (2 if on_checkpoint else 512)
     out = args.out or (default_dot_dir(args.comfyui) if on_checkpoint else DOT_DIR) / f"{name}.safetensors"
     if out.suffix != ".safetensors":
