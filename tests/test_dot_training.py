@@ -74,6 +74,34 @@ def test_training_lowers_the_loss_below_reusing_the_anchor(tmp_path):
     assert len(loss) == len(base) == 3 and loss[-1] / base[-1] < loss[0] / base[0]
 
 
+def test_the_fixed_set_curve_starts_at_reuse_and_falls_and_resumes_unchanged(tmp_path):
+    from training.trainer import loop
+
+    # base "anchor": the untrained Dot is reusing the anchor, so its first point is the reuse loss
+    cfg = DotTrainConfig.of(**CFG, base="anchor", steps=10)
+    setup = tiny_setup()
+    state = tmp_path / "b.safetensors"
+    # scored at the start, every FIXED_SET_EVERY steps and at the end: here every 4 steps
+    every = loop.FIXED_SET_EVERY
+    loop.FIXED_SET_EVERY = 4
+    try:
+        straight = train_dot(setup, cfg, tmp_path / "a.safetensors", progress=False).summary["fixed_history"]
+        with pytest.raises(KeyboardInterrupt):
+            train_dot(tiny_setup(kill_after=7), cfg, state, progress=False)
+        resumed = train_dot(tiny_setup(), cfg, state, resume=True, progress=False).summary["fixed_history"]
+    finally:
+        loop.FIXED_SET_EVERY = every
+    assert [s for s, _, _ in straight] == [0, 4, 8, 10]
+    start, reuse = straight[0][1], straight[0][2]
+    assert start == pytest.approx(reuse, rel=1e-6)  # an untrained Dot is reusing the anchor
+    assert all(r == reuse for _, _, r in straight)  # the set is fixed: its reuse loss never moves
+    assert straight[-1][1] < start
+    # the set does not depend on the training stream: a resumed run scores the same set, the same Dot
+    assert [s for s, _, _ in resumed] == [0, 4, 8, 10]
+    for a, b in zip(straight, resumed):
+        assert a[1] == pytest.approx(b[1], rel=1e-4) and a[2] == b[2]
+
+
 def test_dash_targets_are_computed_without_the_lora(tmp_path):
     setup = tiny_setup()
     clean = copy.deepcopy(setup.unet)

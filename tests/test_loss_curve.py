@@ -19,6 +19,29 @@ def test_a_level_noisy_curve_is_flat():
     assert trend.flat and abs(trend.change) < 0.05
 
 
+def test_a_real_but_negligible_slope_is_flat():
+    history = [0.5 - 0.00005 * i for i in range(50)]  # noise-free, -0.09% over the last fifth
+    trend = tool.last_fifth_trend(history)
+    assert trend.high < 0 and trend.flat
+
+
+def test_the_fixed_set_curve_is_judged_where_the_file_keeps_one(tmp_path, backbone, capsys):
+    dot = DotModel.build(backbone, DotConfig.for_backbone(backbone, m=2, lora_rank=4, lora_alpha=4.0))
+    fp = fingerprint_module(backbone)
+    # the running loss still falls, the fixed set's has levelled off: the fixed set decides
+    fixed = [[0, 0.02, 0.02]] + [[100 * (i + 1), 0.01 + 0.004 * 0.7 ** i, 0.02] for i in range(30)]
+    path = save_dot(tmp_path / "fixed.safetensors", dot, base_family="tiny", fingerprint=fp, training={
+        "steps": 3000, "loss_history": [0.02 - 0.0001 * i for i in range(60)], "fixed_set_history": fixed})
+    assert tool.main([str(path), "--png", str(tmp_path / "c.png")]) == 0
+    line = capsys.readouterr().out.splitlines()[0]
+    assert "fixed-set loss over the last fifth" in line and line.endswith("flat")
+    falling = [[0, 0.02, 0.02]] + [[100 * (i + 1), 0.02 - 0.0003 * i, 0.02] for i in range(30)]
+    path = save_dot(tmp_path / "falling.safetensors", dot, base_family="tiny", fingerprint=fp, training={
+        "steps": 3000, "fixed_set_history": falling, "loss_history": [0.01] * 60})
+    assert tool.main([str(path)]) == 0
+    assert capsys.readouterr().out.rstrip().endswith("still falling")
+
+
 def test_a_curve_too_short_to_judge_is_refused():
     with pytest.raises(ValueError, match="too short"):
         tool.last_fifth_trend([0.3, 0.2])

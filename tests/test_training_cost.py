@@ -9,6 +9,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from morse_engine import DotConfig, DotModel
+from training.trainer import loop
 from training.trainer import memory as mem
 from training.trainer import runtime as runtimes
 from training.trainer.config import DotTrainConfig
@@ -133,7 +134,8 @@ def test_accumulation_counts_optimizer_steps_and_reduces_gradients_once_per_step
     cfg = DotTrainConfig.of(**dict(CFG, grad_accum=3), steps=4)
     state = tmp_path / "s.safetensors"
     result = train_dot(setup, cfg, state, progress=False, parallel=group)
-    assert draws == [CFG["batch_size"]] * 12  # 4 optimizer steps x 3 micro-batches
+    # 4 optimizer steps x 3 micro-batches, after the fixed tuple set drawn once from its own generator
+    assert draws == [CFG["batch_size"]] * (loop.FIXED_SET_BATCHES + 12)
     assert group.reduces == 4
     assert result.steps == 4
     with safe_open(str(state), "pt") as f:

@@ -1,12 +1,15 @@
 """A Dot's training loss curve, from its file's metadata: ``python -m training.loss_curve DOT [DOT ...]``.
 
-``train_dot`` keeps the loss (its running mean, every 50 optimizer steps) in the Dot file, and since
-2026-12-01 the same of the reuse baseline on the same batches (the loss of reusing the anchor estimate). This
-prints, for each file, whether the curve is flat over the last fifth of training: the change a least-squares line
-fitted there makes across that fifth, relative to its level, with a 90% interval from the fit's residuals (the
-running mean makes neighbouring points correlated, so the interval is on the narrow side). The curve judged is
-the loss over the reuse baseline where the file has both (the batches' mix of noise levels moves both alike),
-else the loss. ``--png`` draws both.
+``train_dot`` keeps the loss (its running mean, every 50 optimizer steps) in the Dot file, since 2026-12-01 the
+same of the reuse baseline on the same batches (the loss of reusing the anchor estimate), and since 2026-12-02 the
+loss on a fixed tuple set scored every 100 steps (``training/trainer/loop.py``: drawn once, so that curve moves only
+because the Dot does). This prints, for each file, whether the curve is flat over the last fifth of training: the
+change a least-squares line fitted there makes across that fifth, relative to its level, with a 90% interval from
+the fit's residuals. Flat: the interval holds zero, or lies within +-FLAT_TOLERANCE (a real but negligible slope,
+which a noise-free fixed-set curve shows under the cosine schedule's small last learning rates). The curve judged
+is, by preference, the fixed-set loss; else the running loss over the reuse baseline where the file has both (the
+batches' mix of noise levels moves both alike; the running mean makes neighbouring points correlated, so that
+interval is on the narrow side); else the running loss. ``--png`` draws them.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from pathlib import Path
 from morse_engine import MorseError, read_dot_info
 
 HISTORY_EVERY = 50  # optimizer steps between the points of a file's loss history (training/trainer/loop.py)
+FLAT_TOLERANCE = 0.01  # a fitted change within +-1% of the level over the last fifth counts as flat
 
 
 @dataclass(frozen=True)
@@ -31,7 +35,7 @@ class Trend:
 
     @property
     def flat(self) -> bool:
-        return self.low <= 0.0 <= self.high
+        return self.low <= 0.0 <= self.high or max(abs(self.low), abs(self.high)) <= FLAT_TOLERANCE
 
 
 def last_fifth_trend(history: list[float]) -> Trend:
@@ -52,7 +56,10 @@ def last_fifth_trend(history: list[float]) -> Trend:
 
 
 def judged_curve(training: dict) -> tuple[str, list[float]]:
-    """The curve the verdict is on: loss / reuse where the file keeps both, else the loss."""
+    """The curve the verdict is on: the fixed-set loss, else loss / reuse where the file keeps both, else the loss."""
+    fixed = training.get("fixed_set_history") or []
+    if len(fixed) >= 4:
+        return "fixed-set loss", [loss for _, loss, _ in fixed[1:]]  # not the untrained Dot's point
     loss, reuse = training.get("loss_history") or [], training.get("reuse_loss_history") or []
     if loss and len(reuse) == len(loss):
         return "loss / reuse", [a / b for a, b in zip(loss, reuse)]
@@ -73,7 +80,7 @@ def plot(rows: list[tuple[Path, dict]], png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax, ax_ratio) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax, ax_ratio, ax_fixed) = plt.subplots(1, 3, figsize=(16, 4))
     for path, training in rows:
         h = training["loss_history"]
         steps = [HISTORY_EVERY * (i + 1) for i in range(len(h))]
@@ -85,6 +92,10 @@ def plot(rows: list[tuple[Path, dict]], png: Path) -> None:
             ax_ratio.plot(steps, [a / b for a, b in zip(h, reuse)], color=line.get_color(), label=label)
         elif training.get("final_reuse_loss"):
             ax.axhline(training["final_reuse_loss"], color=line.get_color(), linestyle=":", linewidth=1)
+        fixed = training.get("fixed_set_history") or []
+        if fixed:
+            ax_fixed.plot([s for s, _, _ in fixed], [a / b for _, a, b in fixed], color=line.get_color(), marker=".",
+                          label=label)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss (running mean)")
     ax.set_title("Dot loss; dotted: reusing the anchor estimate", fontsize=10)
@@ -94,6 +105,11 @@ def plot(rows: list[tuple[Path, dict]], png: Path) -> None:
     ax_ratio.set_title("relative to reuse (files that keep both)", fontsize=10)
     if ax_ratio.lines:
         ax_ratio.legend(fontsize=8)
+    ax_fixed.set_xlabel("optimizer step")
+    ax_fixed.set_ylabel("loss / reuse loss, fixed tuple set")
+    ax_fixed.set_title("on a fixed set (files since 2026-12-02; step 0: untrained)", fontsize=10)
+    if ax_fixed.lines:
+        ax_fixed.legend(fontsize=8)
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=120)

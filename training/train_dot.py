@@ -168,6 +168,7 @@ def run(args, config: DotTrainConfig, rt, on_checkpoint: bool, name: str, n_batc
         "date": datetime.date.today().isoformat(),
         "loss_history": result.summary["history"],
         "reuse_loss_history": result.summary["reuse_history"],
+        "fixed_set_history": result.summary["fixed_history"],
     }
     save_dot(out, result.dot, base_family=clean.base_family, fingerprint=clean.fingerprint,
              measured_n=speed["N"], training=training)

@@ -34,6 +34,15 @@ from .runtime import Runtime
 from .state import load_state, save_state
 
 
+# The fixed tuple set: FIXED_SET_BATCHES micro-batches drawn once from their own generator (the training stream
+# is untouched) and scored every FIXED_SET_EVERY optimizer steps. The training loss's running mean mixes the
+# batches' luck into the curve; on a fixed set the loss changes only because the Dot does, so its last fifth says
+# whether training has converged (``python -m training.loss_curve``).
+FIXED_SET_BATCHES = 4
+FIXED_SET_EVERY = 100
+FIXED_SET_SEED_OFFSET = 1_000_003  # the set's generator: config.seed + this, far from any rank's stream
+
+
 class TrainingDiverged(RuntimeError):
     """The loss stopped being finite; the last good checkpoint is kept."""
 
@@ -128,6 +137,36 @@ def accumulate_gradients(dot: DotModel, unet, batches: list[TrainingTuple], conf
     return total, reuse
 
 
+def make_fixed_set(setup: DashSetup, config: DotTrainConfig, runtime: Runtime) -> list[TrainingTuple]:
+    """The fixed tuple set (see FIXED_SET_BATCHES): the same for every run with this seed, resumed or not."""
+    gen = torch.Generator().manual_seed(config.seed + FIXED_SET_SEED_OFFSET)
+    batches = setup.batches(config.batch_size, gen)
+    tuples = []
+    for _ in range(FIXED_SET_BATCHES):
+        x0, cond = next(batches)
+        with torch.no_grad(), peft_adapters(setup.unet, False):
+            tuples.append(training_tuple(setup, x0, cond, config, gen, runtime))
+    return tuples
+
+
+def fixed_set_loss(dot: DotModel, unet, tuples: list[TrainingTuple], config: DotTrainConfig,
+                   runtime: Runtime) -> tuple[float, float]:
+    """(the Dot's loss, reusing the anchor's) on the fixed set, weighted as one optimizer step weighs its batches."""
+    shares = loss_shares(tuples, config.loss.loss_weight) or [1.0]
+    call = runtime.backbone_call(unet)
+    loss = reuse = 0.0
+    was_training = dot.training
+    dot.eval()
+    with torch.no_grad():
+        for share, batch in zip(shares, tuples):
+            with runtime.autocast():
+                pred = dot_prediction(dot, unet, batch, backbone_call=call, lora_hooks=False)
+            loss += float(share * dot_loss(pred.float(), batch, config.loss))
+            reuse += float(share * dot_loss(batch.anchor_z, batch, config.loss))
+    dot.train(was_training)
+    return loss, reuse
+
+
 def estimate_memory(setup: DashSetup, dot: DotModel, unet, lora_params: list, trainable: list, config: DotTrainConfig,
                     runtime: Runtime) -> mem.MemoryEstimate:
     """The memory estimate of this run, from one forward/backward of the Dot on a single CFG pair
@@ -196,6 +235,7 @@ def train_dot(
     start = 0
     history: list[float] = []
     reuse_history: list[float] = []  # the reuse baseline on the same batches: the ratio shows progress without their mix
+    fixed_history: list[list] = []  # [step, loss, reuse] on the fixed tuple set
     if resume:
         if not state_path.is_file():
             raise FileNotFoundError(f"--resume was given but there is no checkpoint at {state_path}; start without --resume")
@@ -217,6 +257,7 @@ def train_dot(
             )
         dot.lora.copy_to_peft(unet)
         history, reuse_history = extra.get("history", []), extra.get("reuse_history", [])
+        fixed_history = extra.get("fixed_history", [])
         loss_ema, reuse_ema = extra.get("loss_ema"), extra.get("reuse_ema")
         if scaler is not None and extra.get("grad_scaler"):
             scaler.load_state_dict(extra["grad_scaler"])  # the loss scale the run had found
@@ -230,6 +271,13 @@ def train_dot(
     quiet = not progress or (dp is not None and not dp.is_main)
     if not quiet:
         print(estimate_memory(setup, dot, unet, lora_params, trainable, config, runtime).line(), flush=True)
+    fixed_set = make_fixed_set(setup, config, runtime)
+
+    def score_fixed_set(at_step: int) -> None:
+        fixed_history.append([at_step, *(float(f"{v:.7g}") for v in fixed_set_loss(dot, unet, fixed_set, config, runtime))])
+
+    if not fixed_history:
+        score_fixed_set(start)  # the untrained Dot (or, resuming a run from before the set existed, the resumed one)
     batches = setup.batches(config.batch_size, gen)
     last_saved = start
     t0 = time.time()
@@ -274,10 +322,12 @@ def train_dot(
         if (step + 1) % 50 == 0:
             history.append(round(loss_ema, 6))
             reuse_history.append(round(reuse_ema, 6))
+        if (step + 1) % FIXED_SET_EVERY == 0 or step + 1 == config.steps:
+            score_fixed_set(step + 1)
         if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
             dot.lora.load_from_peft(unet)
-            extra = {"config": config.flat(), "history": history, "reuse_history": reuse_history, "loss_ema": loss_ema,
-                     "reuse_ema": reuse_ema}
+            extra = {"config": config.flat(), "history": history, "reuse_history": reuse_history,
+                     "fixed_history": fixed_history, "loss_ema": loss_ema, "reuse_ema": reuse_ema}
             if dp:
                 extra["world_size"] = dp.world_size
             if scaler is not None:
@@ -302,5 +352,5 @@ def train_dot(
         final_reuse_loss=float(reuse_ema if reuse_ema is not None else float("nan")),
         seconds=seconds,
         resumed_from=start,
-        summary={"history": history, "reuse_history": reuse_history},
+        summary={"history": history, "reuse_history": reuse_history, "fixed_history": fixed_history},
     )
