@@ -25,13 +25,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from feature_dot_probe import RecordingFill, optimise  # noqa: E402
+from feature_dot_probe import RecordingFill, judge, optimise  # noqa: E402
 
 from morse_engine import DotFiller, Pattern  # noqa: E402
 from morse_engine.dot_model import DotModel  # noqa: E402
 from morse_engine.parameterization import DiscreteSchedule, guidance  # noqa: E402
-from training.compare_fills import compare, default_cfg  # noqa: E402
-from training.evaluation.fills import EvalFill, measure_fill_n  # noqa: E402
+from training.compare_fills import default_cfg  # noqa: E402
+from training.evaluation.fills import EvalFill  # noqa: E402
 from training.evaluation.samplers import normal_sigmas  # noqa: E402
 from training.evaluation.workload import Workload, load_models, reference_workload, sample_routed  # noqa: E402
 from training.reference.unet import NULL_CLASS, sd_alphas_cumprod  # noqa: E402
@@ -130,13 +130,7 @@ def main():
     print(f"trained {args.steps} steps in {time.time() - start:.0f} s")
     work = reference_workload(models, args.samples, args.samples, default_cfg(models.dash_meta), 0, "cpu")
     fills = [EvalFill("dot (file)", DotFiller(base, models.unet)), EvalFill("dot on-policy", DotFiller(dot, models.unet))]
-    for f in fills:
-        f.n = measure_fill_n(work, f.filler)["N"]
-    for sampler in ("euler", "dpmpp_2m"):
-        rows = compare(work, fills, sampler, [6, 12, 20, 40], "D.", 200)
-        print(f"{sampler}: steps  " + "  ".join(f"{f.name} (N {f.n:.2f})" for f in fills))
-        for r in rows:
-            print(f"{r['steps']:5d}  " + "  ".join(f"{r['fills'][f.name]['gap_closed']:.2f}" for f in fills))
+    judge(work, fills)
 
 
 if __name__ == "__main__":

@@ -25,14 +25,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from feature_dot_probe import judge  # noqa: E402
 
 from morse_engine import DotFiller, MorseRouter, Pattern  # noqa: E402
 from morse_engine.adapter_file import save_dot  # noqa: E402
 from morse_engine.dot_model import DotModel  # noqa: E402
 from morse_engine.fillers import ReuseFiller  # noqa: E402
 from morse_engine.parameterization import DiscreteSchedule  # noqa: E402
-from training.compare_fills import compare, default_cfg  # noqa: E402
-from training.evaluation.fills import EvalFill, measure_fill_n  # noqa: E402
+from training.compare_fills import default_cfg  # noqa: E402
+from training.evaluation.fills import EvalFill  # noqa: E402
 from training.evaluation.samplers import GuidedDenoiser, normal_sigmas, sample  # noqa: E402
 from training.evaluation.workload import load_models, reference_workload  # noqa: E402
 from training.reference.unet import NULL_CLASS, sd_alphas_cumprod  # noqa: E402
@@ -47,7 +50,8 @@ class GradDotFiller(DotFiller):
 
 
 def run(unet, ms, sampler, noise, cond, uncond, cfg, steps, filler=None):
-    """One batch sampled with ``filler`` on pattern D. (plain sampling where it is None)."""
+    """One batch sampled with ``filler`` on pattern D. (plain sampling where it is None). Not the evaluation's
+    sample_routed: that one runs under no_grad over a Workload's chunks, and training needs the gradient."""
     sigmas = normal_sigmas(ms, steps)
     if filler is None:
         return sample(sampler, GuidedDenoiser(unet, ms, cond, uncond, cfg), noise, sigmas, ms)
@@ -145,15 +149,9 @@ def main():
     print(f"targets and {args.steps} steps in {time.time() - start:.0f} s", flush=True)
     work = reference_workload(models, args.samples, args.samples, default_cfg(models.dash_meta), 0, "cpu")
     fills = [EvalFill("dot (file)", DotFiller(base, models.unet)), EvalFill("dot rollout", DotFiller(dot, models.unet))]
-    for f in fills:
-        f.n = measure_fill_n(work, f.filler)["N"]
+    judge(work, fills)
     if args.save:
         save_rollout_dot(args.save, dot, models.dot_info, fills[1].n, vars(args))
-    for sampler in ("euler", "dpmpp_2m"):
-        rows = compare(work, fills, sampler, [6, 12, 20, 40], "D.", 200)
-        print(f"{sampler}: steps  " + "  ".join(f"{f.name} (N {f.n:.2f})" for f in fills))
-        for r in rows:
-            print(f"{r['steps']:5d}  " + "  ".join(f"{r['fills'][f.name]['gap_closed']:.2f}" for f in fills), flush=True)
 
 
 if __name__ == "__main__":

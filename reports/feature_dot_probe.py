@@ -138,6 +138,17 @@ def optimise(opt, sched, objective, ratio, losses: list, step: int) -> None:
         print(f"step {step + 1}: loss / reuse's {sum(losses[-100:]) / 100:.4f}", flush=True)
 
 
+def judge(work, fills: list, samplers=("euler", "dpmpp_2m"), steps=(6, 12, 20, 40)) -> None:
+    """Measure each fill's N, then print the share of the reuse-to-Dash gap each closes, as compare_fills does."""
+    for f in fills:
+        f.n = measure_fill_n(work, f.filler)["N"]
+    for sampler in samplers:
+        rows = compare(work, fills, sampler, list(steps), "D.", 200)
+        print(f"{sampler}: steps  " + "  ".join(f"{f.name} (N {f.n:.2f})" for f in fills))
+        for r in rows:
+            print(f"{r['steps']:5d}  " + "  ".join(f"{r['fills'][f.name]['gap_closed']:.2f}" for f in fills), flush=True)
+
+
 class RecordingFill:
     """Serves a fill on-policy inside real sampling runs and keeps, for each fill call, what :meth:`record`
     takes from it with Dash's own estimate there: training data from the states the fill itself leads the
@@ -284,13 +295,7 @@ def main():
     work = reference_workload(models, args.samples, args.samples, default_cfg(models.dash_meta), 0, "cpu")
     free = FeatureInheritFiller(blocks, args.k, forecast=args.forecast)
     fills = [EvalFill(free.name, free), EvalFill(fill.name, fill)]
-    for f in fills:
-        f.n = measure_fill_n(work, f.filler)["N"]
-    for sampler in ("euler", "dpmpp_2m"):
-        rows = compare(work, fills, sampler, [6, 12, 20, 40], "D.", 200)
-        print(f"{sampler}: steps  " + "  ".join(f"{f.name} (N {f.n:.2f})" for f in fills))
-        for r in rows:
-            print(f"{r['steps']:5d}  " + "  ".join(f"{r['fills'][f.name]['gap_closed']:.2f}" for f in fills), flush=True)
+    judge(work, fills)
 
 
 if __name__ == "__main__":
