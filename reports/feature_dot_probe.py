@@ -46,11 +46,15 @@ from training.trainer.dash_setup import reference_setup  # noqa: E402
 class DeepChange(nn.Module):
     """The change of the inherited deep feature: from it, the first block's change since the anchor, both times."""
 
-    def __init__(self, deep_ch: int, shallow_ch: int, width: int = 32, t_dim: int = 64, half: bool = False):
+    def __init__(self, deep_ch: int, shallow_ch: int, width: int = 32, t_dim: int = 64, half: bool = False,
+                 trajectory: bool = True):
         super().__init__()
-        self.t_dim, self.half = t_dim, half
-        self.time = nn.Sequential(nn.Linear(2 * t_dim, 4 * width), nn.SiLU(), nn.Linear(4 * width, 2 * width))
-        self.inp = nn.Conv2d(deep_ch + 2 * shallow_ch, width, 3, padding=1)
+        # trajectory=False is the Table 4 ablation: the change sees neither the anchor's first-block output nor its
+        # time, only the (forecast) deep feature, the current first-block output and the current time
+        self.t_dim, self.half, self.trajectory = t_dim, half, trajectory
+        n_times, n_shallow = (2, 2) if trajectory else (1, 1)
+        self.time = nn.Sequential(nn.Linear(n_times * t_dim, 4 * width), nn.SiLU(), nn.Linear(4 * width, 2 * width))
+        self.inp = nn.Conv2d(deep_ch + n_shallow * shallow_ch, width, 3, padding=1)
         self.mid = nn.Conv2d(width, width, 3, padding=1)
         self.norm = nn.GroupNorm(8, width)
         self.out = nn.Conv2d(width, deep_ch, 3, padding=1)
@@ -58,9 +62,12 @@ class DeepChange(nn.Module):
         nn.init.zeros_(self.out.bias)
 
     def forward(self, deep, shallow, anchor_shallow, t, t_s):
-        emb = torch.cat([timestep_embedding(t, self.t_dim), timestep_embedding(t_s, self.t_dim)], dim=-1)
+        if self.trajectory:
+            emb = torch.cat([timestep_embedding(t, self.t_dim), timestep_embedding(t_s, self.t_dim)], dim=-1)
+            h = torch.cat([deep, shallow - anchor_shallow, shallow], dim=1)
+        else:
+            emb, h = timestep_embedding(t, self.t_dim), torch.cat([deep, shallow], dim=1)
         scale, shift = self.time(emb.to(deep.dtype))[:, :, None, None].chunk(2, dim=1)
-        h = torch.cat([deep, shallow - anchor_shallow, shallow], dim=1)
         if self.half:  # a quarter of the convolutions' cost: the change at half resolution, upsampled
             h = F.avg_pool2d(h, 2)
         h = F.silu(self.norm(self.inp(h)) * (1 + scale) + shift)
