@@ -222,3 +222,22 @@ def test_exported_records_are_analysed_elsewhere_without_sampling_again(tmp_path
     for pa, pb in zip(a["samplers"]["euler"]["plain"], b["samplers"]["euler"]["plain"]):
         assert pb["rmse"]["value"] == pytest.approx(pa["rmse"]["value"])  # per-sample errors travel in float32
         assert pb["fd_dash"]["value"] == pytest.approx(pa["fd_dash"]["value"], rel=0.02)  # features in float16
+
+
+def test_final_dash_makes_every_fills_run_end_on_a_dash_step():
+    from morse_engine import ReuseFiller
+    from training import evaluate
+    from training.evaluation.workload import Models, reference_workload, run_morse
+    from training.reference.unet import load_reference_dash
+
+    st = evaluate.settings_from(evaluate.parser().parse_args(["--quick", "--final-dash", "1"]))
+    assert st["final_dash"] == 1
+    assert "final_dash" not in evaluate.settings_from(evaluate.parser().parse_args(["--quick"]))  # old records keep their key
+    with pytest.raises(SystemExit, match="--final-dash"):
+        evaluate.settings_from(evaluate.parser().parse_args(["--quick", "--final-dash", "-1"]))
+    unet, conditioner, meta = load_reference_dash()
+    work = reference_workload(Models(unet, conditioner, meta, None, None), 4, 4, 2.5, 0, "cpu")
+    _, plain_end = run_morse("euler", work, 6, "D.", ReuseFiller(), None)
+    _, dash_end = run_morse("euler", work, 6, "D.", ReuseFiller(), None, final_dash=1)
+    assert plain_end["pattern"].endswith(".") and dash_end["pattern"].endswith("D")
+    assert dash_end["dash_steps"] <= 6 and dash_end["lsd"] <= 6 + 1e-9

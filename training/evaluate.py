@@ -87,6 +87,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--patterns", type=_csv(str), default=None,
                    help="Dash/fill patterns ('D' Dash, '.' a fill); 'auto' is the budget planner's own choice per "
                         "budget (the Dot file's measured table, else the rule), measured next to the fixed ones")
+    p.add_argument("--final-dash", type=int, default=0,
+                   help="every fill's schedule runs its last n steps on Dash (the schedule node's final_dash; default 0). "
+                        "The last step's estimate is the sample, so whether a run ends on a fill or on Dash moves its "
+                        "error more than most fills differ")
     p.add_argument("--plain-steps", type=_csv(int), default=None, help="step counts of the plain sampler")
     p.add_argument("--samples", type=int, default=None, help="samples per run (labels cycle 0..9)")
     p.add_argument("--chunk", type=int, default=None, help="samples per sampling call (batch = 2 x chunk with CFG)")
@@ -123,6 +127,10 @@ def settings_from(args) -> dict:
         if getattr(args, key) is not None:
             st[key] = getattr(args, key)
     st["chunk"] = min(st["chunk"], st["samples"])
+    if args.final_dash < 0:
+        raise SystemExit("error: --final-dash must be >= 0 (the last n steps of every fill's schedule on Dash)")
+    if args.final_dash:  # only then: records of runs without it keep their settings' key
+        st["final_dash"] = args.final_dash
     for name in st["samplers"]:
         if name not in SAMPLERS:
             raise SystemExit(f"error: --samplers: {name!r} is not one of {sorted(SAMPLERS)}")
@@ -204,7 +212,7 @@ def run_job(job, work, st, fills_by_name, recorder: Recorder) -> RunRecord:
         return recorder.record(sampler, x, compare=kind == "plain", keep_images=kind == "reference", fill=kind,
                                steps=info["steps"], lsd=info["lsd"], seconds=info["seconds"])
     fill = fills_by_name[kind]
-    x, point = run_morse(sampler, work, value, pattern, fill.filler, fill.n, fill.pattern_table)
+    x, point = run_morse(sampler, work, value, pattern, fill.filler, fill.n, fill.pattern_table, st.get("final_dash", 0))
     return recorder.record(sampler, x, fill=kind, steps=point["steps"], lsd=point["lsd"], pattern=pattern, budget=value,
                            dash_steps=point["dash_steps"], fill_steps=point["dot_steps"],
                            fallback_calls=point["fallback_calls"], seconds=point["seconds"],

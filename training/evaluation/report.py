@@ -50,7 +50,8 @@ def _table(head, rows) -> list[str]:
 def format_report(report: dict) -> str:
     st = report["settings"]
     out = [f"# {report['title']}", "",
-           f"{st['samples']} samples per run, CFG {st['cfg']:g}, patterns {', '.join(st['patterns'])}, "
+           f"{st['samples']} samples per run, CFG {st['cfg']:g}, patterns {', '.join(st['patterns'])}"
+           f"{f' (last {fd} steps Dash)' if (fd := st.get('final_dash')) else ''}, "
            f"budgets {', '.join(f'{b:g}' for b in st['budgets'])} LSD; {report['machine'].get('gpu') or report['machine']['processor']}, "
            f"{report['date']}; intervals {int(st['level'] * 100)}% paired bootstrap ({st['replicates']} replicates).", ""]
     out.append("Noise floor of each distribution metric at this n (two disjoint converged sets; train against test):")

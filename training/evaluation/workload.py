@@ -85,19 +85,19 @@ AUTO = "auto"  # the pattern name of the budget planner's own choice (morse_engi
 
 @torch.no_grad()
 def run_morse(sampler: str, work: Workload, budget: float, pattern: str, filler, n_speed: Optional[float],
-              table: Optional[dict] = None) -> tuple[torch.Tensor, dict]:
+              table: Optional[dict] = None, final_dash: int = 0) -> tuple[torch.Tensor, dict]:
     """One Morse run at an LSD budget; latency from the calls the router actually made. A free fill
     (``filler.free``) costs nothing and is planned so; a fill with a network costs 1/N a call. The pattern
     ``auto`` is the planner's choice for this budget, N, sampler and the fill's measured ``table``, as the
-    nodes make it."""
+    nodes make it. ``final_dash``: the last n steps run on Dash (the schedule node's option)."""
     cps = CALLS_PER_STEP.get(sampler, 1)
     if filler.free:
         n_speed = TRAINING_FREE_N
     if pattern == AUTO:
-        plan = BudgetSchedule(AutoPattern(), max(1.0, budget / cps)).plan(n_speed, sampler, table)
+        plan = BudgetSchedule(AutoPattern(final_dash=final_dash), max(1.0, budget / cps)).plan(n_speed, sampler, table)
         spec = plan.spec
     else:
-        spec = Pattern(pattern)
+        spec = Pattern(pattern, final_dash=final_dash)
         plan = plan_budget(max(1.0, budget / cps), n_speed, spec)
     start = time.perf_counter()
     x, totals = sample_routed(sampler, work, plan.steps, spec, filler)
