@@ -81,28 +81,43 @@ def make_targets(models, ms, runs: int, batch: int, gen: torch.Generator, sample
     return out
 
 
-def train(dot: DotModel, models, ms, targets: list[dict], steps: int, seed: int, lr: float) -> None:
+def load_or_make_targets(path, models, ms, runs: int, batch: int, seed: int, samplers) -> list[dict]:
+    """The targets cached at ``path`` (a seed's runs, reused across probes), else made (and cached where a path is given)."""
+    if path and path.exists():
+        return torch.load(path)
+    targets = make_targets(models, ms, runs, batch, torch.Generator().manual_seed(seed), samplers)
+    if path:
+        torch.save(targets, path)
+    return targets
+
+
+def rollout_train(filler, params: list, models, ms, targets: list[dict], steps: int, seed: int, lr: float) -> None:
+    """Optimise ``params`` on where the target runs end when ``filler`` serves their fill steps (one run a step)."""
     gen = torch.Generator().manual_seed(seed + 1)
-    filler = GradDotFiller(dot, models.unet)
-    params = [q for q in dot.parameters()]
-    for q in params:
-        q.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * s / steps)))
-    dot.train()
     ratios, t0 = [], time.time()
     for step in range(steps):
         d = targets[int(torch.randint(0, len(targets), (), generator=gen))]
         x = run(models.unet, ms, d["sampler"], d["noise"], d["cond"], d["uncond"], d["cfg"], d["steps"], filler)
         ratio = (x - d["plain"]).pow(2).mean() / max(d["reuse_err"], 1e-12)
         opt.zero_grad()
-        ratio.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        if ratio.requires_grad:  # a run with no fill call (too few steps) has nothing to learn from
+            ratio.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
         sched.step()
         ratios.append(float(ratio.detach()))
         if (step + 1) % 50 == 0:
             print(f"step {step + 1}: end error / reuse's {sum(ratios[-50:]) / 50:.4f} ({time.time() - t0:.0f} s)", flush=True)
+
+
+def train(dot: DotModel, models, ms, targets: list[dict], steps: int, seed: int, lr: float) -> None:
+    params = list(dot.parameters())
+    for q in params:
+        q.requires_grad_(True)
+    dot.train()
+    rollout_train(GradDotFiller(dot, models.unet), params, models, ms, targets, steps, seed, lr)
     dot.eval()
     for q in params:
         q.requires_grad_(False)
@@ -138,13 +153,7 @@ def main():
     base = models.dot
     dot = DotModel.build(models.unet, models.dot_info.config) if args.from_scratch else load_models(dot_path=args.dot).dot
     start = time.time()
-    if args.targets and args.targets.exists():
-        targets = torch.load(args.targets)
-    else:
-        targets = make_targets(models, ms, args.runs, args.batch, torch.Generator().manual_seed(args.seed),
-                               args.samplers.split(","))
-        if args.targets:
-            torch.save(targets, args.targets)
+    targets = load_or_make_targets(args.targets, models, ms, args.runs, args.batch, args.seed, args.samplers.split(","))
     train(dot, models, ms, targets, args.steps, args.seed, args.lr)
     print(f"targets and {args.steps} steps in {time.time() - start:.0f} s", flush=True)
     work = reference_workload(models, args.samples, args.samples, default_cfg(models.dash_meta), 0, "cpu")

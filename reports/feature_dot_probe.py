@@ -75,6 +75,14 @@ class DeepChange(nn.Module):
         return F.interpolate(out, size=deep.shape[-2:], mode="bilinear", align_corners=False) if self.half else out
 
 
+def deep_change_for(models, blocks, k: int, **kw) -> DeepChange:
+    """An untrained :class:`DeepChange` sized from the reference UNet's features at k blocks per side (one probe call)."""
+    probe = FeatureInheritFiller(blocks, k)
+    with torch.no_grad(), captured({**probe.capture_modules(), "in0": blocks.input_blocks[k - 1]}) as f:
+        blocks.unet(torch.zeros(1, 1, 32, 32), torch.tensor([500.0]), context=models.conditioner(torch.tensor([0])))
+    return DeepChange(f["deep"].shape[1], f["in0"].shape[1], **kw)
+
+
 class LearnedInherit(FeatureInheritFiller):
     """inherit_k with the deep feature moved by :class:`DeepChange` (conditioned on input block k-1's output)."""
 
@@ -285,10 +293,7 @@ def main():
     models = load_models()
     unet = models.unet.eval().requires_grad_(False)
     blocks = ReferenceBlocks(unet)
-    probe = FeatureInheritFiller(blocks, args.k)
-    with torch.no_grad(), captured({**probe.capture_modules(), "in0": blocks.input_blocks[args.k - 1]}) as f:
-        unet(torch.zeros(1, 1, 32, 32), torch.tensor([500.0]), context=models.conditioner(torch.tensor([0])))
-    fill = LearnedInherit(blocks, DeepChange(f["deep"].shape[1], f["in0"].shape[1], width=args.width, half=args.half), k=args.k,
+    fill = LearnedInherit(blocks, deep_change_for(models, blocks, args.k, width=args.width, half=args.half), k=args.k,
                           forecast=args.forecast)
     fill.gate = not args.no_gate
     fill.gate_span = args.gate_span

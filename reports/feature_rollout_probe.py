@@ -19,7 +19,6 @@ Figures: 2026-12-05-feature-rollout.md.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -29,10 +28,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from dot_rollout_probe import make_targets, run  # noqa: E402
-from feature_dot_probe import DeepChange, LearnedInherit, judge  # noqa: E402
+from dot_rollout_probe import load_or_make_targets, rollout_train  # noqa: E402
+from feature_dot_probe import LearnedInherit, deep_change_for, judge  # noqa: E402
 
-from morse_engine.feature_fills import FeatureInheritFiller, captured  # noqa: E402
+from morse_engine.feature_fills import FeatureInheritFiller  # noqa: E402
 from morse_engine.parameterization import DiscreteSchedule  # noqa: E402
 from training.compare_fills import default_cfg  # noqa: E402
 from training.evaluation.fills import EvalFill  # noqa: E402
@@ -53,10 +52,7 @@ class GradLearnedInherit(LearnedInherit):
 
 def build_fill(models, blocks, k: int, order: int, width: int, half: bool, trajectory: bool) -> GradLearnedInherit:
     """forecast_k (of ``order``) plus an untrained change network sized from the reference UNet's features."""
-    probe = FeatureInheritFiller(blocks, k, forecast=order)
-    with torch.no_grad(), captured({**probe.capture_modules(), "in0": blocks.input_blocks[k - 1]}) as f:
-        blocks.unet(torch.zeros(1, 1, 32, 32), torch.tensor([500.0]), context=models.conditioner(torch.tensor([0])))
-    change = DeepChange(f["deep"].shape[1], f["in0"].shape[1], width=width, half=half, trajectory=trajectory)
+    change = deep_change_for(models, blocks, k, width=width, half=half, trajectory=trajectory)
     return GradLearnedInherit(blocks, change, k=k, forecast=order)
 
 
@@ -72,27 +68,6 @@ def load_fill(path: Path, models, blocks) -> GradLearnedInherit:
     fill.change.load_state_dict(load_file(str(path)))
     fill.gate = meta["no_gate"] != "True"
     return fill
-
-
-def train(fill: GradLearnedInherit, models, ms, targets: list[dict], steps: int, seed: int, lr: float) -> None:
-    gen = torch.Generator().manual_seed(seed + 1)
-    params = list(fill.change.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * s / steps)))
-    ratios, t0 = [], time.time()
-    for step in range(steps):
-        d = targets[int(torch.randint(0, len(targets), (), generator=gen))]
-        x = run(models.unet, ms, d["sampler"], d["noise"], d["cond"], d["uncond"], d["cfg"], d["steps"], fill)
-        ratio = (x - d["plain"]).pow(2).mean() / max(d["reuse_err"], 1e-12)
-        opt.zero_grad()
-        if ratio.requires_grad:  # a run with no fill call (too few steps) has nothing to learn from
-            ratio.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-        sched.step()
-        ratios.append(float(ratio.detach()))
-        if (step + 1) % 50 == 0:
-            print(f"step {step + 1}: end error / reuse's {sum(ratios[-50:]) / 50:.4f} ({time.time() - t0:.0f} s)", flush=True)
 
 
 def main():
@@ -124,34 +99,27 @@ def main():
     unet = models.unet.eval().requires_grad_(False)
     ms = DiscreteSchedule.from_alphas_cumprod(sd_alphas_cumprod())
     blocks = ReferenceBlocks(unet)
-    free = FeatureInheritFiller(blocks, args.k, forecast=args.order)
-    judge_steps = [int(v) for v in args.judge_steps.split(",")]
     if args.judge_only:
         fill = load_fill(args.judge_only, models, blocks)
-        free = FeatureInheritFiller(blocks, fill.k, forecast=fill.forecast)
-        work = reference_workload(models, args.samples, args.samples, default_cfg(models.dash_meta), 0, "cpu")
-        judge(work, [EvalFill(free.name, free), EvalFill(fill.name, fill)], steps=judge_steps)
-        return
-    fill = build_fill(models, blocks, args.k, args.order, args.width, not args.full, not args.no_trajectory)
-    fill.gate = not args.no_gate
-    start = time.time()
-    if args.targets and args.targets.exists():
-        targets = torch.load(args.targets)
     else:
-        targets = make_targets(models, ms, args.runs, args.batch, torch.Generator().manual_seed(args.seed),
-                               args.samplers.split(","))
-        if args.targets:
-            torch.save(targets, args.targets)
-    train(fill, models, ms, targets, args.steps, args.seed, args.lr)
-    change = fill.change
+        fill = build_fill(models, blocks, args.k, args.order, args.width, not args.full, not args.no_trajectory)
+        fill.gate = not args.no_gate
+        train_and_save(fill, models, ms, args)
+    work = reference_workload(models, args.samples, args.samples, default_cfg(models.dash_meta), 0, "cpu")
+    free = FeatureInheritFiller(blocks, fill.k, forecast=fill.forecast)
+    judge(work, [EvalFill(free.name, free), EvalFill(fill.name, fill)], steps=[int(v) for v in args.judge_steps.split(",")])
+
+
+def train_and_save(fill: GradLearnedInherit, models, ms, args) -> None:
+    start = time.time()
+    targets = load_or_make_targets(args.targets, models, ms, args.runs, args.batch, args.seed, args.samplers.split(","))
+    rollout_train(fill, list(fill.change.parameters()), models, ms, targets, args.steps, args.seed, args.lr)
     print(f"targets and {args.steps} steps in {time.time() - start:.0f} s; "
-          f"{sum(q.numel() for q in change.parameters())} parameters", flush=True)
+          f"{sum(q.numel() for q in fill.change.parameters())} parameters", flush=True)
     if args.save:
         from safetensors.torch import save_file
-        save_file({k: v.contiguous() for k, v in change.state_dict().items()}, str(args.save),
+        save_file({k: v.contiguous() for k, v in fill.change.state_dict().items()}, str(args.save),
                   metadata={k: str(v) for k, v in vars(args).items()})
-    work = reference_workload(models, args.samples, args.samples, default_cfg(models.dash_meta), 0, "cpu")
-    judge(work, [EvalFill(free.name, free), EvalFill(fill.name, fill)], steps=judge_steps)
 
 
 if __name__ == "__main__":
