@@ -6,6 +6,7 @@ from .adapter_file import (DotAdapter, DotFileInfo, build_dot, check_compatible,
                            write_pattern_table)
 from .dot_model import DotConfig, DotModel, default_widths, step_deviation
 from .errors import DotFileError, DotInputError, DotMismatchError, MorseError, ScheduleError
+from .feature_dot import FeatureDot, FeatureDotConfig, FeatureDotFiller, dot_filler
 from .fillers import Anchor, DotFiller, ExtrapolateFiller, ReuseFiller
 from .fingerprint import BackboneFingerprint, fingerprint_module, fingerprint_state_dict
 from .lora import DEFAULT_TARGETS, LoRAWeights

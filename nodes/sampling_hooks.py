@@ -23,9 +23,10 @@ import torch
 from ..morse_engine import (
     BudgetSchedule,
     DotAdapter,
-    DotFiller,
+    FeatureDot,
     EveryK,
     MorseRouter,
+    dot_filler,
     fingerprint_state_dict,
 )
 from ..morse_engine.errors import MorseError
@@ -87,7 +88,12 @@ class MorseSettings:
                 # a plain ValueError: ComfyUI shows an exception's type with its module path, which for the pack's
                 # own classes is a long custom_nodes path in front of the sentence that matters
                 raise ValueError(f"Morse: {exc}") from None
-            filler = DotFiller(dot, backbone)
+            if isinstance(dot, FeatureDot):  # it runs the checkpoint's own outer blocks, as the feature fills do
+                from .unet_blocks import ComfyUNetBlocks
+
+                filler = dot_filler(dot, backbone, ComfyUNetBlocks(backbone))
+            else:
+                filler = dot_filler(dot, backbone)
         sync = torch.cuda.synchronize if device.type == "cuda" else None
         # sigma -> timestep, so encoder propagation can decode the steps up to the next key step in one call
         timestep_of = model_patcher.model.model_sampling.timestep if decodes_spans_at_once(device) else None

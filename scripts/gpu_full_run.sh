@@ -22,6 +22,10 @@ echo "quick check on cuda: ok ($(( $(date +%s) - start )) s)"
 rm -f "$OUT/evaluation.md"
 echo "full evaluation: $(( $(date +%s) - start )) s"
 "$PY" -m training.bench_latency --arch sd15 --device cuda --dtype fp16 --m 1,2,3 --repeats 10 --warmup 3 \
-  --train-steps 10 --train-batch 4 --fills inherit_k1,inherit_k2,forecast_k1,forecast2_k2,propagate --json "$OUT/bench_latency_gpu_sd15.json" \
+  --train-steps 10 --train-batch 4 --fills inherit_k1,inherit_k2,forecast_k1,forecast2_k2,propagate,feature_dot --json "$OUT/bench_latency_gpu_sd15.json" \
   2>&1 | tail -20 | tee -a "$OUT/evaluate_full.log"
+# the feature Dot's rollout training on the SD1.5 shape: seconds a step and peak memory for runs of 8 steps
+"$PY" -m training.bench_latency --arch sd15 --device cuda --dtype fp16 --m 2 --repeats 3 --warmup 1 \
+  --train-steps 5 --train-batch 1 --train-layout feature --train-run-steps 8 --json "$OUT/bench_rollout_gpu_sd15.json" \
+  2>&1 | tail -4 | tee -a "$OUT/evaluate_full.log"
 echo "all done: $(( $(date +%s) - start )) s"

@@ -59,8 +59,9 @@ def test_metadata_records_what_the_design_asks_for(saved):
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
         keys = list(f.keys())
-    assert meta["format"] == "morse-dot" and meta["format_version"] == "2"
+    assert meta["format"] == "morse-dot" and meta["format_version"] == "3"
     cfg = json.loads(meta["config"])
+    assert cfg["layout"] == "paper"
     for field in ("m", "widths", "lora_rank", "lora_alpha", "lora_targets", "latent_channels", "trajectory"):
         assert field in cfg
     assert meta["base_family"] and meta["dash_architecture"] and json.loads(meta["dash_weights_probe"])
@@ -184,9 +185,32 @@ def test_a_version_1_file_without_the_layout_fields_migrates_to_the_papers_layou
     assert info.config == dot.config  # the fixture's Dot has the paper's layout
 
 
+def test_a_version_2_file_without_a_layout_key_is_the_papers_dot(saved, backbone, tmp_path):
+    path, dot = saved
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        cfg = json.loads(f.metadata()["config"])
+    cfg.pop("layout")
+    loaded, info = load_dot(_rewrite_meta(path, tmp_path / "v2.safetensors", format_version="2", config=json.dumps(cfg)),
+                            backbone)
+    assert info.config == dot.config and type(loaded) is type(dot)
+
+
+def test_a_file_with_an_unknown_layout_is_refused_as_damaged(saved, backbone, tmp_path):
+    path, _ = saved
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        cfg = json.loads(f.metadata()["config"])
+    cfg["layout"] = "transformer"
+    with pytest.raises(DotFileError, match="damaged Morse metadata"):
+        load_dot(_rewrite_meta(path, tmp_path / "odd.safetensors", config=json.dumps(cfg)), backbone)
+
+
 def test_a_file_from_a_newer_pack_is_refused_with_update_it(saved, backbone, tmp_path):
     path, _ = saved
-    newer = _rewrite_meta(path, tmp_path / "newer.safetensors", format_version="3")
+    newer = _rewrite_meta(path, tmp_path / "newer.safetensors", format_version="4")
     with pytest.raises(DotFileError, match="made by a newer version of the pack; update it"):
         load_dot(newer, backbone)
 

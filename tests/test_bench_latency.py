@@ -34,6 +34,13 @@ def test_tiny_benchmark_end_to_end_writes_measured_figures(tmp_path, monkeypatch
     assert report["training"]["samples_per_s"] > 0 and report["training"]["peak_mb"] > 0
 
 
+def test_the_feature_dots_rollout_training_is_timed_too(tmp_path, monkeypatch):
+    training = run_tiny(tmp_path, monkeypatch, "--m", "2", "--train-steps", "2", "--train-layout", "feature",
+                        "--train-run-steps", "3")["training"]
+    assert training["layout"] == "feature" and training["run_steps"] == 3 and training["steps"] == 2
+    assert training["samples_per_s"] > 0 and training["peak_mb"] > 0
+
+
 def test_both_stems_are_timed_when_asked(tmp_path, monkeypatch):
     rows = run_tiny(tmp_path, monkeypatch, "--m", "2", "--stem", "pixel_shuffle,full_res")["rows"]
     assert [r["stem"] for r in rows] == ["pixel_shuffle", "full_res"]
@@ -47,10 +54,12 @@ def test_unknown_architecture_is_named():
 
 
 def test_feature_fills_are_timed_against_dash_with_a_real_anchor(tmp_path, monkeypatch):
-    fills = run_tiny(tmp_path, monkeypatch, "--m", "2", "--fills", "inherit_k1,propagate")["fills"]
-    assert [f["fill"] for f in fills] == ["inherit_k1", "propagate"]
+    fills = run_tiny(tmp_path, monkeypatch, "--m", "2", "--fills", "inherit_k1,propagate,feature_dot")["fills"]
+    assert [f["fill"] for f in fills] == ["inherit_k1", "propagate", "feature_dot"]
     for f in fills:
         assert f["dash_ms"] > 0 and f["fill_ms"] > 0 and f["N"] == pytest.approx(f["dash_ms"] / f["fill_ms"])
+    # only the feature Dot has weights of its own
+    assert [f["params"] > 0 for f in fills] == [False, False, True] and 0 < fills[2]["param_share"] < 1
     with pytest.raises(SystemExit, match="--fills"):
         bench_latency.main(["--arch", "tiny", "--fills", "nope"])
 

@@ -61,15 +61,16 @@ def test_a_comfyui_that_this_python_cannot_import_says_to_use_comfyuis_python(tm
     assert "ComfyUI's own Python" in result.stdout
 
 
-def test_train_dot_refuses_checkpoint_options_with_a_clear_message(tmp_path, monkeypatch, capsys, no_env):
+@pytest.mark.parametrize("layout", ["paper", "feature"])
+def test_train_dot_refuses_checkpoint_options_with_a_clear_message(tmp_path, monkeypatch, capsys, no_env, layout):
     monkeypatch.setattr(comfyui, "PACK_DIR", tmp_path / "pack")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a cat\n")
-    assert train_dot.main(["--prompts", str(prompts), "--runs", str(tmp_path)]) == 2
+    assert train_dot.main(["--layout", layout, "--prompts", str(prompts), "--runs", str(tmp_path)]) == 2
     assert "--checkpoint" in capsys.readouterr().err
     checkpoint = tmp_path / "model.safetensors"
     checkpoint.write_bytes(b"not read before ComfyUI is found")
-    assert train_dot.main(["--checkpoint", str(checkpoint), "--prompts", str(prompts), "--runs", str(tmp_path)]) == 2
+    assert train_dot.main(["--layout", layout, "--checkpoint", str(checkpoint), "--prompts", str(prompts), "--runs", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "--comfyui" in err and "COMFYUI_PATH" in err and "custom_nodes" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors", "prompts.txt"]  # nothing written

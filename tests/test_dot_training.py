@@ -158,7 +158,7 @@ def test_step_weighting_counts_each_tuple_by_its_sigma_step():
 def test_cli_resume_without_a_checkpoint_is_a_clear_error_not_a_traceback(tmp_path, capsys):
     from training import train_dot as cli
 
-    code = cli.main(["--resume", "--name", "nothing_here", "--runs", str(tmp_path), "--steps", "1",
+    code = cli.main(["--layout", "paper", "--resume", "--name", "nothing_here", "--runs", str(tmp_path), "--steps", "1",
                      "--out", str(tmp_path / "dot.safetensors")])
     assert code == 2
     err = capsys.readouterr().err
@@ -188,7 +188,7 @@ def test_guided_loss_sees_errors_that_cfg_amplifies_and_reuse_errors_that_cancel
 def test_cli_empty_cfg_range_is_a_clear_error(tmp_path, capsys):
     from training import train_dot as cli
 
-    code = cli.main(["--cfg-min", "5", "--cfg-max", "2", "--runs", str(tmp_path), "--steps", "1",
+    code = cli.main(["--layout", "paper", "--cfg-min", "5", "--cfg-max", "2", "--runs", str(tmp_path), "--steps", "1",
                      "--out", str(tmp_path / "dot.safetensors")])
     assert code == 2
     assert "CFG range 5.0..2.0 is empty" in capsys.readouterr().err
@@ -220,20 +220,24 @@ def test_cli_base_is_extrapolate_except_for_the_no_trajectory_ablation(tmp_path,
     assert config_from_args(p.parse_args([])).dot.base == "extrapolate"
     assert config_from_args(p.parse_args(["--no-trajectory"])).dot.base == "anchor"
     assert config_from_args(p.parse_args(["--base", "anchor"])).dot.base == "anchor"
-    rc = cli.main(["--no-trajectory", "--base", "extrapolate", "--steps", "1", "--out", str(tmp_path / "x.safetensors"),
+    rc = cli.main(["--layout", "paper", "--no-trajectory", "--base", "extrapolate", "--steps", "1", "--out", str(tmp_path / "x.safetensors"),
                    "--runs", str(tmp_path)])
     assert rc == 2 and "--base anchor" in capsys.readouterr().err
     assert not (tmp_path / "x.safetensors").exists()
 
 
-def test_the_reference_run_writes_its_own_file_beside_the_committed_dot(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("layout,flags", [("paper", ["--batch-size", "2"]),
+                                          ("feature", ["--rollout-runs", "1", "--rollout-batch", "1", "--rollout-steps", "2,3"])])
+def test_the_reference_run_writes_its_own_file_beside_the_committed_dot(tmp_path, monkeypatch, capsys, layout, flags):
     """The default run is shorter than the committed reference Dot's: it must not write over it."""
     from training import train_dot as cli
+    from training import train_feature_dot
 
     committed = tmp_path / "reference_digits.safetensors"
     committed.write_bytes(b"the committed Dot")
     monkeypatch.setattr(cli, "DOT_DIR", tmp_path)
-    assert cli.main(["--steps", "1", "--batch-size", "2", "--n-batch", "2", "--runs", str(tmp_path / "runs")]) == 0
+    monkeypatch.setattr(train_feature_dot, "DOT_DIR", tmp_path)
+    assert cli.main(["--layout", layout, "--steps", "1", *flags, "--n-batch", "2", "--runs", str(tmp_path / "runs")]) == 0
     assert committed.read_bytes() == b"the committed Dot"
     assert (tmp_path / "reference_digits_trained.safetensors").is_file()
     assert "reference_digits_trained.safetensors" in capsys.readouterr().out

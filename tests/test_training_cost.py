@@ -198,7 +198,7 @@ def test_fp16_on_the_cpu_is_refused_naming_the_option():
 def test_cli_refuses_fp16_on_the_cpu_with_exit_2(tmp_path, capsys):
     from training import train_dot as cli
 
-    code = cli.main(["--device", "cpu", "--precision", "fp16", "--steps", "1", "--runs", str(tmp_path),
+    code = cli.main(["--layout", "paper", "--device", "cpu", "--precision", "fp16", "--steps", "1", "--runs", str(tmp_path),
                      "--out", str(tmp_path / "dot.safetensors")])
     assert code == 2
     assert "--precision fp16 needs a CUDA device" in capsys.readouterr().err

@@ -32,6 +32,8 @@ from morse_engine import DotModel, EveryK, Pattern, lsd_cost
 from morse_engine.dot_model import STEMS
 
 from .evaluation.latency import interleaved_times
+from .bench_training import bench_training
+from .host.unet_blocks import blocks_of
 
 ARCHS = {
     # resolution in pixels; the latent is 1/8 per side with 4 channels
@@ -175,43 +177,53 @@ def bench_arch(arch: str, backbone, ms, device, dtype, repeats: int, warmup: int
     return rows
 
 
-def blocks_of(backbone, comfy_path):
-    """The backbone's blocks as the feature fills run them: the nodes' adapter for ComfyUI's UNetModel (loaded
-    from its file: ComfyUI's own ``nodes`` module owns that name), the reference adapter for the project's UNet."""
-    if comfy_path is None:
-        from .reference.blocks import ReferenceBlocks
+FEATURE_DOT = "feature_dot"  # --fills name of the feature Dot (train_dot's default layout), timed beside the free fills
 
-        return ReferenceBlocks(backbone)
-    import importlib.util
 
-    spec = importlib.util.spec_from_file_location("morse_unet_blocks", Path(__file__).parents[1] / "nodes" / "unet_blocks.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.ComfyUNetBlocks(backbone)
+def feature_fill(name: str, backbone, blocks):
+    """The fill called ``name``: one of ``FEATURE_FILLS``, or the feature Dot with random weights (its cost does not
+    depend on them) bound to ``backbone``."""
+    from morse_engine import FeatureDot, FeatureDotConfig, FeatureDotFiller
+    from morse_engine.feature_fills import FEATURE_FILLS
+
+    if name != FEATURE_DOT:
+        return FEATURE_FILLS[name](blocks)
+    p = next(backbone.parameters())
+    dot = FeatureDot.build(backbone, FeatureDotConfig()).to(p.device, p.dtype)
+    with torch.no_grad():
+        for w in dot.parameters():
+            w.normal_(0, 0.02)
+    return FeatureDotFiller(blocks, dot.requires_grad_(False))
 
 
 @torch.no_grad()
 def bench_fills(arch: str, backbone, blocks, names, device, dtype, repeats: int, warmup: int,
                 px: int | None = None) -> list[dict]:
-    """Dash against each fill that reruns Dash's blocks (``FEATURE_FILLS``) with a real anchor: the Dash call
-    50 timesteps earlier, whose block outputs the fill reads (and, for a forecast, two calls before it)."""
-    from morse_engine.feature_fills import FEATURE_FILLS, captured
+    """Dash against each fill that reruns Dash's blocks (``FEATURE_FILLS`` and the feature Dot) with a real anchor:
+    the Dash call 50 timesteps earlier, whose block outputs the fill reads (and, for a forecast, two calls before it)."""
+    from morse_engine.feature_fills import captured
     from morse_engine.fillers import Anchor
 
     x, t, t_s, context, extra, sync = cfg_step_inputs(arch, device, dtype, px)
     kwargs = {"transformer_options": {}, **extra}
+    dash_params = sum(q.numel() for q in backbone.parameters())
     rows = []
     for name in names:
-        fill = FEATURE_FILLS[name](blocks)
+        fill = feature_fill(name, backbone, blocks)
         with captured(fill.capture_modules()) as feats:
             z = backbone(x, t_s, context=context, **extra)
-        # the earlier calls a forecast reads (their values do not change its cost: the same features, later times)
+        # the earlier calls a forecast reads (their values do not change its cost: the same features, later times);
+        # sigmas feed the feature Dot's gate only
         anchor = Anchor(x=x, z=z, t=t_s, step=2, prev_z=z, prev_t=t_s + 50, features=dict(feats),
-                        prev_features=dict(feats), prev2_t=t_s + 100, prev2_features=dict(feats))
+                        prev_features=dict(feats), prev2_t=t_s + 100, prev2_features=dict(feats),
+                        sigma=torch.full((x.shape[0],), 1.2, device=device))
         d_t, f_t = interleaved_times(lambda: backbone(x, t, context=context, **extra),  # noqa: B023
-                                     lambda: fill(backbone, x, t, anchor, context, kwargs), repeats, warmup, sync)  # noqa: B023
+                                     lambda: fill(backbone, x, t, anchor, context, kwargs, sigma=1.0),  # noqa: B023
+                                     repeats, warmup, sync)
         dash_ms, fill_ms = statistics.median(d_t) * 1e3, statistics.median(f_t) * 1e3
-        rows.append({"arch": arch, "resolution": x.shape[-1] * 8, "fill": name, "dash_ms": dash_ms, "fill_ms": fill_ms, "N": dash_ms / fill_ms})
+        own = sum(q.numel() for q in fill.dot.parameters()) if name == FEATURE_DOT else 0
+        rows.append({"arch": arch, "resolution": x.shape[-1] * 8, "fill": name, "dash_ms": dash_ms, "fill_ms": fill_ms,
+                     "N": dash_ms / fill_ms, "params": own, "param_share": own / dash_params})
     return rows
 
 
@@ -226,51 +238,6 @@ def bench_faster_diffusion(arch, backbone, blocks, device, dtype, args) -> dict:
     with tqdm(total=runs * args.fd_steps, desc="whole runs (model calls)", dynamic_ncols=True) as bar:
         return sampling_wall_clock(backbone, blocks, context[:1], context[1:], noise, steps=args.fd_steps, sync=sync,
                                    sequential=args.fd_sequential, progress=bar)
-
-
-def peak_memory_mb(device) -> float:
-    """Peak GPU memory allocated by torch, or on the CPU the process's peak resident set."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def bench_training(arch: str, backbone, m: int, steps: int, batch: int, device) -> dict:
-    """Dot training throughput: each sample costs two Dash CFG passes (anchor and target, no grad)
-    plus the Dot's forward and backward through the frozen backbone at 1/2^m."""
-    import tempfile
-
-    from morse_engine import fingerprint_module
-    from morse_engine.parameterization import DiscreteSchedule
-
-    from .reference.unet import sd_alphas_cumprod
-    from .trainer.config import DotTrainConfig
-    from .trainer.dash_setup import DashSetup
-    from .trainer.loop import train_dot
-
-    spec = ARCHS[arch]
-    if spec["adm"]:
-        raise SystemExit(f"error: --train-steps is measured for SD1.x-family architectures; {arch} needs its y vector")
-    side = spec["resolution"] // 8
-
-    def batches(b, gen):
-        while True:  # conditions are the context itself here: encode is the identity
-            yield torch.randn(b, 4, side, side, generator=gen), torch.randn(b, *spec["context"], generator=gen)
-
-    setup = DashSetup(unet=backbone, sampling=DiscreteSchedule.from_alphas_cumprod(sd_alphas_cumprod()), encode=lambda c: c,
-                      null_condition=lambda b: torch.zeros(b, *spec["context"]), batches=batches,
-                      base_family=arch, fingerprint=fingerprint_module(backbone), latent_shape=(4, side, side))
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    before = peak_memory_mb(device)
-    cfg = DotTrainConfig.of(m=m, steps=steps, batch_size=batch, warmup=1, checkpoint_every=10**9)
-    with tempfile.TemporaryDirectory() as tmp:
-        result = train_dot(setup, cfg, Path(tmp) / "state.safetensors", progress=True)
-    return {"arch": arch, "m": m, "batch": batch, "steps": steps, "seconds": result.seconds,
-            "samples_per_s": steps * batch / result.seconds, "peak_mb": peak_memory_mb(device),
-            "peak_mb_before_training": before, "note": "includes the final checkpoint write"}
 
 
 def schedule_table(n: float) -> list[dict]:
@@ -302,9 +269,13 @@ def parser() -> argparse.ArgumentParser:
                    help="also time this many Dot training steps on the first architecture (throughput, peak memory)")
     p.add_argument("--train-batch", type=int, default=1, help="images per training step (each is a CFG pair)")
     p.add_argument("--train-m", type=int, default=2)
+    p.add_argument("--train-layout", default="paper", choices=("paper", "feature"),
+                   help="which Dot --train-steps trains: paper (Algorithm 1's tuples) or feature (whole runs)")
+    p.add_argument("--train-run-steps", type=int, default=4, help="with --train-layout feature: steps of each run")
     p.add_argument("--fills", default=None,
                    help="also time fills that rerun Dash's blocks, comma-separated (inherit_k1, inherit_k2, forecast_k1, "
-                        "forecast_k2, forecast2_k2, propagate); "
+                        "forecast_k2, forecast2_k2, propagate) and feature_dot (the feature Dot, random weights: N and "
+                        "its parameter share); "
                         "on ComfyUI's UNet where one is given, else on the project's")
     p.add_argument("--faster-diffusion", action="store_true",
                    help="also time whole 50-step Euler runs with CFG on the first architecture (sd15 or tiny): plain, "
@@ -345,8 +316,8 @@ def main(argv=None) -> int:
     from morse_engine.feature_fills import FEATURE_FILLS
 
     for name in fill_names:
-        if name not in FEATURE_FILLS:
-            raise SystemExit(f"error: --fills {name!r} is not one of {sorted(FEATURE_FILLS)}")
+        if name not in FEATURE_FILLS and name != FEATURE_DOT:
+            raise SystemExit(f"error: --fills {name!r} is not one of {sorted(FEATURE_FILLS) + [FEATURE_DOT]}")
     if args.faster_diffusion and archs[0] not in ("sd15", "tiny"):
         raise SystemExit("error: --faster-diffusion times SD1.5-family runs (no y vector); put sd15 first in --arch")
     rows, sources, training, fill_rows, wall_clock = [], {}, None, [], None
@@ -360,7 +331,7 @@ def main(argv=None) -> int:
             randomize(backbone)
             backbone = backbone.to(device, dtype).eval()
             rows += bench_arch(arch, backbone, ms, device, dtype, args.repeats, args.warmup, bar, stems, args.resolution)
-            blocks = blocks_of(backbone, comfy_path if arch != "tiny" else None)
+            blocks = blocks_of(backbone, comfy_path is not None and arch != "tiny")
             if fill_names:
                 fill_rows += bench_fills(arch, backbone, blocks, fill_names, device, dtype, args.repeats, args.warmup,
                                          args.resolution)
@@ -369,7 +340,8 @@ def main(argv=None) -> int:
             if args.train_steps and arch == archs[0]:
                 if dtype != torch.float32:
                     backbone = backbone.float()  # the trainer keeps fp32 master weights
-                training = bench_training(arch, backbone, args.train_m, args.train_steps, args.train_batch, device)
+                training = bench_training(arch, ARCHS[arch], backbone, args.train_m, args.train_steps, args.train_batch, device,
+                                          args.train_layout, blocks, args.train_run_steps)
             del backbone
 
     machine = (f"{platform.machine()} {platform.processor() or ''}".strip() + f", {torch.get_num_threads()} threads"
@@ -385,7 +357,9 @@ def main(argv=None) -> int:
         cells = ", ".join(f"{s['schedule']} {s['lsd']:.1f} LSD -> <= {s['speedup_bound']:.2f}x" for s in schedule_table(r.n))
         print(f"  {r.arch} m={r.m} {r.stem} (N {r.n:.2f}): {cells}")
     for f in fill_rows:
-        print(f"fill {f['fill']:>10} on {f['arch']}: Dash {f['dash_ms']:.1f} ms, fill {f['fill_ms']:.1f} ms, N {f['N']:.2f}")
+        share = f" (+{f['params'] / 1e6:.3f}M params, {f['param_share']:.2%} of Dash)" if f["params"] else ""
+        print(f"fill {f['fill']:>12} on {f['arch']} at {f['resolution']} px: Dash {f['dash_ms']:.1f} ms, fill "
+              f"{f['fill_ms']:.1f} ms, N {f['N']:.2f}{share}")
     if wall_clock:
         w = wall_clock
         print(f"\n{w['steps']} Euler steps with CFG 7.5, one image, wall clock in one run: plain {w['plain_s']:.1f} s; "
@@ -395,7 +369,9 @@ def main(argv=None) -> int:
             print(f"  decoding each step on its own: {w['faster_diffusion_sequential_s']:.1f} s "
                   f"= {w['faster_diffusion_sequential_speedup']:.2f}x")
     if training:
-        print(f"\nDot training on {training['arch']} (m={training['m']}, batch {training['batch']}, {training['steps']} steps): "
+        what = (f"m={training['m']}" if training["layout"] == "paper"
+                else f"feature Dot, runs of {training['run_steps']} steps")
+        print(f"\nDot training on {training['arch']} ({what}, batch {training['batch']}, {training['steps']} steps): "
               f"{training['samples_per_s']:.3f} samples/s, peak memory {training['peak_mb']:.0f} MiB "
               f"({training['peak_mb_before_training']:.0f} MiB before training)")
     for arch, src in sources.items():

@@ -3,7 +3,9 @@
 ``train_dot`` keeps the loss (its running mean, every 50 optimizer steps) in the Dot file, since 2026-12-01 the
 same of the reuse baseline on the same batches (the loss of reusing the anchor estimate), and since 2026-12-02 the
 loss on a fixed tuple set scored every 100 steps (``training/trainer/loop.py``: drawn once, so that curve moves only
-because the Dot does). This prints, for each file, whether the curve is flat over the last fifth of training: the
+because the Dot does). A feature Dot (``--layout feature``, ``training/trainer/rollout.py``) keeps the same three
+curves: its loss is relative to reuse's already (the reuse curve is 1), and its fixed set is 8 held-out sampling
+runs scored every 50 steps. This prints, for each file, whether the curve is flat over the last fifth of training: the
 change a least-squares line fitted there makes across that fifth, relative to its level, with a 90% interval from
 the fit's residuals. Flat: the interval holds zero, or lies within +-FLAT_TOLERANCE (a real but negligible slope,
 which a noise-free fixed-set curve shows under the cosine schedule's small last learning rates). The curve judged
@@ -97,7 +99,7 @@ def plot(rows: list[tuple[Path, dict]], png: Path) -> None:
             ax_fixed.plot([s for s, _, _ in fixed], [a / b for _, a, b in fixed], color=line.get_color(), marker=".",
                           label=label)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss (running mean)")
+    ax.set_ylabel("training loss (mean of 50 steps)")
     ax.set_title("Dot loss; dotted: reusing the anchor estimate", fontsize=10)
     ax.legend(fontsize=8)
     ax_ratio.set_xlabel("optimizer step")
@@ -106,8 +108,9 @@ def plot(rows: list[tuple[Path, dict]], png: Path) -> None:
     if ax_ratio.lines:
         ax_ratio.legend(fontsize=8)
     ax_fixed.set_xlabel("optimizer step")
-    ax_fixed.set_ylabel("loss / reuse loss, fixed tuple set")
-    ax_fixed.set_title("on a fixed set (files since 2026-12-02; step 0: untrained)", fontsize=10)
+    ax_fixed.set_ylabel("loss / reuse loss, fixed set")
+    ax_fixed.set_title("on a fixed set of tuples, or of held-out runs for a feature Dot (step 0: untrained)",
+                       fontsize=9)
     if ax_fixed.lines:
         ax_fixed.legend(fontsize=8)
     fig.tight_layout()

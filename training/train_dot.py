@@ -17,8 +17,6 @@ Cost (training/runtime.py): ``--device`` (default: CUDA where available), ``--pr
 from __future__ import annotations
 
 import argparse
-import datetime
-import platform
 import sys
 from pathlib import Path
 
@@ -26,15 +24,20 @@ import torch
 
 from morse_engine import save_dot
 
+from . import train_feature_dot as feature
+from .dot_record import training_record
 from .evaluation.latency import measure_n
 from .host import comfy_setup as comfy_cli
 from .host.comfyui import ComfyUINotFound, default_dot_dir
 from .paths import DOT_DIR, RUNS_DIR
+from .train_feature_dot import add_feature_arguments
 from .trainer import distributed
 from .trainer import runtime as runtimes
 from .trainer.config import DotTrainConfig, add_config_arguments, config_from_args
 from .trainer.dash_setup import reference_setup
 from .trainer.loop import TrainingDiverged, train_dot
+
+LAYOUTS = ("feature", "paper")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -46,6 +49,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=None, help="output name (default: reference_digits_trained, or reference_digits_no_trajectory_trained; the "
                    "committed reference_digits*.safetensors are longer runs of the same recipe and stay as they are)")
     p.add_argument("--out", type=Path, default=None, help="output .safetensors (default: models/dot_models/<name>.safetensors)")
+    p.add_argument("--layout", choices=LAYOUTS, default="feature",
+                   help="feature (default): Dash's own outer blocks on the current input, the deep feature forecast "
+                        "from the Dash calls before plus a learned change, trained on where whole sampling runs end; "
+                        "paper: the paper's Dot (light blocks around the backbone at 1/2^m resolution, LoRA), trained "
+                        "on Algorithm 1's tuples")
+    add_feature_arguments(p)
     add_config_arguments(p)  # every option of the Dot, its tuples, its loss and the loop, from DotTrainConfig's fields
     p.add_argument("--resume", action="store_true", help="continue from runs/<name>/train-state.safetensors")
     p.add_argument("--runs", type=Path, default=RUNS_DIR,
@@ -73,6 +82,8 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     on_checkpoint = comfy_cli.wants_comfy(args)  # a ComfyUI checkpoint rather than the reference Dash
+    if args.layout == "feature":
+        return feature.main(args, on_checkpoint)
     # a checkpoint's Dot is trained at the guidance its own trajectories are sampled with
     cfg_range = dict(zip(("cfg_min", "cfg_max"), args.trajectory_cfg)) if on_checkpoint else {}
     try:
@@ -149,27 +160,8 @@ def run(args, config: DotTrainConfig, rt, on_checkpoint: bool, name: str, n_batc
             speed = measure_n(clean.unet, result.dot, x, clean.encode(labels))
     dash_params = sum(p.numel() for p in clean.unet.parameters())
     dot_params = sum(p.numel() for p in result.dot.parameters())
-    training = {
-        "steps": result.steps,
-        "resumed_from": result.resumed_from,
-        "seconds": round(result.seconds, 1),
-        "final_loss": result.final_loss,
-        "final_reuse_loss": result.final_reuse_loss,
-        "data": f"prompts {args.prompts}" if args.prompts else f"images {args.images}" if args.images else args.data,
-        "config": config.flat(),
-        "dot_params": dot_params,
-        "dash_params": dash_params,
-        "latency": speed,
-        "machine": (torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda"
-                    else f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads".strip()),
-        "device": str(rt.device),
-        "precision": rt.precision,
-        "grad_checkpointing": rt.grad_checkpointing,
-        "date": datetime.date.today().isoformat(),
-        "loss_history": result.summary["history"],
-        "reuse_loss_history": result.summary["reuse_history"],
-        "fixed_set_history": result.summary["fixed_history"],
-    }
+    training = training_record(args, result, config.flat(), dot_params, dash_params, speed, rt,
+                               grad_checkpointing=rt.grad_checkpointing)
     save_dot(out, result.dot, base_family=clean.base_family, fingerprint=clean.fingerprint,
              measured_n=speed["N"], training=training)
     print(

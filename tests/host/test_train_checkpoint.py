@@ -43,14 +43,21 @@ def write_images(folder, n=3):
     return images
 
 
-def train(tmp_path, checkpoint, name, source, out_dir):
+LAYOUT_FLAGS = {
+    "paper": ["--layout", "paper", "--batch-size", "2", "--m", "1", "--lora-rank", "2"],
+    "feature": ["--layout", "feature", "--rollout-runs", "2", "--rollout-batch", "1", "--rollout-steps", "2,4",
+                "--change-width", "8"],
+}
+
+
+def train(tmp_path, checkpoint, name, source, out_dir, layout="paper"):
     from training import train_dot
 
     argv = [
         "--checkpoint", str(checkpoint), *source, "--comfyui", COMFYUI_PATH, "--name", name,
-        "--runs", str(tmp_path / "runs"), "--out", str(out_dir / f"{name}.safetensors"),
-        "--steps", "2", "--batch-size", "2", "--m", "1", "--lora-rank", "2", "--resolution", str(RESOLUTION),
-        "--trajectory-steps", "2,3", "--n-batch", "2", "--threads", "1", "--checkpoint-every", "1000",
+        "--runs", str(tmp_path / "runs"), "--out", str(out_dir / f"{name}.safetensors"), *LAYOUT_FLAGS[layout],
+        "--steps", "2", "--resolution", str(RESOLUTION), "--trajectory-steps", "2,3", "--n-batch", "2", "--threads", "1",
+        "--checkpoint-every", "1000",
     ]
     assert train_dot.main(argv) == 0
     return f"{name}.safetensors"
@@ -82,8 +89,9 @@ def sample_with_dot(host, checkpoint, dot_name):
 
 
 @pytest.mark.parametrize("family,v_prediction,prediction", FAMILIES)
+@pytest.mark.parametrize("layout", ["paper", "feature"])
 def test_train_dot_on_a_checkpoint_from_prompts_and_images_then_sample_with_it(
-    host, families, dot_folder, tmp_path, family, v_prediction, prediction
+    host, families, dot_folder, tmp_path, family, v_prediction, prediction, layout
 ):
     checkpoint = write_tiny_checkpoint(host, families, family, tmp_path / f"tiny_{family}.safetensors", v_prediction=v_prediction)
     import comfy.sd
@@ -95,17 +103,21 @@ def test_train_dot_on_a_checkpoint_from_prompts_and_images_then_sample_with_it(
         ("prompts", ["--prompts", str(write_prompts(tmp_path))]),
         ("images", ["--images", str(write_images(tmp_path))]),
     ):
-        dot_name = train(tmp_path, checkpoint, f"{family}_{source_name}", source, dot_folder)
+        dot_name = train(tmp_path, checkpoint, f"{family}_{source_name}_{layout}", source, dot_folder, layout)
         info = host.engine.read_dot_info(dot_folder / dot_name)
         assert info.config.prediction == prediction
         assert info.base_family == type(loaded.model_config).__name__
-        assert info.config.m == 1 and info.config.latent_channels == 4
+        assert info.config.latent_channels == 4
         assert info.measured_n and info.measured_n > 0
         assert json.loads(json.dumps(info.training))["data"].startswith(source_name)
         out, sizes = sample_with_dot(host, checkpoint, dot_name)
         assert out.shape == (1, 4, 8, 8) and torch.isfinite(out).all()
-        # Dash steps see the 8x8 latent; Dot steps run the backbone at 1/2 per side (m = 1)
-        assert 8 in sizes and 4 in sizes, sizes
+        if layout == "paper":
+            # Dash steps see the 8x8 latent; Dot steps run the backbone at 1/2 per side (m = 1)
+            assert info.config.m == 1 and 8 in sizes and 4 in sizes, sizes
+        else:
+            # 4 steps of D.: 2 Dash calls and 2 fills, each running the checkpoint's first block at full size
+            assert isinstance(info.config, host.engine.FeatureDotConfig) and sizes == [8] * 4, sizes
 
 
 def test_a_second_run_reads_latents_and_text_embeddings_from_the_cache(host, families, dot_folder, tmp_path, capsys, monkeypatch):

@@ -17,7 +17,7 @@ def test_bf16_checkpointed_accumulated_training_on_a_checkpoint(host, families, 
     checkpoint = write_tiny_checkpoint(host, families, family, tmp_path / f"tiny_{family}.safetensors")
     argv = [
         "--checkpoint", str(checkpoint), "--prompts", str(write_prompts(tmp_path)), "--comfyui", COMFYUI_PATH,
-        "--name", family, "--runs", str(tmp_path / "runs"), "--out", str(dot_folder / f"{family}.safetensors"),
+        "--layout", "paper", "--name", family, "--runs", str(tmp_path / "runs"), "--out", str(dot_folder / f"{family}.safetensors"),
         "--steps", "2", "--batch-size", "1", "--grad-accum", "2", "--m", "1", "--lora-rank", "2", "--resolution", "64",
         "--trajectory-steps", "2,3", "--n-batch", "2", "--threads", "1", "--device", "cpu", "--precision", "bf16",
         "--grad-checkpointing",

@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from morse_engine import DotFiller, MorseRouter, Pattern
+from morse_engine import MorseRouter, Pattern, dot_filler
 from morse_engine.feature_fills import FEATURE_FILLS
 from morse_engine.fillers import TRAINING_FREE_FILLS, Filler
 
@@ -50,12 +50,12 @@ def collect_fills(models, names=None) -> list[EvalFill]:
     Dash's blocks (``FEATURE_FILLS``, run on the reference UNet's blocks)."""
     from ..reference.blocks import ReferenceBlocks
 
-    fills = [EvalFill("dot", DotFiller(models.dot, models.unet), pattern_table=models.dot_info.pattern_table)]
+    blocks = ReferenceBlocks(models.unet)
+    fills = [EvalFill("dot", dot_filler(models.dot, models.unet, blocks), pattern_table=models.dot_info.pattern_table)]
     if models.ablation is not None:
-        fills.append(EvalFill("ablation", DotFiller(models.ablation[0], models.unet),
+        fills.append(EvalFill("ablation", dot_filler(models.ablation[0], models.unet, blocks),
                               pattern_table=models.ablation[1].pattern_table))
     fills += [EvalFill(name, cls()) for name, cls in TRAINING_FREE_FILLS.items()]
-    blocks = ReferenceBlocks(models.unet)
     fills += [EvalFill(name, make(blocks)) for name, make in FEATURE_FILLS.items()]
     names = names or [n for n in DEFAULT_FILLS if n in {f.name for f in fills}]
     if names:
@@ -69,16 +69,23 @@ def collect_fills(models, names=None) -> list[EvalFill]:
 @torch.no_grad()
 def measure_fill_n(work, filler: Filler, steps: int = 12, repeats: int = 3, warmup: int = 1) -> dict:
     """N of a fill that calls a network: the router's own timing of Dash calls and fill calls, which alternate
-    in an Euler run with the pattern ``D.`` on the workload's first chunk (real anchors, the runs' batch).
-    The median over repeats of (mean Dash call) / (mean fill call)."""
+    in an Euler run with the pattern ``D.`` on the workload's first chunk (real anchors, the runs' batch)."""
     sl = next(work.chunks())
-    sigmas = normal_sigmas(work.ms, steps)
-    router = MorseRouter(Pattern("D."), filler, measure=True, sync=work.sync)
+    return router_n(lambda run: GuidedDenoiser(work.unet, work.ms, work.cond[sl], work.uncond[sl], work.cfg, run=run),
+                    work.noise[sl], work.ms, filler, work.sync, steps, repeats, warmup, cfg=work.cfg)
+
+
+@torch.no_grad()
+def router_n(denoiser_for, noise, ms, filler: Filler, sync=None, steps: int = 12, repeats: int = 3, warmup: int = 1,
+             cfg: float = 2.0) -> dict:
+    """The median over repeats of (mean Dash call) / (mean fill call), timed by the router in Euler runs with the
+    pattern ``D.`` from ``noise``; ``denoiser_for(run)``: the guided model through that run."""
+    sigmas = normal_sigmas(ms, steps)
+    router = MorseRouter(Pattern("D."), filler, measure=True, sync=sync)
     ratios, dash_ms, fill_ms = [], [], []
     for i in range(warmup + repeats):
         with router.run(sigmas) as run:
-            den = GuidedDenoiser(work.unet, work.ms, work.cond[sl], work.uncond[sl], work.cfg, run=run)
-            sample("euler", den, work.noise[sl], sigmas, work.ms)
+            sample("euler", denoiser_for(run), noise, sigmas, ms)
         s = router.last_summary
         if i < warmup:
             continue
@@ -87,5 +94,5 @@ def measure_fill_n(work, filler: Filler, steps: int = 12, repeats: int = 3, warm
         dash_ms.append(dash * 1e3)
         fill_ms.append(fill * 1e3)
     return {"N": statistics.median(ratios), "N_all": ratios, "dash_ms": statistics.median(dash_ms),
-            "fill_ms": statistics.median(fill_ms), "batch": int(work.noise[sl].shape[0]) * (1 if work.cfg == 1.0 else 2),
+            "fill_ms": statistics.median(fill_ms), "batch": int(noise.shape[0]) * (1 if cfg == 1.0 else 2),
             "repeats": repeats, "how": "router timing inside euler runs with pattern D. (interleaved calls)"}

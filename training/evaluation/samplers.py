@@ -13,7 +13,7 @@ from typing import Callable, Optional
 import torch
 
 from morse_engine import MorseRun
-from morse_engine.parameterization import DiscreteSchedule, cfg_combine, denoised_from_eps, scale_input
+from morse_engine.parameterization import DiscreteSchedule, cfg_combine, denoised_from_eps, scale_input, to_eps
 from morse_engine.solver_steps import ancestral_step, dpmpp_2m_step, euler_step, to_d
 
 
@@ -38,29 +38,34 @@ class GuidedDenoiser:
     """x, sigma -> denoised, with classifier-free guidance, through an optional Morse run.
 
     Cond and uncond go through the model in one batch, keyed so the router keeps an anchor
-    for each; with cfg == 1 only the cond is evaluated, as ComfyUI does.
+    for each; with cfg == 1 only the cond is evaluated, as ComfyUI does. ``prediction``: the model's native
+    output ("eps" or "v"); ``kwargs``: what else it takes for the [cond, uncond] batch (SDXL's ``y``).
     """
 
-    def __init__(self, unet, ms: DiscreteSchedule, cond_ctx, uncond_ctx, cfg: float, run: Optional[MorseRun] = None):
+    def __init__(self, unet, ms: DiscreteSchedule, cond_ctx, uncond_ctx, cfg: float, run: Optional[MorseRun] = None,
+                 prediction: str = "eps", kwargs: Optional[dict] = None):
         self.unet, self.ms, self.cond, self.uncond, self.cfg, self.run = unet, ms, cond_ctx, uncond_ctx, cfg, run
+        self.prediction, self.kwargs = prediction, kwargs or {}
 
-    def _model(self, x, t, sigma, keys, ctx):
+    def _model(self, x, t, sigma, keys, ctx, kwargs):
         if self.run is None:
-            return self.unet(x, t, context=ctx)
-        return self.run(self.unet, x, t, sigma, keys=keys, context=ctx)
+            return self.unet(x, t, context=ctx, **kwargs)
+        return self.run(self.unet, x, t, sigma, keys=keys, context=ctx, **kwargs)
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         b = x.shape[0]
         x_in = scale_input(x, sigma)
         t = self.ms.timestep(sigma).reshape(1).expand(b).to(x.device)
         if self.cfg == 1.0:
-            eps = self._model(x_in, t, float(sigma), ["cond"], self.cond)
+            kwargs = {k: v[:b] for k, v in self.kwargs.items()}
+            eps = to_eps(x_in, sigma, self._model(x_in, t, float(sigma), ["cond"], self.cond, kwargs), self.prediction)
         else:
             out = self._model(
                 torch.cat([x_in, x_in]), torch.cat([t, t]), float(sigma), ["cond", "uncond"],
-                torch.cat([self.cond, self.uncond]),
+                torch.cat([self.cond, self.uncond]), self.kwargs,
             )
-            eps = cfg_combine(out, self.cfg)
+            # guidance is an affine combination, so combining the native outputs and then converting is the same
+            eps = to_eps(x_in, sigma, cfg_combine(out, self.cfg), self.prediction)
         return denoised_from_eps(x, sigma, eps)
 
 

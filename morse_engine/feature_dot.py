@@ -1,0 +1,208 @@
+"""The feature Dot: Dash's own outer blocks on the current input, the deep feature forecast from the Dash calls
+before, plus a small learned change of that feature (issue 15's design; the paper's layout is ``dot_model``).
+
+    deep_i = f_s + (t_i - t_s)/(t_s - t_p) (f_s - f_p)            (forecast_k, training-free)
+           + g(sigma_i, sigma_s) * change(deep_i, h_i - h_s, h_i, t_i, t_s)     (learned)
+    z_i    = last k output blocks and head of Dash (deep_i, skips of the first k input blocks at x_i, t_i)
+
+``f_s``/``f_p``: the feature entering Dash's last k output blocks in the anchor's Dash call and the one before
+(kept by the router's capture hooks, as feature inheritance keeps them); ``h``: the output of input block k-1,
+at the current input and at the anchor; ``g = 1 - sigma_i/sigma_s`` (no change where the fill's input is the
+anchor's, where inheriting is exact). The change network's output conv starts at zero, so an untrained feature
+Dot is the training-free ``forecast_k`` fill exactly and training can only add. ``trajectory=False`` is the
+paper's Table 4 ablation: the change sees neither the anchor's first-block output nor its time.
+
+Measured on the reference model (reports/2026-12-05-feature-rollout.md): trained on where whole sampling runs end
+(``training.trainer.rollout``) it closes 0.53-0.57/0.64-0.68/0.69-0.73/0.69-0.72 of the reuse-to-Dash gap at
+6/12/20/40 euler steps against forecast_k1's 0.38/0.42/0.56/0.58, at N ~6; the paper's layout closed
+0.37/0.47/0.39/0.26.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, replace
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .dot_model import latent_channels_of, timestep_features
+from .errors import DotInputError
+from .feature_fills import FeatureInheritFiller, UNetBlocks
+from .fillers import DotFiller
+from .parameterization import PREDICTIONS
+
+LAYOUT = "feature"
+
+
+@dataclass(frozen=True)
+class FeatureDotConfig:
+    """What a feature Dot is; stored in its file (``layout`` tells it from the paper's :class:`DotConfig`).
+
+    The channel counts stay None until the config is bound to a backbone (:meth:`bound_to`)."""
+
+    k: int = 1  # outer blocks per side rerun at full resolution on the current input
+    forecast: int = 1  # order of the deep feature's forecast from earlier Dash calls (0: inherit, 1: line, 2: parabola)
+    width: int = 16  # the change network's width
+    half: bool = True  # the change network at half the deep feature's resolution (a quarter of its cost)
+    gate: bool = True  # scale the change by 1 - sigma_i / sigma_s
+    trajectory: bool = True  # False: the paper's Table 4 ablation (no anchor inputs in the change)
+    time_dim: int = 64
+    latent_channels: Optional[int] = None
+    deep_channels: Optional[int] = None
+    shallow_channels: Optional[int] = None
+    prediction: str = "eps"
+    layout: str = LAYOUT
+
+    def __post_init__(self):
+        if self.layout != LAYOUT:
+            raise ValueError(f"layout {self.layout!r} is not a feature Dot's ('{LAYOUT}')")
+        if self.k < 1:
+            raise ValueError(f"k={self.k}: the feature Dot reruns at least one block per side (k >= 1)")
+        if self.forecast not in (0, 1, 2):
+            raise ValueError(f"forecast order {self.forecast!r} must be 0 (inherit), 1 (line) or 2 (parabola)")
+        if self.width < 8 or self.width % 8:
+            raise ValueError(f"width {self.width} must be a multiple of 8 (its group norm has 8 groups)")
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"prediction {self.prediction!r} is not one of {PREDICTIONS}")
+
+    @property
+    def bound(self) -> bool:
+        return None not in (self.latent_channels, self.deep_channels, self.shallow_channels)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FeatureDotConfig":
+        return cls(**d)
+
+    def bound_to(self, backbone: nn.Module, prediction: Optional[str] = None) -> "FeatureDotConfig":
+        """This config for ``backbone`` (an SD-style UNet): its latent channels and the channels of the two
+        features the change reads, from the blocks that make them."""
+        n = len(getattr(backbone, "output_blocks", ()))
+        if not n or not hasattr(backbone, "input_blocks") or len(backbone.input_blocks) != n:
+            raise DotInputError("the feature Dot needs a UNet with as many input_blocks as output_blocks and a "
+                                "middle_block (SD1.x, SD2.x, SDXL or the reference UNet); train the paper's layout "
+                                "(train_dot --layout paper) for another backbone")
+        if self.k > n:
+            raise DotInputError(f"k={self.k} is more than the backbone's {n} blocks per side")
+        deep = n - self.k - 1
+        deep_module = backbone.output_blocks[deep] if deep >= 0 else backbone.middle_block
+        return replace(self, latent_channels=latent_channels_of(backbone), prediction=prediction or self.prediction,
+                       deep_channels=output_channels(deep_module),
+                       shallow_channels=output_channels(backbone.input_blocks[self.k - 1]))
+
+
+def output_channels(block: nn.Module) -> int:
+    """The channels of a UNet block's output: those of its last convolution or linear projection, in the order
+    the block registers them (a ResBlock's skip conv or output conv, a transformer's proj_out, an upsampler's
+    conv); a block whose output is its input's (an identity skip) ends on a layer of the same width."""
+    for mod in reversed(list(block.modules())):
+        if isinstance(mod, nn.Conv2d):
+            return int(mod.out_channels)
+        if isinstance(mod, nn.Linear):
+            return int(mod.out_features)
+    raise DotInputError(f"cannot tell the output channels of {type(block).__name__}: it has no convolution")
+
+
+class DeepChange(nn.Module):
+    """The change of the forecast deep feature, from it, the first blocks' change since the anchor and both times."""
+
+    def __init__(self, config: FeatureDotConfig):
+        super().__init__()
+        c, w = config, config.width
+        self.t_dim, self.half, self.trajectory = c.time_dim, c.half, c.trajectory
+        n_times, n_shallow = (2, 2) if c.trajectory else (1, 1)
+        self.time = nn.Sequential(nn.Linear(n_times * c.time_dim, 4 * w), nn.SiLU(), nn.Linear(4 * w, 2 * w))
+        self.inp = nn.Conv2d(c.deep_channels + n_shallow * c.shallow_channels, w, 3, padding=1)
+        self.mid = nn.Conv2d(w, w, 3, padding=1)
+        self.norm = nn.GroupNorm(8, w)
+        self.out = nn.Conv2d(w, c.deep_channels, 3, padding=1)
+        nn.init.zeros_(self.out.weight)  # untrained: no change, the training-free forecast exactly
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, deep, shallow, anchor_shallow, t, t_s):
+        dtype = self.out.weight.dtype
+        if self.trajectory:
+            emb = torch.cat([timestep_features(t, self.t_dim), timestep_features(t_s, self.t_dim)], dim=-1)
+            h = torch.cat([deep, shallow - anchor_shallow, shallow], dim=1)
+        else:
+            emb, h = timestep_features(t, self.t_dim), torch.cat([deep, shallow], dim=1)
+        scale, shift = self.time(emb.to(dtype))[:, :, None, None].chunk(2, dim=1)
+        h = h.to(dtype)
+        if self.half:
+            h = F.avg_pool2d(h, 2)
+        h = F.silu(self.norm(self.inp(h)) * (1 + scale) + shift)
+        out = self.out(F.silu(self.mid(h)))
+        return F.interpolate(out, size=deep.shape[-2:], mode="bilinear", align_corners=False) if self.half else out
+
+
+class FeatureDot(nn.Module):
+    """The feature Dot's own weights (the change network); Dash's blocks are handed in by the filler."""
+
+    def __init__(self, config: FeatureDotConfig):
+        super().__init__()
+        if not config.bound:
+            raise ValueError("the feature Dot's config is not bound to a backbone yet; build it with FeatureDot.build")
+        self.config = config
+        self.change = DeepChange(config)
+
+    @classmethod
+    def build(cls, backbone: nn.Module, config: FeatureDotConfig) -> "FeatureDot":
+        return cls(config if config.bound else config.bound_to(backbone))
+
+    def light_parameters(self):
+        return list(self.parameters())
+
+
+class FeatureDotFiller(FeatureInheritFiller):
+    """Serves non-Dash steps with a feature Dot: ``forecast_k`` plus the Dot's learned change of the deep feature.
+
+    Runs under no_grad unless the Dot's weights require a gradient (rollout training)."""
+
+    name = "dot"
+
+    def __init__(self, blocks: UNetBlocks, dot: FeatureDot):
+        super().__init__(blocks, k=dot.config.k, forecast=dot.config.forecast)
+        self.dot = dot
+        self.name = "dot"
+
+    def capture_modules(self):
+        return {**super().capture_modules(), "shallow": self.blocks.input_blocks[self.k - 1]}
+
+    def __call__(self, backbone_call, x, t, anchor, context, kwargs, sigma=None):
+        training = any(p.requires_grad for p in self.dot.parameters())
+        with nullcontext() if training and torch.is_grad_enabled() else torch.no_grad():
+            return self.forward(x, t, anchor, context, kwargs, sigma)
+
+    def forward(self, x, t, anchor, context, kwargs, sigma=None):
+        cfg, b = self.dot.config, self.blocks
+        if cfg.gate and (sigma is None or anchor.sigma is None):
+            raise DotInputError("the feature Dot scales its change by the sigma step and needs the sigmas of the call "
+                                "and of the anchor; the Morse router passes them")
+        deep = self._deep_at(t, anchor)
+        state = b.prepare(x, t, context, kwargs)
+        hs, h = [], x
+        for i in range(self.k):
+            h = b.input(i, h, state)
+            hs.append(h)
+        t_now = t.reshape(-1).expand(x.shape[0]) if t.numel() in (1, x.shape[0]) else t
+        t_s = anchor.t.reshape(-1).expand(x.shape[0]) if anchor.t.numel() in (1, x.shape[0]) else anchor.t
+        change = self.dot.change(deep, h, anchor.features["shallow"], t_now, t_s)
+        if cfg.gate:
+            ratio = torch.as_tensor(sigma, device=deep.device).float().reshape(-1, 1, 1, 1) \
+                / anchor.sigma.to(deep.device).float().reshape(-1, 1, 1, 1).clamp(min=1e-8)
+            change = change * (1 - ratio).clamp(0, 1)
+        return self._up_to_head(deep + change.to(deep.dtype), hs, state, x)
+
+
+def dot_filler(dot, backbone: nn.Module, blocks: Optional[UNetBlocks] = None):
+    """The fill that serves non-Dash steps with ``dot``, of either layout: the paper's Dot calls the backbone at
+    1/2^m resolution; a feature Dot runs Dash's outer blocks through the host's ``blocks`` adapter."""
+    if isinstance(dot, FeatureDot):
+        if blocks is None:
+            raise DotInputError("a feature Dot runs Dash's own blocks and needs the host's UNetBlocks adapter")
+        return FeatureDotFiller(blocks, dot)
+    return DotFiller(dot, backbone)

@@ -1,0 +1,111 @@
+"""Rollout training of a feature Dot (``training.trainer.rollout``) and its command line (``train_dot --layout
+feature``), on the reference model at a tiny setting."""
+import pytest
+import torch
+
+from morse_engine import FeatureDotConfig, FeatureDotFiller, read_dot_info
+from training.reference.blocks import ReferenceBlocks
+from training.train_dot import main as train_dot_main
+from training.trainer.dash_setup import reference_setup
+from training.trainer.rollout import RolloutConfig, Rollouts, relative_end_error, targets_for, train_feature_dot
+
+TINY = dict(runs=2, fixed_runs=1, batch=2, min_steps=4, max_steps=6, fixed_every=4, checkpoint_every=3, lr=1e-2,
+            warmup=1, dot=FeatureDotConfig(width=8))
+
+
+@pytest.fixture(scope="module")
+def setup():
+    return reference_setup()
+
+
+def test_rollout_training_lowers_the_end_error_of_its_runs(setup, tmp_path):
+    config = RolloutConfig(steps=12, **TINY)
+    state = tmp_path / "run" / "train-state.safetensors"
+    result = train_feature_dot(setup, ReferenceBlocks(setup.unet), config, state, log=lambda *_: None)
+    runs = targets_for(setup, config, Rollouts(setup, "cpu"), state.parent / "rollout-targets.safetensors",
+                       log=lambda *_: None)
+    fill = FeatureDotFiller(ReferenceBlocks(setup.unet), result.dot)
+    untrained = FeatureDotFiller(ReferenceBlocks(setup.unet), type(result.dot)(result.dot.config))
+    with torch.no_grad():
+        before = [float(relative_end_error(Rollouts(setup, "cpu"), r, untrained)) for r in runs["train"]]
+        after = [float(relative_end_error(Rollouts(setup, "cpu"), r, fill)) for r in runs["train"]]
+        held_out = float(relative_end_error(Rollouts(setup, "cpu"), runs["fixed"][0], untrained))
+    assert sum(after) < sum(before)
+    fixed = result.summary["fixed_history"]  # the held-out run, scored untrained and every 4 steps
+    assert [s for s, _, _ in fixed] == [0, 4, 8, 12] and fixed[0][1] == pytest.approx(held_out, rel=1e-5)
+    assert all(not p.requires_grad for p in result.dot.parameters())
+
+
+def test_a_killed_rollout_run_resumes_to_the_weights_of_an_unbroken_one(setup, tmp_path, monkeypatch):
+    import training.trainer.rollout as rollout
+
+    config = RolloutConfig(steps=6, **TINY)
+    whole = train_feature_dot(setup, ReferenceBlocks(setup.unet), config, tmp_path / "a" / "train-state.safetensors",
+                              log=lambda *_: None)
+    real_save = rollout.save_state
+
+    def save_then_die(*args, **kw):
+        real_save(*args, **kw)
+        raise KeyboardInterrupt  # killed right after the checkpoint at step 3
+
+    path = tmp_path / "b" / "train-state.safetensors"
+    monkeypatch.setattr(rollout, "save_state", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train_feature_dot(setup, ReferenceBlocks(setup.unet), config, path, log=lambda *_: None)
+    monkeypatch.setattr(rollout, "save_state", real_save)
+    resumed = train_feature_dot(setup, ReferenceBlocks(setup.unet), config, path, resume=True, log=lambda *_: None)
+    assert resumed.resumed_from == 3
+    for a, b in zip(whole.dot.state_dict().values(), resumed.dot.state_dict().values()):
+        assert torch.equal(a, b)
+    assert resumed.summary["fixed_history"] == whole.summary["fixed_history"]
+    with pytest.raises(ValueError, match="other settings"):
+        train_feature_dot(setup, ReferenceBlocks(setup.unet), RolloutConfig(steps=7, **TINY), path, resume=True,
+                          log=lambda *_: None)
+
+
+def test_the_command_line_trains_and_writes_a_feature_dot(tmp_path, capsys):
+    out = tmp_path / "f.safetensors"
+    rc = train_dot_main(["--threads", "1", "--steps", "4", "--rollout-runs", "2", "--rollout-batch", "2",
+                         "--rollout-steps", "4,6", "--change-width", "8", "--n-batch", "4", "--out", str(out),
+                         "--runs", str(tmp_path / "runs"), "--no-trajectory"])
+    assert rc == 0
+    info = read_dot_info(out)
+    assert isinstance(info.config, FeatureDotConfig) and not info.config.trajectory and info.measured_n > 0
+    assert info.training["layout"] == "feature" and len(info.training["fixed_set_history"]) >= 2
+    assert "held-out runs' end error" in capsys.readouterr().out
+
+
+def test_the_command_line_refuses_options_of_the_other_layout(tmp_path, capsys):
+    assert train_dot_main(["--m", "1", "--out", str(tmp_path / "x.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "--m: an option of the paper's Dot; add --layout paper" in err
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_the_rollout_denoiser_reads_v_models_and_extra_inputs_as_sampling_does():
+    """A v-prediction model (and one that takes SDXL-style ``y``) guided through GuidedDenoiser gives the denoised
+    estimate of the eps model it was made from: rollouts on SD2.x-v and SDXL checkpoints sample what ComfyUI does."""
+    from morse_engine.parameterization import DiscreteSchedule
+    from training.evaluation.samplers import GuidedDenoiser
+    from training.reference.unet import sd_alphas_cumprod
+
+    ms = DiscreteSchedule.from_alphas_cumprod(sd_alphas_cumprod())
+    seen = []
+
+    def eps_model(x, t, context=None, y=None):
+        seen.append(y)
+        return torch.tanh(x * 0.5 + context.mean() + t.reshape(-1, 1, 1, 1) / 1000)
+
+    x, sigma = torch.randn(2, 1, 4, 4), torch.tensor(3.0)
+
+    def v_model(x, t, context=None, y=None):  # v = eps sqrt(sigma^2 + 1) - x_scaled sigma, at the call's sigma
+        return eps_model(x, t, context, y) * (sigma**2 + 1) ** 0.5 - x * sigma
+
+    cond, uncond = torch.ones(2, 3, 5), torch.zeros(2, 3, 5)
+    y = torch.arange(4.0).reshape(4, 1)
+    want = GuidedDenoiser(eps_model, ms, cond, uncond, 2.5, kwargs={"y": y})(x, sigma)
+    got = GuidedDenoiser(v_model, ms, cond, uncond, 2.5, prediction="v", kwargs={"y": y})(x, sigma)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert all(torch.equal(s, y) for s in seen)  # the [cond, uncond] batch's y reached every call
+    GuidedDenoiser(eps_model, ms, cond, uncond, 1.0, kwargs={"y": y})(x, sigma)
+    assert torch.equal(seen[-1], y[:2])  # cfg 1: the cond half alone
