@@ -184,10 +184,8 @@ class FeatureDotFiller(FeatureInheritFiller):
                                 "and of the anchor; the Morse router passes them")
         deep = self._deep_at(t, anchor)
         state = b.prepare(x, t, context, kwargs)
-        hs, h = [], x
-        for i in range(self.k):
-            h = b.input(i, h, state)
-            hs.append(h)
+        hs = self._first_blocks(x, state)
+        h = hs[-1]
         t_now = t.reshape(-1).expand(x.shape[0]) if t.numel() in (1, x.shape[0]) else t
         t_s = anchor.t.reshape(-1).expand(x.shape[0]) if anchor.t.numel() in (1, x.shape[0]) else anchor.t
         change = self.dot.change(deep, h, anchor.features["shallow"], t_now, t_s)

@@ -135,14 +135,18 @@ class FeatureInheritFiller(_FeatureFill):
         return {"deep": b.output_blocks[self.deep] if self.deep >= 0 else b.middle_block}
 
     def __call__(self, backbone_call, x, t, anchor, context, kwargs, sigma=None):
-        b = self.blocks
         with torch.no_grad():
-            state = b.prepare(x, t, context, kwargs)
-            hs, h = [], x
-            for i in range(self.k):
-                h = b.input(i, h, state)
-                hs.append(h)
+            state = self.blocks.prepare(x, t, context, kwargs)
+            hs = self._first_blocks(x, state)
             return self._up_to_head(self._deep_at(t, anchor), hs, state, x)
+
+    def _first_blocks(self, x, state) -> list:
+        """The outputs of the first k input blocks at the current input (the skips of the last k output blocks)."""
+        hs, h = [], x
+        for i in range(self.k):
+            h = self.blocks.input(i, h, state)
+            hs.append(h)
+        return hs
 
     def _deep_at(self, t, anchor) -> torch.Tensor:
         deep = anchor.features["deep"]

@@ -25,10 +25,10 @@ import torch
 from morse_engine import save_dot
 
 from . import train_feature_dot as feature
-from .dot_record import training_record
+from .dot_record import run_files, training_record
 from .evaluation.latency import measure_n
 from .host import comfy_setup as comfy_cli
-from .host.comfyui import ComfyUINotFound, default_dot_dir
+from .host.comfyui import ComfyUINotFound
 from .paths import DOT_DIR, RUNS_DIR
 from .train_feature_dot import add_feature_arguments
 from .trainer import distributed
@@ -91,17 +91,12 @@ def main(argv=None) -> int:
     except ValueError as exc:  # an empty jump or CFG range, a batch or step count below 1, a base the Dot cannot have
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    ablation = "" if config.dot.trajectory else "_no_trajectory"
-    # the reference model's own run gets a name of its own: the default run is shorter than the committed Dot's
-    # (1000 steps against 1700), and writing over the committed file would lose the better Dot
-    stem = f"dot_{Path(args.checkpoint or 'checkpoint').stem}" if on_checkpoint else "reference_digits"
-    name = args.name or stem + ablation + ("" if on_checkpoint else "_trained")
     n_batch = args.n_batch or (2 if on_checkpoint else 512)
-    out = args.out or (default_dot_dir(args.comfyui) if on_checkpoint else DOT_DIR) / f"{name}.safetensors"
-    if out.suffix != ".safetensors":
-        print(f"error: --out must end in .safetensors (got {out})", file=sys.stderr)
+    try:
+        name, out, state_path = run_files(args, on_checkpoint, config.dot.trajectory, DOT_DIR)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
-    state_path = args.runs / name / "train-state.safetensors"
     try:
         rt = runtimes.resolve(args.device, args.precision, args.grad_checkpointing, local_rank=distributed.local_rank())
     except ValueError as exc:  # no CUDA for --device cuda, fp16 on the CPU, bf16 on a GPU without it

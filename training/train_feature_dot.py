@@ -6,14 +6,13 @@ line's part: its flags, the run's name and files, N measured on the trained fill
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 
 from morse_engine import FeatureDotConfig, FeatureDotFiller, save_dot
 
-from .dot_record import training_record
+from .dot_record import run_files, training_record
 from .host import comfy_setup as comfy_cli
-from .host.comfyui import ComfyUINotFound, default_dot_dir
+from .host.comfyui import ComfyUINotFound
 from .host.unet_blocks import blocks_of
 from .paths import DOT_DIR
 from .trainer import distributed
@@ -79,14 +78,11 @@ def main(args, on_checkpoint: bool) -> int:
     if distributed.world_size() > 1:
         print("error: the feature Dot trains in one process (one run a step); start it without torchrun", file=sys.stderr)
         return 2
-    ablation = "" if config.dot.trajectory else "_no_trajectory"
-    stem = f"dot_{Path(args.checkpoint or 'checkpoint').stem}" if on_checkpoint else "reference_digits"
-    name = args.name or stem + ablation + ("" if on_checkpoint else "_trained")
-    out = args.out or (default_dot_dir(args.comfyui) if on_checkpoint else DOT_DIR) / f"{name}.safetensors"
-    if out.suffix != ".safetensors":
-        print(f"error: --out must end in .safetensors (got {out})", file=sys.stderr)
+    try:
+        _, out, state_path = run_files(args, on_checkpoint, config.dot.trajectory, DOT_DIR)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
-    state_path = args.runs / name / "train-state.safetensors"
     try:
         if args.grad_checkpointing:
             raise ValueError("--grad-checkpointing recomputes the paper's Dot's backbone call; the feature Dot has "

@@ -281,12 +281,12 @@ def rollout_n(setup: DashSetup, filler, samples: int, device, seed: int = 0) -> 
 
     gen = torch.Generator().manual_seed(seed)
     _, cond = next(setup.batches(samples, gen))
-    run = dict(cond=cond, cfg=2.0)
+    cfg = 2.0  # any scale above 1: both CFG halves in one call, as sampling runs them
     both = torch.cat([cond, setup.null_condition(samples)])
     ctx = setup.encode(both)
     kwargs = setup.extra_kwargs(both) if setup.extra_kwargs is not None else {}
     noise = torch.randn((samples, *setup.latent_shape), generator=gen).to(device)
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else None
-    return router_n(lambda r: GuidedDenoiser(setup.unet, setup.sampling, ctx[:samples], ctx[samples:], run["cfg"], run=r,
+    return router_n(lambda r: GuidedDenoiser(setup.unet, setup.sampling, ctx[:samples], ctx[samples:], cfg, run=r,
                                              prediction=setup.prediction, kwargs=kwargs),
-                    noise, setup.sampling, filler, sync)
+                    noise, setup.sampling, filler, sync, cfg=cfg)
