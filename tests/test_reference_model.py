@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from host_required import host_missing
 
 from training.reference.classifier import (accuracy, feature_stats, frechet_distance, frechet_distance_from_stats,
                                  load_feature_classifier)
@@ -227,11 +228,11 @@ def test_reference_unet_matches_comfyui_unetmodel():
 
     comfy = os.environ.get("COMFYUI_PATH")
     if not comfy or not (Path(comfy) / "comfy" / "ldm").is_dir():
-        pytest.skip("COMFYUI_PATH does not point at a ComfyUI checkout")
+        host_missing("COMFYUI_PATH does not point at a ComfyUI checkout")
     repo = Path(__file__).resolve().parent.parent
     code = f"COMFYUI_PATH = {str(Path(comfy).resolve())!r}\n" + _COMFY_EQUIVALENCE
     res = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=120,
                          env={**os.environ, "PYTHONPATH": str(repo)})
     if res.returncode and "ModuleNotFoundError" in res.stderr and "comfy" not in res.stderr.split("ModuleNotFoundError")[-1][:80]:
-        pytest.skip(f"ComfyUI's dependencies are missing here: {res.stderr.strip().splitlines()[-1]}")
+        host_missing(f"ComfyUI's dependencies are missing here: {res.stderr.strip().splitlines()[-1]}")
     assert res.returncode == 0 and "EQUIVALENT" in res.stdout, res.stderr[-2000:]

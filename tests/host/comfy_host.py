@@ -13,6 +13,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from host_required import host_missing
+
 REPO = Path(__file__).resolve().parents[2]
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
 
@@ -61,7 +63,7 @@ HOST, SKIP_REASON = _load_comfy()
 @pytest.fixture(scope="session")
 def host():
     if HOST is None:
-        pytest.skip(SKIP_REASON)
+        host_missing(SKIP_REASON)
     return HOST
 
 
@@ -114,7 +116,7 @@ def save_test_dot(host, model, folder, name="tiny.safetensors", m=1, seed=3):
     engine = host.engine
     unet = model.model.diffusion_model
     torch.manual_seed(seed)
-    dot = engine.DotModel.build(unet, engine.DotConfig.for_backbone(unet, m=m, lora_rank=4, lora_alpha=4.0))
+    dot = engine.PaperDot.build(unet, engine.PaperDotConfig.for_backbone(unet, m=m, lora_rank=4, lora_alpha=4.0))
     with torch.no_grad():
         dot.out.weight.normal_(0, 0.02)
         for p in dot.lora.up.parameters():

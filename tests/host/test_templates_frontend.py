@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from comfy_host import COMFYUI_PATH, REPO
+from host_required import host_missing
 from tiny_checkpoints import tiny_families, write_tiny_checkpoint
 
 sys.path.insert(0, str(REPO / "scripts"))
@@ -51,8 +52,11 @@ def _registers_tiny_families(base: Path) -> None:
 @pytest.fixture(scope="module")
 def page_and_url(host, tmp_path_factory):
     if comfy_frontend.find_chromium() is None:
-        pytest.skip("no Chromium here (apt-get install chromium): the frontend test needs a browser")
-    pytest.importorskip("playwright", reason="the frontend test drives Chromium through playwright (pip install playwright)")
+        host_missing("no Chromium here (apt-get install chromium): the frontend test needs a browser")
+    try:
+        import playwright  # noqa: F401
+    except ImportError:
+        host_missing("the frontend test drives Chromium through playwright (pip install playwright)")
     import json
 
     base = tmp_path_factory.mktemp("comfy_base")
