@@ -11,18 +11,17 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .dot_model import DotConfig, DotModel
-from .feature_dot import LAYOUT as FEATURE_LAYOUT
-from .feature_dot import FeatureDot, FeatureDotConfig
+from .dot_layouts import Dot, DotLayoutConfig, config_from_dict, config_to_dict, layout_of
+from .dot_layouts.paper import LAYOUT as PAPER
 from .errors import DotFileError, DotMismatchError, ScheduleError
 from .fingerprint import BackboneFingerprint, fingerprint_module
 from .pattern_choice import check_pattern_table
@@ -30,10 +29,9 @@ from .pattern_choice import check_pattern_table
 FORMAT = "morse-dot"
 # 2: the layout fields (step_input, prediction, stem, eta_scale, base) are always written. Version 1 files
 # written before those fields existed meant the paper's layout; migrate_config says so explicitly.
-# 3: a "layout" key says which Dot the file holds: "paper" (DotConfig, the paper's layout and its measured variants)
-# or "feature" (FeatureDotConfig); files before it are all "paper".
+# 3: a "layout" key says which Dot the file holds: "paper" (PaperDotConfig, the paper's layout and its measured
+# variants) or "feature" (FeatureDotConfig); files before it are all "paper".
 FORMAT_VERSION = 3
-PAPER = "paper"
 # What a field that a version-1 file lacks meant when it was written: the paper's Dot.
 PAPER_LAYOUT = {"step_input": "x_s", "prediction": "eps", "stem": "full_res", "eta_scale": "none", "base": "anchor"}
 # optional metadata entry: {sampler: [[budget_lsd, pattern], ...]}, the measured best pattern per budget (files
@@ -50,29 +48,10 @@ def migrate_config(config: dict, version: int) -> dict:
     return dict(config)
 
 
-AnyDotConfig = Union[DotConfig, FeatureDotConfig]
-AnyDot = Union[DotModel, FeatureDot]
-
-
-def config_from_dict(config: dict) -> AnyDotConfig:
-    """The config of a file's layout (a "layout" key, as :func:`config_to_dict` writes it)."""
-    config = dict(config)
-    layout = config.pop("layout", PAPER)
-    if layout == FEATURE_LAYOUT:
-        return FeatureDotConfig.from_dict(config)
-    if layout != PAPER:
-        raise ValueError(f"unknown Dot layout {layout!r}")
-    return DotConfig.from_dict(config)
-
-
-def config_to_dict(config: AnyDotConfig) -> dict:
-    return {**config.to_dict(), "layout": FEATURE_LAYOUT if isinstance(config, FeatureDotConfig) else PAPER}
-
-
 @dataclass
 class DotFileInfo:
     path: str
-    config: AnyDotConfig
+    config: DotLayoutConfig
     base_family: str
     fingerprint: BackboneFingerprint
     measured_n: Optional[float]
@@ -80,21 +59,13 @@ class DotFileInfo:
     pattern_table: Optional[dict] = None  # {sampler: ((budget, pattern), ...)} where the file has one
 
     def describe(self) -> str:
-        n = f"{self.measured_n:.2f}" if self.measured_n else "unmeasured"
-        c = self.config
-        if isinstance(c, FeatureDotConfig):
-            order = {0: "inherited", 1: "forecast", 2: "forecast (2nd order)"}[c.forecast]
-            return (f"feature Dot for {self.base_family} ({c.k} block(s) per side rerun, deep feature {order} plus a "
-                    f"learned change of width {c.width}, N={n}, trajectory inputs {'on' if c.trajectory else 'off'})")
-        return (
-            f"Dot for {self.base_family} (m={self.config.m}, widths={list(self.config.widths)}, "
-            f"LoRA rank {self.config.lora_rank}, N={n}, trajectory inputs {'on' if self.config.trajectory else 'off'})"
-        )
+        return layout_of(self.config).describe(self.config, self.base_family,
+                                               f"{self.measured_n:.2f}" if self.measured_n else "unmeasured")
 
 
 def save_dot(
     path,
-    dot: AnyDot,
+    dot: Dot,
     *,
     base_family: str,
     fingerprint: BackboneFingerprint,
@@ -269,15 +240,10 @@ def build_dot(
     backbone: nn.Module,
     allow_other_weights: bool = False,
     fingerprint: Optional[BackboneFingerprint] = None,
-) -> AnyDot:
+) -> Dot:
     """The Dot of a read file, for ``backbone``; raises before building anything if it does not fit."""
     check_compatible(info, backbone, allow_other_weights, fingerprint)
-    if isinstance(info.config, FeatureDotConfig):
-        dot = FeatureDot.build(backbone, info.config)
-        _check_feature_channels(info, backbone)
-    else:
-        dot = DotModel.build(backbone, info.config)
-        dot.lora.check_backbone(backbone)
+    dot = layout_of(info.config).build_checked(info.config, backbone, Path(info.path).name)
     expected = dot.state_dict()
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
@@ -292,17 +258,7 @@ def build_dot(
     return dot.eval().requires_grad_(False)
 
 
-def _check_feature_channels(info: DotFileInfo, backbone: nn.Module) -> None:
-    """A feature Dot reads two of Dash's feature maps: refuse a backbone whose blocks make other channel counts."""
-    c = info.config
-    here = replace(c, deep_channels=None, shallow_channels=None).bound_to(backbone, c.prediction)
-    if (here.deep_channels, here.shallow_channels) != (c.deep_channels, c.shallow_channels):
-        raise DotMismatchError(
-            f"'{Path(info.path).name}' reads features of {c.deep_channels} and {c.shallow_channels} channels but this "
-            f"model's blocks make {here.deep_channels} and {here.shallow_channels}; use a Dot trained for this model")
-
-
-def load_dot(path, backbone: nn.Module, allow_other_weights: bool = False, device=None) -> tuple[AnyDot, DotFileInfo]:
+def load_dot(path, backbone: nn.Module, allow_other_weights: bool = False, device=None) -> tuple[Dot, DotFileInfo]:
     """Load a Dot for ``backbone``; raises before building anything if it does not fit."""
     info, tensors = read_dot_file(path)
     dot = build_dot(info, tensors, backbone, allow_other_weights)
@@ -311,8 +267,8 @@ def load_dot(path, backbone: nn.Module, allow_other_weights: bool = False, devic
     return dot, info
 
 
-class DotAdapter:
-    """A read Dot file that builds its Dot for each backbone it meets, once.
+class DotFile:
+    """A Dot file read and checked once, that builds its Dot for each backbone it meets, once.
 
     Hosts hold one of these per file the user picked: the file is read and checked when it
     is picked, and the Dot is built (and checked against the model) when a run starts.
@@ -338,7 +294,7 @@ class DotAdapter:
         dtype=None,
         fingerprint: Optional[BackboneFingerprint] = None,
         allow_other_weights: bool = False,
-    ) -> AnyDot:
+    ) -> Dot:
         fp = fingerprint or fingerprint_module(backbone)
         key = (id(backbone), fp.architecture, fp.weights_id, str(device), str(dtype), allow_other_weights)
         if key not in self._built:

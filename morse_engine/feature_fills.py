@@ -25,9 +25,9 @@ from typing import Protocol, Sequence
 import torch
 from torch import nn
 
-from .dot_model import extrapolated_change, parabola_change
 from .errors import MorseError
 from .fillers import Filler
+from .trajectory import extrapolated_change, parabola_change
 
 
 class UNetBlocks(Protocol):
@@ -126,7 +126,7 @@ class FeatureInheritFiller(_FeatureFill):
         if forecast not in (0, 1, 2):
             raise MorseError(f"feature forecasting order {forecast!r} must be 0 (inherit), 1 (line) or 2 (parabola)")
         self.k = k
-        self.forecast = self.earlier_feature_calls = int(forecast)
+        self.forecast = self.history = int(forecast)  # order 1 reads one earlier Dash call, order 2 two
         self.name = {0: f"inherit_k{k}", 1: f"forecast_k{k}", 2: f"forecast2_k{k}"}[self.forecast]
         self.deep = self.n_blocks - k - 1  # the output block whose output enters the last k; -1: the middle block
 
@@ -150,14 +150,14 @@ class FeatureInheritFiller(_FeatureFill):
 
     def _deep_at(self, t, anchor) -> torch.Tensor:
         deep = anchor.features["deep"]
-        if not self.forecast or anchor.prev_features is None or anchor.prev_t is None:
+        prev, older = anchor.before(1), anchor.before(2)
+        if not self.forecast or prev is None or prev.features is None:
             return deep
-        prev = anchor.prev_features["deep"]
-        if self.forecast == 2 and anchor.prev2_features is not None and anchor.prev2_t is not None:
-            change = parabola_change(deep, anchor.t, prev, anchor.prev_t, anchor.prev2_features["deep"], anchor.prev2_t, t)
+        if self.forecast == 2 and older is not None and older.features is not None:
+            change = parabola_change(deep, anchor.t, prev.features["deep"], prev.t, older.features["deep"], older.t, t)
             if change is not None:
                 return deep + change
-        return deep + extrapolated_change(deep, anchor.t, prev, anchor.prev_t, t)
+        return deep + extrapolated_change(deep, anchor.t, prev.features["deep"], prev.t, t)
 
 
 class EncoderPropagationFiller(_FeatureFill):

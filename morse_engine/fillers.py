@@ -1,7 +1,9 @@
-"""What runs on a non-Dash step: the trained Dot, or a training-free stand-in.
+"""What runs on a non-Dash step: the fill's contract, the anchor it builds on, and the training-free fills that
+need nothing but earlier estimates.
 
-A filler gets the current call and the batched anchor (the latest Dash step of each batch
-entry) and returns the model's estimate in its native prediction space.
+A filler gets the current call and the batched anchor (the latest Dash call of each batch entry, with the few
+Dash calls before it that the fill asks for) and returns the model's estimate in its native prediction space.
+The fills that rerun Dash's blocks are in ``feature_fills``; each Dot layout's fill is in ``dot_layouts``.
 """
 from __future__ import annotations
 
@@ -9,26 +11,39 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
-from torch import nn
 
-from .dot_model import DotModel, extrapolated_change
+from .trajectory import extrapolated_change
+
+
+@dataclass
+class DashCall:
+    """What one Dash call left for later fills: its estimate, timestep and the block outputs the fill captures."""
+
+    z: torch.Tensor
+    t: torch.Tensor
+    features: Optional[dict] = None
 
 
 @dataclass
 class Anchor:
-    """The latest Dash step of one batch entry (or of a whole batch, when stacked)."""
+    """The latest Dash call of one batch entry (or of a whole batch, when stacked), with its input and sigma, and
+    the Dash calls before it, newest first: as many as the fill reads (:attr:`Filler.history`)."""
 
     x: torch.Tensor
     z: torch.Tensor
     t: torch.Tensor
     step: int
-    prev_z: Optional[torch.Tensor] = None  # the Dash estimate before it, for extrapolation
-    prev_t: Optional[torch.Tensor] = None
-    sigma: Optional[torch.Tensor] = None  # per entry; a Dot that reads the step since the anchor needs it
+    sigma: Optional[torch.Tensor] = None  # per entry; a fill that reads the step since the anchor needs it
     features: Optional[dict] = None  # block outputs of the anchor's Dash call, for fills that rerun Dash's blocks
-    prev_features: Optional[dict] = None  # the same of the Dash call of prev_z, where the fill asks for them
-    prev2_t: Optional[torch.Tensor] = None  # the Dash call before that one, where the fill asks for two
-    prev2_features: Optional[dict] = None
+    earlier: tuple = ()  # DashCall of the calls before the anchor's, newest first
+
+    def before(self, depth: int) -> Optional[DashCall]:
+        """The Dash call ``depth`` calls before the anchor's (1: the one just before), or None where the run has
+        made fewer."""
+        return self.earlier[depth - 1] if 1 <= depth <= len(self.earlier) else None
+
+    def as_call(self) -> DashCall:
+        return DashCall(self.z, self.t, self.features)
 
 
 class Filler:
@@ -37,9 +52,9 @@ class Filler:
 
     name = "filler"
     free = True
-    # of how many Dash calls before the anchor's the router keeps the captured features too (0-2; one more set
-    # alive per call)
-    earlier_feature_calls = 0
+    # how many Dash calls before the anchor's the fill reads (0-2); the router keeps that many per batch entry,
+    # each with the block outputs :meth:`capture_modules` names
+    history = 0
 
     def capture_modules(self) -> dict:
         """Modules whose outputs the fill needs from each Dash call (captured by the router); none by default."""
@@ -69,29 +84,13 @@ class ExtrapolateFiller(Filler):
     """
 
     name = "extrapolate"
+    history = 1
 
     def __call__(self, backbone_call, x, t, anchor, context, kwargs, sigma=None):
-        if anchor.prev_z is None:
+        prev = anchor.before(1)
+        if prev is None:
             return anchor.z.clone()
-        return anchor.z + extrapolated_change(anchor.z, anchor.t, anchor.prev_z, anchor.prev_t, t)
-
-
-class DotFiller(Filler):
-    """The trained Dot: anchor estimate plus its learned residual."""
-
-    name = "dot"
-    free = False  # costs 1/N LSD a call, N measured
-
-    def __init__(self, dot: DotModel, backbone: nn.Module):
-        self.dot = dot
-        self.backbone = backbone
-
-    def __call__(self, backbone_call, x, t, anchor, context, kwargs, sigma=None):
-        with torch.no_grad():
-            return self.dot(
-                self.backbone, x, t, anchor.x, anchor.z, anchor.t, context=context, backbone_call=backbone_call,
-                sigma=sigma, anchor_sigma=anchor.sigma, prev_z=anchor.prev_z, prev_t=anchor.prev_t, **kwargs
-            )
+        return anchor.z + extrapolated_change(anchor.z, anchor.t, prev.z, prev.t, t)
 
 
 #: The training-free fills by the name a user picks them with (nodes, evaluation).

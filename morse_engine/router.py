@@ -27,7 +27,7 @@ import torch
 
 from .feature_fills import captured
 from .parameterization import on_step, step_at
-from .fillers import Anchor, Filler, ReuseFiller
+from .fillers import Anchor, DashCall, Filler, ReuseFiller
 from .schedules import DashSchedule, ScheduleSpec
 
 
@@ -215,31 +215,23 @@ class MorseRun:
         t = timestep.reshape(-1)
         if t.numel() == 1:
             t = t.expand(x.shape[0])
+        depth = self.filler.history
         for key, xc, zc, tc, fc in zip(keys, x.chunk(n), out.chunk(n), t.chunk(n), per_key):
             old = self.anchors.get(key)
-            prev_z = prev_t = prev_features = prev2_t = prev2_features = None
-            if old is not None and old.z.shape == zc.shape:
-                # A second call in the same step (second-order samplers) keeps the older step as prev.
-                same = old.step == step
-                prev_z, prev_t = (old.prev_z, old.prev_t) if same else (old.z, old.t)
-                depth = self.filler.earlier_feature_calls
-                if depth >= 1:
-                    prev_features = old.prev_features if same else old.features
-                if depth >= 2:
-                    prev2_t, prev2_features = (old.prev2_t, old.prev2_features) if same else (old.prev_t, old.prev_features)
+            earlier = ()
+            if depth and old is not None and old.z.shape == zc.shape:
+                # a second call in the same step (second-order samplers) replaces the anchor and keeps the calls
+                # before it; a call of a new step pushes the old anchor onto the history
+                earlier = (old.earlier if old.step == step else (old.as_call(), *old.earlier))[:depth]
             # Copies, not views: the sampler owns x and out and may reuse their memory.
             self.anchors[key] = Anchor(
                 x=xc.detach().clone(),
                 z=zc.detach().clone(),
                 t=tc.detach().clone(),
                 step=step,
-                prev_z=prev_z,
-                prev_t=prev_t,
                 sigma=torch.full((xc.shape[0],), float(sigma), dtype=torch.float32, device=xc.device),
                 features=fc,
-                prev_features=prev_features,
-                prev2_t=prev2_t,
-                prev2_features=prev2_features,
+                earlier=earlier,
             )
 
     def close(self):
@@ -269,19 +261,17 @@ def _same(a, b) -> bool:
 def _stack(anchors: list[Anchor]) -> Anchor:
     if len(anchors) == 1:
         return anchors[0]
-    prev_ok = all(a.prev_z is not None for a in anchors)
+    depth = min(len(a.earlier) for a in anchors)  # the history every entry has
+    earlier = tuple(DashCall(torch.cat([a.earlier[d].z for a in anchors]), torch.cat([a.earlier[d].t for a in anchors]),
+                             _cat_features([a.earlier[d].features for a in anchors])) for d in range(depth))
     return Anchor(
         x=torch.cat([a.x for a in anchors]),
         z=torch.cat([a.z for a in anchors]),
         t=torch.cat([a.t for a in anchors]),
         step=min(a.step for a in anchors),
-        prev_z=torch.cat([a.prev_z for a in anchors]) if prev_ok else None,
-        prev_t=torch.cat([a.prev_t for a in anchors]) if prev_ok else None,
         sigma=torch.cat([a.sigma for a in anchors]) if all(a.sigma is not None for a in anchors) else None,
         features=_cat_features([a.features for a in anchors]),
-        prev_features=_cat_features([a.prev_features for a in anchors]),
-        prev2_t=torch.cat([a.prev2_t for a in anchors]) if all(a.prev2_t is not None for a in anchors) else None,
-        prev2_features=_cat_features([a.prev2_features for a in anchors]),
+        earlier=earlier,
     )
 
 

@@ -3,7 +3,7 @@ import logging
 
 from comfy_api.latest import io
 
-from ..morse_engine import DotAdapter, MorseError
+from ..morse_engine import DotFile, MorseError
 from . import dot_folder
 from .types import CATEGORY, DotModelType
 
@@ -31,7 +31,7 @@ class LoadDotModel(io.ComfyNode):
     def execute(cls, dot_name: str) -> io.NodeOutput:
         path = dot_folder.full_path(dot_name)
         try:
-            adapter = DotAdapter(path)
+            adapter = DotFile(path)
         except MorseError as exc:
             raise ValueError(f"Load Dot Model: {exc}") from None
         if adapter.info.fingerprint.weak:

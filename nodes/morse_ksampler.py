@@ -7,8 +7,9 @@ from comfy_api.latest import io
 
 from ..morse_engine import AutoPattern, BudgetSchedule, MorseError
 from ..morse_engine.fillers import TRAINING_FREE_FILLS
+from ..morse_engine.fill_by_name import FILLS_WITHOUT_DOT
 from ..morse_engine.schedules import FREE_FILL_N
-from .sampling_hooks import FILLS_WITHOUT_DOT, MorseSettings, apply_morse
+from .sampling_hooks import MorseSettings, apply_morse
 from .types import CATEGORY, DotModelType, ScheduleType
 
 log = logging.getLogger("morse")
@@ -28,7 +29,7 @@ def morse_inputs():
             "The Dot adapter for this checkpoint (Load Dot Model). Without one, non-Dash steps reuse or "
             "extrapolate the last Dash estimate (training-free).")),
         ScheduleType.Input("schedule", optional=True, tooltip="Which steps run Dash (Dash/Dot Schedule). Default: every 2nd step."),
-        io.Combo.Input("fill_without_dot", options=FILLS_WITHOUT_DOT, default="reuse", optional=True, tooltip=(
+        io.Combo.Input("fill_without_dot", options=list(FILLS_WITHOUT_DOT), default="reuse", optional=True, tooltip=(
             "Only without a Dot: reuse the last Dash estimate, extrapolate from the last two (both free), rerun the "
             "outer 1 or 2 UNet blocks per side and inherit the deeper features from the last Dash step (inherit_k1, "
             "inherit_k2: A-SDM / DeepCache), the same with the deeper features extrapolated from the last two Dash "

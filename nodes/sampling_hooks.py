@@ -20,23 +20,10 @@ import comfy.model_patcher
 import comfy.patcher_extension
 import torch
 
-from ..morse_engine import (
-    BudgetSchedule,
-    DotAdapter,
-    FeatureDot,
-    EveryK,
-    MorseRouter,
-    dot_filler,
-    fingerprint_state_dict,
-)
-from ..morse_engine.errors import MorseError
-from ..morse_engine.feature_fills import FEATURE_FILLS
-from ..morse_engine.fillers import TRAINING_FREE_FILLS
+from ..morse_engine import BudgetSchedule, DotFile, EveryK, MorseError, MorseRouter, fingerprint_state_dict, make_fill, needs_blocks
 from ..morse_engine.prior_noise import PriorNoise
 
 KEY = "morse"  # wrapper key and transformer_options entry of the settings
-# what serves a non-Dash step without a Dot: free fills, and fills that rerun some of the checkpoint's own blocks
-FILLS_WITHOUT_DOT = [*TRAINING_FREE_FILLS, *FEATURE_FILLS]
 RUN_KEY = "morse_run"  # transformer_options entry of the live run
 log = logging.getLogger("morse")
 
@@ -44,7 +31,7 @@ log = logging.getLogger("morse")
 class MorseSettings:
     """What the user chose for a model. Shared, read-only, by the model's clones."""
 
-    def __init__(self, schedule=None, dot: Optional[DotAdapter] = None, fill: str = "reuse", allow_other_weights=False,
+    def __init__(self, schedule=None, dot: Optional[DotFile] = None, fill: str = "reuse", allow_other_weights=False,
                  prior_noise: float = 0.0):
         self.schedule = schedule if schedule is not None else EveryK(2)
         self.dot = dot
@@ -65,39 +52,36 @@ class MorseSettings:
 
     def router_for(self, model_patcher, device, dtype) -> MorseRouter:
         backbone = model_patcher.model.diffusion_model
-        if self.dot is None and self.fill in FEATURE_FILLS:
-            from .unet_blocks import ComfyUNetBlocks
-
-            try:
-                filler = FEATURE_FILLS[self.fill](ComfyUNetBlocks(backbone))
-            except (AttributeError, MorseError) as exc:
-                raise ValueError(f"Morse: the fill '{self.fill}' needs an SD1.x, SD2.x or SDXL UNet; this model has "
-                                 f"another layout ({exc}). Pick reuse or extrapolate") from None
-        elif self.dot is None:
-            filler = TRAINING_FREE_FILLS[self.fill]()
-        else:
-            try:
-                dot = self.dot.dot_for(
-                    backbone,
-                    device=device,
-                    dtype=dtype if dtype in (torch.float16, torch.bfloat16) and device.type != "cpu" else None,
-                    fingerprint=original_fingerprint(model_patcher),
-                    allow_other_weights=self.allow_other_weights,
-                )
-            except MorseError as exc:
-                # a plain ValueError: ComfyUI shows an exception's type with its module path, which for the pack's
-                # own classes is a long custom_nodes path in front of the sentence that matters
-                raise ValueError(f"Morse: {exc}") from None
-            if isinstance(dot, FeatureDot):  # it runs the checkpoint's own outer blocks, as the feature fills do
+        dot = None if self.dot is None else self._dot_for(model_patcher, backbone, device, dtype)
+        name = self.fill if dot is None else "dot"
+        try:
+            blocks = None
+            if needs_blocks(name, dot):  # the fill reruns the checkpoint's own blocks
                 from .unet_blocks import ComfyUNetBlocks
 
-                filler = dot_filler(dot, backbone, ComfyUNetBlocks(backbone))
-            else:
-                filler = dot_filler(dot, backbone)
+                blocks = ComfyUNetBlocks(backbone)
+            filler = make_fill(name, blocks=blocks, dot=dot, backbone=backbone)
+        except (AttributeError, MorseError) as exc:
+            raise ValueError(f"Morse: the fill '{name}' needs an SD1.x, SD2.x or SDXL UNet; this model has another "
+                             f"layout ({exc}). Pick reuse or extrapolate") from None
         sync = torch.cuda.synchronize if device.type == "cuda" else None
         # sigma -> timestep, so encoder propagation can decode the steps up to the next key step in one call
         timestep_of = model_patcher.model.model_sampling.timestep if decodes_spans_at_once(device) else None
         return MorseRouter(self.spec, filler, measure=True, sync=sync, timestep_of=timestep_of)
+
+    def _dot_for(self, model_patcher, backbone, device, dtype):
+        try:
+            return self.dot.dot_for(
+                backbone,
+                device=device,
+                dtype=dtype if dtype in (torch.float16, torch.bfloat16) and device.type != "cpu" else None,
+                fingerprint=original_fingerprint(model_patcher),
+                allow_other_weights=self.allow_other_weights,
+            )
+        except MorseError as exc:
+            # a plain ValueError: ComfyUI shows an exception's type with its module path, which for the pack's
+            # own classes is a long custom_nodes path in front of the sentence that matters
+            raise ValueError(f"Morse: {exc}") from None
 
 
 def decodes_spans_at_once(device) -> bool:

@@ -6,10 +6,10 @@ from safetensors.torch import save_file
 
 from tiny_models import TinyBackbone
 from morse_engine import (
-    DotConfig,
+    PaperDotConfig,
     DotFileError,
     DotMismatchError,
-    DotModel,
+    PaperDot,
     fingerprint_module,
     load_dot,
     read_dot_info,
@@ -20,7 +20,7 @@ from morse_engine import (
 @pytest.fixture
 def saved(tmp_path, backbone):
     torch.manual_seed(2)
-    dot = DotModel.build(backbone, DotConfig.for_backbone(backbone, m=2, lora_rank=4, lora_alpha=4.0))
+    dot = PaperDot.build(backbone, PaperDotConfig.for_backbone(backbone, m=2, lora_rank=4, lora_alpha=4.0))
     with torch.no_grad():
         for p in dot.parameters():
             p.add_(torch.randn_like(p) * 0.01)
@@ -121,7 +121,7 @@ def test_file_for_other_weights_is_refused_unless_allowed(saved):
     with pytest.raises(DotMismatchError, match="other weights of this architecture"):
         load_dot(path, retrained)
     dot, _ = load_dot(path, retrained, allow_other_weights=True)
-    assert isinstance(dot, DotModel)
+    assert isinstance(dot, PaperDot)
 
 
 def test_same_weights_in_half_precision_match(saved, backbone):
@@ -147,10 +147,10 @@ def test_file_whose_tensors_do_not_match_its_metadata_is_refused(saved, backbone
 
 
 def test_dot_adapter_reads_once_and_builds_per_backbone(saved, backbone):
-    from morse_engine import DotAdapter
+    from morse_engine import DotFile
 
     path, dot = saved
-    adapter = DotAdapter(path)
+    adapter = DotFile(path)
     assert adapter.measured_n == pytest.approx(6.5)
     first = adapter.dot_for(backbone)
     assert adapter.dot_for(backbone) is first
@@ -244,13 +244,13 @@ def test_a_file_without_a_pattern_table_loads_as_before(saved, backbone):
     path, _ = saved
     assert "pattern_table" not in _header_and_data(path)[0]
     assert read_dot_info(path).pattern_table is None
-    from morse_engine import DotAdapter
+    from morse_engine import DotFile
 
-    assert DotAdapter(path).pattern_table is None
+    assert DotFile(path).pattern_table is None
 
 
 def test_writing_a_pattern_table_changes_only_that_metadata_entry(saved, backbone):
-    from morse_engine import DotAdapter, write_pattern_table
+    from morse_engine import DotFile, write_pattern_table
 
     path, dot = saved
     meta, entries, data = _header_and_data(path)
@@ -259,7 +259,7 @@ def test_writing_a_pattern_table_changes_only_that_metadata_entry(saved, backbon
     assert data2 == data and entries2 == entries  # the tensors, byte for byte, at the same offsets
     assert {k: v for k, v in meta2.items() if k != "pattern_table"} == meta
     expected = {"euler": ((4.0, "D..."), (8.0, "D.")), "dpmpp_2m": ((6.0, "D.."),)}
-    assert read_dot_info(path).pattern_table == expected and DotAdapter(path).pattern_table == expected
+    assert read_dot_info(path).pattern_table == expected and DotFile(path).pattern_table == expected
     loaded, _ = load_dot(path, backbone)
     for (k, a), (k2, b) in zip(dot.state_dict().items(), loaded.state_dict().items()):
         assert k == k2 and torch.equal(a, b)
@@ -268,7 +268,7 @@ def test_writing_a_pattern_table_changes_only_that_metadata_entry(saved, backbon
 
 
 def test_save_dot_can_write_the_table_too(tmp_path, backbone):
-    dot = DotModel.build(backbone, DotConfig.for_backbone(backbone, m=2, lora_rank=4, lora_alpha=4.0))
+    dot = PaperDot.build(backbone, PaperDotConfig.for_backbone(backbone, m=2, lora_rank=4, lora_alpha=4.0))
     path = save_dot(tmp_path / "t.safetensors", dot, base_family="tiny-test", fingerprint=fingerprint_module(backbone),
                     pattern_table={"euler": [[4, "D.."]]})
     assert read_dot_info(path).pattern_table == {"euler": ((4.0, "D.."),)}

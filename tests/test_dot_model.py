@@ -4,13 +4,13 @@ import pytest
 import torch
 from peft import LoraConfig, inject_adapter_in_model
 
-from morse_engine import DotConfig, DotInputError, DotModel, DotMismatchError
+from morse_engine import PaperDotConfig, DotInputError, PaperDot, DotMismatchError
 from morse_engine.lora import LoRAWeights, find_targets
 
 
 def make_dot(backbone, **kw):
     torch.manual_seed(1)
-    return DotModel.build(backbone, DotConfig.for_backbone(backbone, m=2, **kw))
+    return PaperDot.build(backbone, PaperDotConfig.for_backbone(backbone, m=2, **kw))
 
 
 def inputs(batch=2, size=16, channels=4, seed=3):
@@ -41,7 +41,7 @@ def test_untrained_dot_returns_the_anchor_estimate_exactly(backbone):
 
 
 def test_widths_derive_from_the_backbone(backbone):
-    cfg = DotConfig.for_backbone(backbone, m=2)
+    cfg = PaperDotConfig.for_backbone(backbone, m=2)
     # model_channels 16: 0.3 * 16 and 0.5 * 16 rounded to multiples of 8
     assert cfg.widths == (8, 8)
     assert cfg.latent_channels == 4
@@ -205,7 +205,7 @@ def test_deviation_dot_needs_the_sigmas_and_is_untrained_equal_to_the_anchor(bac
 
 @pytest.mark.parametrize("m", [1, 2])
 def test_pixel_shuffle_stem_runs_no_block_at_full_resolution(backbone, m):
-    dot = DotModel.build(backbone, DotConfig.for_backbone(backbone, m=m, stem="pixel_shuffle"))
+    dot = PaperDot.build(backbone, PaperDotConfig.for_backbone(backbone, m=m, stem="pixel_shuffle"))
     x, xs, zs, ctx = inputs(size=16)
     t = torch.full((2,), 300.0)
     with torch.no_grad():
@@ -219,12 +219,12 @@ def test_pixel_shuffle_stem_runs_no_block_at_full_resolution(backbone, m):
         h.remove()
     assert out.shape == x.shape and not torch.equal(out, zs)
     assert max(seen) == 8  # every light block at 1/2 resolution or below
-    full = DotModel.build(backbone, DotConfig.for_backbone(backbone, m=m))
-    assert DotConfig.from_dict(full.config.to_dict()).stem == "full_res"  # the paper's layout stays the default for old files
+    full = PaperDot.build(backbone, PaperDotConfig.for_backbone(backbone, m=m))
+    assert PaperDotConfig.from_dict(full.config.to_dict()).stem == "full_res"  # the paper's layout stays the default for old files
 
 
 def test_pixel_shuffle_stem_pads_odd_sizes(backbone):
-    dot = DotModel.build(backbone, DotConfig.for_backbone(backbone, m=2, stem="pixel_shuffle"))
+    dot = PaperDot.build(backbone, PaperDotConfig.for_backbone(backbone, m=2, stem="pixel_shuffle"))
     randomize_outputs(dot)
     x, xs, zs, ctx = inputs(size=15)
     t = torch.full((2,), 300.0)
@@ -254,7 +254,7 @@ def test_sigma_step_eta_scale_vanishes_with_the_jump(backbone):
 
 def test_extrapolating_base_untrained_is_the_extrapolating_filler_and_reads_the_line(backbone):
     from morse_engine import ExtrapolateFiller
-    from morse_engine.fillers import Anchor
+    from morse_engine.fillers import Anchor, DashCall
 
     dot = make_dot(backbone, base="extrapolate")
     x, xs, zs, ctx = inputs()
@@ -262,7 +262,7 @@ def test_extrapolating_base_untrained_is_the_extrapolating_filler_and_reads_the_
     t, ts, tp = torch.full((2,), 400.0), torch.full((2,), 500.0), torch.tensor([700.0, 500.0])  # entry 1: no earlier step
     with torch.no_grad():
         out = dot(backbone, x, t, xs, zs, ts, context=ctx, prev_z=zp, prev_t=tp)
-        anchor = Anchor(x=xs, z=zs, t=ts, step=2, prev_z=zp, prev_t=tp)
+        anchor = Anchor(x=xs, z=zs, t=ts, step=2, earlier=(DashCall(zp, tp),))
         torch.testing.assert_close(out, ExtrapolateFiller()(None, x, t, anchor, ctx, {}))
         torch.testing.assert_close(out[0], zs[0] + 0.5 * (zs[0] - zp[0]))
         assert torch.equal(out[1], zs[1])
@@ -274,12 +274,12 @@ def test_extrapolating_base_untrained_is_the_extrapolating_filler_and_reads_the_
     with pytest.raises(DotInputError, match="prev_z"):
         dot(backbone, x, t, xs, zs, ts, context=ctx, prev_z=zp[:1], prev_t=tp)
     with pytest.raises(ValueError, match="trajectory"):
-        DotConfig.for_backbone(backbone, m=2, base="extrapolate", trajectory=False)
+        PaperDotConfig.for_backbone(backbone, m=2, base="extrapolate", trajectory=False)
     with pytest.raises(ValueError, match="base"):
-        DotConfig.for_backbone(backbone, m=2, base="reuse")
+        PaperDotConfig.for_backbone(backbone, m=2, base="reuse")
 
 
 def test_configs_written_before_the_base_option_load_as_the_anchor_base(backbone):
-    d = DotConfig.for_backbone(backbone, m=2).to_dict()
+    d = PaperDotConfig.for_backbone(backbone, m=2).to_dict()
     del d["base"]
-    assert DotConfig.from_dict(d).base == "anchor"
+    assert PaperDotConfig.from_dict(d).base == "anchor"

@@ -140,7 +140,7 @@ def test_an_auto_run_samples_the_planners_choice_exactly_as_that_fixed_pattern()
 # --------------------------------------------------------------------------- end to end
 def _dot_files(tmp_path):
     """The trained Dot files if they exist, else untrained ones saved into tmp_path."""
-    from morse_engine import DotConfig, DotModel, fingerprint_module, save_dot
+    from morse_engine import PaperDotConfig, PaperDot, fingerprint_module, save_dot
     from training.evaluation.workload import DEFAULT_ABLATION_DOT, DEFAULT_DOT
     from training.reference.unet import load_reference_dash
 
@@ -150,7 +150,7 @@ def _dot_files(tmp_path):
     torch.manual_seed(0)
     made = []
     for name, trajectory in (("untrained.safetensors", True), ("untrained_no_trajectory.safetensors", False)):
-        model = DotModel.build(unet, DotConfig.for_backbone(unet, m=2, trajectory=trajectory))
+        model = PaperDot.build(unet, PaperDotConfig.for_backbone(unet, m=2, trajectory=trajectory))
         made.append(save_dot(tmp_path / name, model, base_family="reference-digits", fingerprint=fingerprint_module(unet)))
     return made[0], made[1]
 

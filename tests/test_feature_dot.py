@@ -7,9 +7,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from morse_engine import (DotInputError, FeatureDot, FeatureDotConfig, MorseRouter, Pattern, build_dot, dot_filler,
-                          read_dot_file, read_dot_info, save_dot)
-from morse_engine.feature_dot import FeatureDotFiller, output_channels
+from morse_engine import (DotInputError, FeatureDot, FeatureDotConfig, FeatureDotFiller, MorseRouter, Pattern, build_dot,
+                          make_fill, read_dot_file, read_dot_info, save_dot)
+from morse_engine.backbone_shape import output_channels
 from morse_engine.feature_fills import FeatureInheritFiller, captured
 from training.evaluation.samplers import GuidedDenoiser, normal_sigmas, sample
 from training.reference.blocks import ReferenceBlocks
@@ -98,7 +98,7 @@ def test_a_feature_dot_file_round_trips_and_says_what_it_is(dash, tmp_path):
     loaded = build_dot(*read_dot_file(path), unet)
     assert isinstance(loaded, FeatureDot) and not any(p.requires_grad for p in loaded.parameters())
     blocks = ReferenceBlocks(unet)
-    assert torch.equal(_run(unet, conditioner, dot_filler(loaded, unet, blocks)),
+    assert torch.equal(_run(unet, conditioner, make_fill("dot", dot=loaded, backbone=unet, blocks=blocks)),
                        _run(unet, conditioner, FeatureDotFiller(blocks, dot)))
 
 
@@ -107,7 +107,7 @@ def test_a_feature_dot_is_refused_where_it_cannot_serve(dash):
     with pytest.raises(DotInputError, match="input_blocks as output_blocks"):
         FeatureDotConfig().bound_to(torch.nn.Conv2d(4, 4, 3))
     with pytest.raises(DotInputError, match="UNetBlocks adapter"):
-        dot_filler(FeatureDot.build(unet, FeatureDotConfig()), unet)
+        make_fill("dot", dot=FeatureDot.build(unet, FeatureDotConfig()), backbone=unet)
     with pytest.raises(ValueError, match="multiple of 8"):
         FeatureDotConfig(width=12)
     with pytest.raises(ValueError, match="forecast order"):

@@ -104,8 +104,7 @@ def test_forecasting_moves_the_deep_feature_along_the_line_through_the_last_two_
     with torch.no_grad():
         # no earlier Dash call (a run's first fill): the same as inheriting
         assert torch.equal(forecast(unet, x2, t2, latest, context, {}), inherit(unet, x2, t2, latest, context, {}))
-        both = Anchor(x=x, z=z, t=t, step=2, prev_z=earlier.z, prev_t=earlier.t, features=latest.features,
-                      prev_features=earlier.features)
+        both = Anchor(x=x, z=z, t=t, step=2, features=latest.features, earlier=(earlier.as_call(),))
         # at the anchor's time the line passes through the anchor's feature: Dash exactly
         assert torch.equal(forecast(unet, x, t, both, context, {}), z)
         # half a span further on: the deep feature moved by half the last change, entering the same blocks
@@ -115,7 +114,7 @@ def test_forecasting_moves_the_deep_feature_along_the_line_through_the_last_two_
 
 
 def test_the_parabola_through_three_calls_is_exact_for_a_quadratic_in_t_and_zero_at_the_anchor():
-    from morse_engine.dot_model import parabola_change
+    from morse_engine.trajectory import parabola_change
 
     g = torch.Generator().manual_seed(0)
     a, b, c = (torch.randn(2, 3, 4, 4, generator=g) for _ in range(3))
@@ -130,8 +129,8 @@ def test_the_parabola_through_three_calls_is_exact_for_a_quadratic_in_t_and_zero
 
 
 def test_second_order_forecasting_moves_the_deep_feature_along_the_parabola_through_three_dash_calls(dash):
-    from morse_engine.dot_model import parabola_change
     from morse_engine.fillers import Anchor
+    from morse_engine.trajectory import parabola_change
 
     unet, conditioner = dash
     x, t, context = _inputs(conditioner)
@@ -141,10 +140,8 @@ def test_second_order_forecasting_moves_the_deep_feature_along_the_parabola_thro
     _, earlier = _anchor_of(inherit, unet, x * 1.2, t + 80, context)
     z, latest = _anchor_of(inherit, unet, x, t, context)
     x2, t2 = x * 0.9, t - 40
-    two = Anchor(x=x, z=z, t=t, step=2, prev_z=earlier.z, prev_t=earlier.t, features=latest.features,
-                 prev_features=earlier.features)
-    three = Anchor(x=x, z=z, t=t, step=4, prev_z=earlier.z, prev_t=earlier.t, features=latest.features,
-                   prev_features=earlier.features, prev2_t=oldest.t, prev2_features=oldest.features)
+    two = Anchor(x=x, z=z, t=t, step=2, features=latest.features, earlier=(earlier.as_call(),))
+    three = Anchor(x=x, z=z, t=t, step=4, features=latest.features, earlier=(earlier.as_call(), oldest.as_call()))
     with torch.no_grad():
         # two Dash calls so far: the line, as first order
         assert torch.equal(parabola(unet, x2, t2, two, context, {}), line(unet, x2, t2, two, context, {}))
@@ -176,16 +173,16 @@ def test_the_router_keeps_the_previous_dash_calls_features_only_for_a_fill_that_
         with torch.no_grad(), router.run(sigmas) as run:
             _euler(run, unet, cond, uncond, sigmas, keys_apart=True)
         assert len(seen) == 6  # 3 fill steps x cond and uncond apart
-        assert seen[0].prev_features is None and seen[2].prev2_features is None  # one, then two Dash calls so far
-        later = [a.prev_features for a in seen[2:]]
-        assert all(f is not None for f in later) if order else all(f is None for f in later)
+        assert seen[0].before(1) is None and seen[2].before(2) is None  # one, then two Dash calls so far
+        later = [a.before(1) for a in seen[2:]]
+        assert all(c is not None and c.features is not None for c in later) if order else all(c is None for c in later)
         if order:  # the Dash call before the anchor, not the anchor's own
-            assert not torch.equal(seen[2].prev_features["deep"], seen[2].features["deep"])
+            assert not torch.equal(seen[2].before(1).features["deep"], seen[2].features["deep"])
         if order == 2:  # the third fill step (after three Dash calls): the call before that one too, per key
             for a, b in ((seen[4], seen[2]), (seen[5], seen[3])):
-                assert a.prev2_features["deep"] is b.prev_features["deep"] and torch.equal(a.prev2_t, b.prev_t)
+                assert a.before(2).features["deep"] is b.before(1).features["deep"] and torch.equal(a.before(2).t, b.before(1).t)
         else:
-            assert all(a.prev2_features is None for a in seen)
+            assert all(a.before(2) is None for a in seen)
 
 
 @pytest.mark.parametrize("make", [lambda b: FeatureInheritFiller(b, 2), EncoderPropagationFiller,
@@ -239,7 +236,7 @@ def test_under_heun_second_order_forecasting_reads_three_different_dash_steps(da
 
     class Spy(FeatureInheritFiller):
         def __call__(self, backbone_call, x, t, anchor, context, kwargs, sigma=None):
-            seen.append((anchor.t, anchor.prev_t, anchor.prev2_t))
+            seen.append((anchor.t, *(None if c is None else c.t for c in (anchor.before(1), anchor.before(2)))))
             return super().__call__(backbone_call, x, t, anchor, context, kwargs, sigma=sigma)
 
     _guided_run(unet, conditioner, Spy(ReferenceBlocks(unet), 2, forecast=2), "heun", KeySteps((0, 1, 2, 4, 6), reference_steps=8), steps=8)

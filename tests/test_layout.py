@@ -21,8 +21,10 @@ def imported_roots(path: Path) -> set:
             roots |= {a.name.split(".")[0] for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             roots.add(node.module.split(".")[0])
-        elif isinstance(node, ast.ImportFrom) and node.level >= 2:
-            roots.add("<outside the engine>")
+        elif isinstance(node, ast.ImportFrom) and node.level >= 1:
+            target = path.parents[node.level - 1]  # the package a relative import starts from
+            if not target.is_relative_to(ROOT / "morse_engine"):
+                roots.add("<outside the engine>")
     return roots
 
 

@@ -2,7 +2,7 @@
 and the tool reads the curve a Dot file keeps (or refuses one without) and draws it."""
 import pytest
 
-from morse_engine import DotConfig, DotModel, fingerprint_module, save_dot
+from morse_engine import PaperDotConfig, PaperDot, fingerprint_module, save_dot
 from training import loss_curve as tool
 
 
@@ -26,7 +26,7 @@ def test_a_real_but_negligible_slope_is_flat():
 
 
 def test_the_fixed_set_curve_is_judged_where_the_file_keeps_one(tmp_path, backbone, capsys):
-    dot = DotModel.build(backbone, DotConfig.for_backbone(backbone, m=2, lora_rank=4, lora_alpha=4.0))
+    dot = PaperDot.build(backbone, PaperDotConfig.for_backbone(backbone, m=2, lora_rank=4, lora_alpha=4.0))
     fp = fingerprint_module(backbone)
     # the running loss still falls, the fixed set's has levelled off: the fixed set decides
     fixed = [[0, 0.02, 0.02]] + [[100 * (i + 1), 0.01 + 0.004 * 0.7 ** i, 0.02] for i in range(30)]
@@ -48,7 +48,7 @@ def test_a_curve_too_short_to_judge_is_refused():
 
 
 def test_the_tool_judges_loss_over_reuse_where_the_file_keeps_both(tmp_path, backbone, capsys):
-    dot = DotModel.build(backbone, DotConfig.for_backbone(backbone, m=2, lora_rank=4, lora_alpha=4.0))
+    dot = PaperDot.build(backbone, PaperDotConfig.for_backbone(backbone, m=2, lora_rank=4, lora_alpha=4.0))
     fp = fingerprint_module(backbone)
     # the loss falls only because the batches got easier (the reuse baseline fell alike): flat relative to reuse
     reuse = [0.02 - 0.0002 * i for i in range(20)]

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from morse_engine import DotConfig, DotModel, choose_pattern, fingerprint_module, read_dot_info, save_dot
+from morse_engine import PaperDotConfig, PaperDot, choose_pattern, fingerprint_module, read_dot_info, save_dot
 from training.evaluation.pattern_table import fill_speed, pattern_table_from_report, rule_against_report
 
 BAND_TOP = 50.0  # the FD noise band's top: a run whose interval reaches below it is not told from converged
@@ -71,7 +71,7 @@ def test_the_tool_writes_the_table_into_a_dot_file_and_clears_it(tmp_path, backb
 
     report = tmp_path / "evaluation.json"
     report.write_text(json.dumps(synthetic_report()))
-    dot = DotModel.build(backbone, DotConfig.for_backbone(backbone, m=2, lora_rank=4, lora_alpha=4.0))
+    dot = PaperDot.build(backbone, PaperDotConfig.for_backbone(backbone, m=2, lora_rank=4, lora_alpha=4.0))
     path = save_dot(tmp_path / "d.safetensors", dot, base_family="tiny-test", fingerprint=fingerprint_module(backbone))
     from safetensors import safe_open
 

@@ -3,16 +3,16 @@ import torch
 
 from tiny_models import euler_sample, karras_sigmas
 from morse_engine import (
-    DotConfig,
-    DotFiller,
-    DotModel,
+    PaperDotConfig,
+    PaperDotFiller,
+    PaperDot,
     EveryK,
     ExtrapolateFiller,
     MorseRouter,
     Pattern,
     ReuseFiller,
 )
-from morse_engine.fillers import Anchor
+from morse_engine.fillers import Anchor, DashCall
 
 
 def routed(run, backbone, keys=None):
@@ -28,7 +28,7 @@ def direct(backbone):
 
 def trained_like_dot(backbone):
     torch.manual_seed(5)
-    dot = DotModel.build(backbone, DotConfig.for_backbone(backbone, m=1)).eval()
+    dot = PaperDot.build(backbone, PaperDotConfig.for_backbone(backbone, m=1)).eval()
     with torch.no_grad():
         dot.out.weight.normal_(0, 0.05)
         for p in dot.lora.up.parameters():
@@ -41,7 +41,7 @@ def test_dash_only_schedule_is_bit_identical_to_the_backbone(backbone, heun):
     sigmas = karras_sigmas(6)
     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     ctx = torch.randn(2, 3, 8)
-    router = MorseRouter(EveryK(1), DotFiller(trained_like_dot(backbone), backbone))
+    router = MorseRouter(EveryK(1), PaperDotFiller(trained_like_dot(backbone), backbone))
     with torch.no_grad():
         expected = euler_sample(direct(backbone), noise, sigmas, ctx, heun=heun)
         with router.run(sigmas) as run:
@@ -60,7 +60,7 @@ def test_mixed_schedule_runs_dash_exactly_on_its_steps(backbone):
         return backbone(x, t, context=context, **kw)
 
     dot = trained_like_dot(backbone)
-    router = MorseRouter(Pattern("D.."), DotFiller(dot, backbone))
+    router = MorseRouter(Pattern("D.."), PaperDotFiller(dot, backbone))
     with torch.no_grad(), router.run(sigmas) as run:
         euler_sample(lambda x, t, s, c: run(counting_backbone, x, t, s, context=c), torch.randn(1, 4, 8, 8), sigmas)
     s = router.last_summary
@@ -125,7 +125,7 @@ def test_interrupted_run_leaves_nothing_for_the_next_run(backbone):
     sigmas = karras_sigmas(6)
     noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     dot = trained_like_dot(backbone)
-    router = MorseRouter(EveryK(2), DotFiller(dot, backbone))
+    router = MorseRouter(EveryK(2), PaperDotFiller(dot, backbone))
 
     class Interrupted(Exception):
         pass
@@ -138,7 +138,7 @@ def test_interrupted_run_leaves_nothing_for_the_next_run(backbone):
                     raise Interrupted()
     assert run.anchors == {}
     # the next run gives what a fresh router gives
-    fresh = MorseRouter(EveryK(2), DotFiller(dot, backbone))
+    fresh = MorseRouter(EveryK(2), PaperDotFiller(dot, backbone))
     with torch.no_grad():
         with router.run(sigmas) as r1:
             a = euler_sample(routed(r1, backbone), noise, sigmas)
@@ -149,7 +149,7 @@ def test_interrupted_run_leaves_nothing_for_the_next_run(backbone):
 
 
 def test_resolution_change_between_runs_works(backbone):
-    router = MorseRouter(EveryK(2), DotFiller(trained_like_dot(backbone), backbone))
+    router = MorseRouter(EveryK(2), PaperDotFiller(trained_like_dot(backbone), backbone))
     sigmas = karras_sigmas(4)
     with torch.no_grad():
         for size in (8, 12, 8):
@@ -160,7 +160,7 @@ def test_resolution_change_between_runs_works(backbone):
 
 
 def test_resolution_change_mid_run_re_anchors_with_dash(backbone):
-    router = MorseRouter(Pattern("D."), DotFiller(trained_like_dot(backbone), backbone))
+    router = MorseRouter(Pattern("D."), PaperDotFiller(trained_like_dot(backbone), backbone))
     sigmas = torch.tensor([10.0, 5.0, 0.0])
     with torch.no_grad(), router.run(sigmas) as run:
         run(backbone, torch.randn(1, 4, 8, 8), torch.ones(1), 10.0)
@@ -182,7 +182,7 @@ def test_anchors_are_copies_the_sampler_cannot_change(backbone):
 
 def test_extrapolate_filler_is_linear_in_t():
     z_prev, z_s = torch.zeros(1, 1, 2, 2), torch.ones(1, 1, 2, 2)
-    anchor = Anchor(x=z_s, z=z_s, t=torch.tensor([600.0]), step=2, prev_z=z_prev, prev_t=torch.tensor([800.0]))
+    anchor = Anchor(x=z_s, z=z_s, t=torch.tensor([600.0]), step=2, earlier=(DashCall(z_prev, torch.tensor([800.0])),))
     out = ExtrapolateFiller()(None, z_s, torch.tensor([500.0]), anchor, None, {})
     # slope 1 per 200 t; 100 t further: 1.5
     torch.testing.assert_close(out, torch.full_like(z_s, 1.5))
@@ -203,7 +203,7 @@ def test_extrapolate_tracks_previous_dash_estimate_per_entry(backbone):
 
 
 def test_measured_n_and_lsd_in_the_summary(backbone):
-    router = MorseRouter(EveryK(2), DotFiller(trained_like_dot(backbone), backbone))
+    router = MorseRouter(EveryK(2), PaperDotFiller(trained_like_dot(backbone), backbone))
     sigmas = karras_sigmas(6)
     with torch.no_grad(), router.run(sigmas) as run:
         euler_sample(routed(run, backbone), torch.randn(1, 4, 8, 8), sigmas)
@@ -235,11 +235,11 @@ def test_filler_gets_the_call_sigma_and_each_entry_its_anchor_sigma(backbone):
 
 def test_dot_filler_hands_the_dot_the_estimate_before_the_anchor(backbone):
     """An untrained Dot with the extrapolating base routes exactly like the training-free extrapolation."""
-    dot = DotModel.build(backbone, DotConfig.for_backbone(backbone, m=1, base="extrapolate")).eval()
+    dot = PaperDot.build(backbone, PaperDotConfig.for_backbone(backbone, m=1, base="extrapolate")).eval()
     sigmas = karras_sigmas(7)
     x = torch.randn(1, 4, 8, 8)
     outs = []
-    for filler in (DotFiller(dot, backbone), ExtrapolateFiller()):
+    for filler in (PaperDotFiller(dot, backbone), ExtrapolateFiller()):
         router = MorseRouter(Pattern("D."), filler)
         with torch.no_grad(), router.run(sigmas) as run:
             outs.append(euler_sample(routed(run, backbone), x.clone(), sigmas))

@@ -1,5 +1,6 @@
-"""The feature Dot: Dash's own outer blocks on the current input, the deep feature forecast from the Dash calls
-before, plus a small learned change of that feature (issue 15's design; the paper's layout is ``dot_model``).
+"""The feature Dot layout (the default): Dash's own outer blocks on the current input, the deep feature forecast
+from the Dash calls before, plus a small learned change of that feature (its config, its weights and its fill;
+the paper's layout is ``paper``).
 
     deep_i = f_s + (t_i - t_s)/(t_s - t_p) (f_s - f_p)            (forecast_k, training-free)
            + g(sigma_i, sigma_s) * change(deep_i, h_i - h_s, h_i, t_i, t_s)     (learned)
@@ -27,18 +28,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .dot_model import latent_channels_of, timestep_features
-from .errors import DotInputError
-from .feature_fills import FeatureInheritFiller, UNetBlocks
-from .fillers import DotFiller
-from .parameterization import PREDICTIONS
+from ..backbone_shape import latent_channels_of, output_channels
+from ..errors import DotInputError, DotMismatchError
+from ..feature_fills import FeatureInheritFiller, UNetBlocks
+from ..parameterization import PREDICTIONS
+from ..trajectory import timestep_features
 
 LAYOUT = "feature"
 
 
 @dataclass(frozen=True)
 class FeatureDotConfig:
-    """What a feature Dot is; stored in its file (``layout`` tells it from the paper's :class:`DotConfig`).
+    """What a feature Dot is; stored in its file (``layout`` tells it from the paper's :class:`PaperDotConfig`).
 
     The channel counts stay None until the config is bound to a backbone (:meth:`bound_to`)."""
 
@@ -93,18 +94,6 @@ class FeatureDotConfig:
         return replace(self, latent_channels=latent_channels_of(backbone), prediction=prediction or self.prediction,
                        deep_channels=output_channels(deep_module),
                        shallow_channels=output_channels(backbone.input_blocks[self.k - 1]))
-
-
-def output_channels(block: nn.Module) -> int:
-    """The channels of a UNet block's output: those of its last convolution or linear projection, in the order
-    the block registers them (a ResBlock's skip conv or output conv, a transformer's proj_out, an upsampler's
-    conv); a block whose output is its input's (an identity skip) ends on a layer of the same width."""
-    for mod in reversed(list(block.modules())):
-        if isinstance(mod, nn.Conv2d):
-            return int(mod.out_channels)
-        if isinstance(mod, nn.Linear):
-            return int(mod.out_features)
-    raise DotInputError(f"cannot tell the output channels of {type(block).__name__}: it has no convolution")
 
 
 class DeepChange(nn.Module):
@@ -196,11 +185,24 @@ class FeatureDotFiller(FeatureInheritFiller):
         return self._up_to_head(deep + change.to(deep.dtype), hs, state, x)
 
 
-def dot_filler(dot, backbone: nn.Module, blocks: Optional[UNetBlocks] = None):
-    """The fill that serves non-Dash steps with ``dot``, of either layout: the paper's Dot calls the backbone at
-    1/2^m resolution; a feature Dot runs Dash's outer blocks through the host's ``blocks`` adapter."""
-    if isinstance(dot, FeatureDot):
-        if blocks is None:
-            raise DotInputError("a feature Dot runs Dash's own blocks and needs the host's UNetBlocks adapter")
-        return FeatureDotFiller(blocks, dot)
-    return DotFiller(dot, backbone)
+def build_checked(config: FeatureDotConfig, backbone: nn.Module, file_name: str) -> FeatureDot:
+    """The Dot of ``config`` for ``backbone``, refused in one sentence where Dash's blocks make other channels than
+    the two feature maps the change network reads."""
+    here = replace(config, deep_channels=None, shallow_channels=None).bound_to(backbone, config.prediction)
+    if (here.deep_channels, here.shallow_channels) != (config.deep_channels, config.shallow_channels):
+        raise DotMismatchError(
+            f"'{file_name}' reads features of {config.deep_channels} and {config.shallow_channels} channels but this "
+            f"model's blocks make {here.deep_channels} and {here.shallow_channels}; use a Dot trained for this model")
+    return FeatureDot.build(backbone, config)
+
+
+def fill_for(dot: FeatureDot, backbone: nn.Module, blocks: Optional[UNetBlocks] = None) -> FeatureDotFiller:
+    if blocks is None:
+        raise DotInputError("a feature Dot runs Dash's own blocks and needs the host's UNetBlocks adapter")
+    return FeatureDotFiller(blocks, dot)
+
+
+def describe(config: FeatureDotConfig, base_family: str, n: str) -> str:
+    order = {0: "inherited", 1: "forecast", 2: "forecast (2nd order)"}[config.forecast]
+    return (f"feature Dot for {base_family} ({config.k} block(s) per side rerun, deep feature {order} plus a learned "
+            f"change of width {config.width}, N={n}, trajectory inputs {'on' if config.trajectory else 'off'})")

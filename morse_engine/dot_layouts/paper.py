@@ -1,4 +1,5 @@
-"""The Dot: light blocks around the shared, frozen Dash backbone, plus LoRA.
+"""The paper's Dot layout: light blocks around the shared, frozen Dash backbone, plus LoRA (its config, its
+weights and its fill; the default layout is ``feature``).
 
     z_i = z_s + eta(x_s, x_i, z_s, t_s, t_i)          (Morse, eq. 5)
 
@@ -13,18 +14,22 @@ current input (its projection from the light blocks starts at zero too).
 """
 from __future__ import annotations
 
-import math
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import DotInputError
-from .parameterization import PREDICTIONS, to_eps, unscale_input
-from .lora import DEFAULT_TARGETS, LoRAWeights, find_targets
+from ..backbone_shape import latent_channels_of
+from ..errors import DotInputError
+from ..fillers import Filler
+from ..lora import DEFAULT_TARGETS, LoRAWeights, find_targets
+from ..parameterization import PREDICTIONS, to_eps, unscale_input
+from ..trajectory import extrapolated_change, timestep_features
+
+LAYOUT = "paper"
 
 # Keyword arguments of a diffusion-model call that describe full-resolution features and
 # cannot be fed to the backbone at 1/2^m resolution (ControlNet residuals). The Dot still
@@ -49,16 +54,6 @@ def default_widths(backbone: nn.Module, m: int) -> tuple[int, ...]:
     return tuple(_round8(base * (0.3 + 0.2 * level)) for level in range(m))
 
 
-def latent_channels_of(backbone: nn.Module) -> int:
-    channels = getattr(backbone, "in_channels", None)
-    if channels is None:
-        convs = [mod for mod in backbone.modules() if isinstance(mod, nn.Conv2d)]
-        if not convs:
-            raise DotInputError("cannot tell the backbone's latent channels; give latent_channels explicitly")
-        channels = convs[0].in_channels
-    return int(channels)
-
-
 STEP_INPUTS = ("x_s", "deviation")
 STEMS = ("full_res", "pixel_shuffle")
 ETA_SCALES = ("none", "sigma_step")
@@ -74,7 +69,7 @@ def _opt(default, help: str, choices=None, cli: bool = True):
 
 
 @dataclass(frozen=True)
-class DotConfig:
+class PaperDotConfig:
     """What a Dot is: its layout and inputs. Stored in every Dot file; ``train_dot``'s flags come from these fields.
 
     The defaults are the paper's layout (what a file that predates a field meant); the trainer's
@@ -82,6 +77,7 @@ class DotConfig:
     and ``widths`` may stay None until the config is bound to a backbone (:meth:`bound_to`).
     """
 
+    layout: ClassVar[str] = LAYOUT  # not a field: the Dot file keeps it beside the config (format 3)
     latent_channels: Optional[int] = _opt(None, "the Dash latent's channels (from the backbone)", cli=False)
     m: int = _opt(2, "light down/up-sampling blocks; the backbone runs at 1/2^m per side")
     widths: Optional[tuple[int, ...]] = _opt(None, "light block widths, one per level (default: from the backbone's width)")
@@ -136,10 +132,10 @@ class DotConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "DotConfig":
+    def from_dict(cls, d: dict) -> "PaperDotConfig":
         return cls(**d)
 
-    def bound_to(self, backbone: nn.Module, prediction: Optional[str] = None) -> "DotConfig":
+    def bound_to(self, backbone: nn.Module, prediction: Optional[str] = None) -> "PaperDotConfig":
         """This config for ``backbone``: its latent channels, widths from its base width where none were
         given, and the Dash's native prediction."""
         return replace(
@@ -150,10 +146,8 @@ class DotConfig:
         )
 
     @classmethod
-    def for_backbone(cls, backbone: nn.Module, m: int = 2, widths=None, **kw) -> "DotConfig":
+    def for_backbone(cls, backbone: nn.Module, m: int = 2, widths=None, **kw) -> "PaperDotConfig":
         return cls(m=m, widths=widths, **kw).bound_to(backbone)
-
-
 
 
 def check_base(base: str, trajectory: bool) -> None:
@@ -187,46 +181,6 @@ def step_deviation(x, sigma, anchor_x, anchor_sigma, anchor_z, prediction: str =
     return velocity - own
 
 
-def extrapolated_change(anchor_z, anchor_t, prev_z, prev_t, t) -> torch.Tensor:
-    """(t - t_s) / (t_s - t_p) (z_s - z_p): how far the line in t through the previous Dash estimate
-    (z_p at t_p) and the anchor's (z_s at t_s) moves from z_s by t. Zero where t_p = t_s (no earlier
-    estimate) or where there is none at all (``prev_z`` None)."""
-    if prev_z is None:
-        return torch.zeros_like(anchor_z)
-    b = anchor_z.shape[0]
-    per = lambda v: torch.as_tensor(v, device=anchor_z.device).float().reshape(-1).expand(b)  # noqa: E731
-    t_s, t_p, t_now = per(anchor_t), per(prev_t), per(t)
-    span = t_s - t_p
-    usable = span.abs() > 1e-8
-    ratio = (t_now - t_s) / torch.where(usable, span, torch.ones_like(span)) * usable
-    return ratio.reshape(-1, *([1] * (anchor_z.dim() - 1))).to(anchor_z.dtype) * (anchor_z - prev_z)
-
-
-def parabola_change(f_s, t_s, f_p, t_p, f_q, t_q, t) -> Optional[torch.Tensor]:
-    """How far the parabola in t through (t_q, f_q), (t_p, f_p) and (t_s, f_s) moves from f_s by t (second-order
-    extrapolation through three calls, oldest q; TaylorSeer's second order in Lagrange form). Written as
-    l_q (f_q - f_s) + l_p (f_p - f_s), so it is exactly zero at t = t_s. None where any two of the three times
-    coincide in some row (the caller then extrapolates to first order)."""
-    b = f_s.shape[0]
-    per = lambda v: torch.as_tensor(v, device=f_s.device).float().reshape(-1).expand(b)  # noqa: E731
-    t_s, t_p, t_q, t_now = per(t_s), per(t_p), per(t_q), per(t)
-    spans = torch.stack([t_s - t_p, t_s - t_q, t_p - t_q])
-    if bool((spans.abs() <= 1e-8).any()):
-        return None
-    l_q = (t_now - t_p) * (t_now - t_s) / ((t_q - t_p) * (t_q - t_s))
-    l_p = (t_now - t_q) * (t_now - t_s) / ((t_p - t_q) * (t_p - t_s))
-    view = lambda v: v.reshape(-1, *([1] * (f_s.dim() - 1))).to(f_s.dtype)  # noqa: E731
-    return view(l_q) * (f_q - f_s) + view(l_p) * (f_p - f_s)
-
-
-def timestep_features(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """Sinusoidal features of a diffusion timestep (the embedding of DDPM / SD)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = t.float()[:, None] * freqs[None]
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-
-
 def _norm(channels: int) -> nn.GroupNorm:
     groups = 8 if channels % 8 == 0 else 1
     return nn.GroupNorm(groups, channels)
@@ -252,13 +206,13 @@ class LightResBlock(nn.Module):
         return self.skip(x) + h
 
 
-class DotModel(nn.Module):
+class PaperDot(nn.Module):
     """The Dot's own weights (light blocks + LoRA); the backbone is passed to each call."""
 
-    def __init__(self, config: DotConfig, lora: LoRAWeights):
+    def __init__(self, config: PaperDotConfig, lora: LoRAWeights):
         super().__init__()
         if config.latent_channels is None or config.widths is None:
-            raise ValueError("the Dot's config is not bound to a backbone yet; build it with DotModel.build(backbone, config)")
+            raise ValueError("the Dot's config is not bound to a backbone yet; build it with PaperDot.build(backbone, config)")
         self.config = config
         c, w, e = config.latent_channels, config.widths, config.time_dim
         n_times = 2 if config.trajectory else 1
@@ -290,7 +244,7 @@ class DotModel(nn.Module):
         self.lora = lora
 
     @classmethod
-    def build(cls, backbone: nn.Module, config: DotConfig) -> "DotModel":
+    def build(cls, backbone: nn.Module, config: PaperDotConfig) -> "PaperDot":
         if config.latent_channels is None or config.widths is None:
             config = config.bound_to(backbone)
         lora = LoRAWeights(find_targets(backbone, config.lora_targets), config.lora_rank, config.lora_alpha)
@@ -405,3 +359,41 @@ class DotModel(nn.Module):
             ratio = _bcast(sigma, eta).float() / _bcast(anchor_sigma, eta).float().clamp(min=1e-8)
             eta = eta * (1 - ratio).clamp(0, 1).to(eta.dtype)
         return base + eta.to(anchor_z.dtype)
+
+
+class PaperDotFiller(Filler):
+    """Serves non-Dash steps with a paper-layout Dot: the anchor estimate plus its learned residual."""
+
+    name = "dot"
+    free = False  # costs 1/N LSD a call, N measured
+    history = 1  # the extrapolating base reads the Dash estimate before the anchor
+
+    def __init__(self, dot: PaperDot, backbone: nn.Module):
+        self.dot = dot
+        self.backbone = backbone
+
+    def __call__(self, backbone_call, x, t, anchor, context, kwargs, sigma=None):
+        prev = anchor.before(1)
+        with torch.no_grad():
+            return self.dot(
+                self.backbone, x, t, anchor.x, anchor.z, anchor.t, context=context, backbone_call=backbone_call,
+                sigma=sigma, anchor_sigma=anchor.sigma, prev_z=None if prev is None else prev.z,
+                prev_t=None if prev is None else prev.t, **kwargs
+            )
+
+
+def build_checked(config: PaperDotConfig, backbone: nn.Module, file_name: str) -> PaperDot:
+    """The Dot of ``config`` for ``backbone``, refused in one sentence where its LoRA targets do not fit."""
+    dot = PaperDot.build(backbone, config)
+    dot.lora.check_backbone(backbone)
+    return dot
+
+
+def fill_for(dot: PaperDot, backbone: nn.Module, blocks=None) -> PaperDotFiller:
+    """The paper's Dot calls the backbone at 1/2^m resolution itself: it needs no block adapter."""
+    return PaperDotFiller(dot, backbone)
+
+
+def describe(config: PaperDotConfig, base_family: str, n: str) -> str:
+    return (f"Dot for {base_family} (m={config.m}, widths={list(config.widths)}, LoRA rank {config.lora_rank}, N={n}, "
+            f"trajectory inputs {'on' if config.trajectory else 'off'})")

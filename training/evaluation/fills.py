@@ -1,6 +1,6 @@
-"""The fills an evaluation compares, with their cost: every training-free fill the engine offers, the Dot,
-and the Table 4 ablation Dot. A fill the engine adds to ``TRAINING_FREE_FILLS`` (or any filler with a
-network, priced by its measured N) joins the table without a change here.
+"""The fills an evaluation compares, with their cost: every fill the engine offers by name (training-free and
+block fills, ``morse_engine.FILLS_WITHOUT_DOT``), the Dot, and the Table 4 ablation Dot. A fill the engine adds
+joins the table without a change here.
 """
 from __future__ import annotations
 
@@ -10,9 +10,8 @@ from typing import Optional
 
 import torch
 
-from morse_engine import MorseRouter, Pattern, dot_filler
-from morse_engine.feature_fills import FEATURE_FILLS
-from morse_engine.fillers import TRAINING_FREE_FILLS, Filler
+from morse_engine import FILLS_WITHOUT_DOT, MorseRouter, Pattern, make_fill
+from morse_engine.fillers import Filler
 
 from .samplers import GuidedDenoiser, normal_sigmas, sample
 
@@ -46,17 +45,17 @@ DEFAULT_FILLS = ("dot", "ablation", "reuse", "extrapolate")
 
 def collect_fills(models, names=None) -> list[EvalFill]:
     """The fills called ``names`` (default: the Dot, the ablation Dot where there is one, and the reuse and
-    extrapolation fills) from every fill there is: the Dots, each training-free fill, and each fill that reruns
-    Dash's blocks (``FEATURE_FILLS``, run on the reference UNet's blocks)."""
+    extrapolation fills) from every fill there is: the Dots and each fill the engine offers by name (those that
+    rerun Dash's blocks on the reference UNet's)."""
     from ..reference.blocks import ReferenceBlocks
 
-    blocks = ReferenceBlocks(models.unet)
-    fills = [EvalFill("dot", dot_filler(models.dot, models.unet, blocks), pattern_table=models.dot_info.pattern_table)]
+    blocks, unet = ReferenceBlocks(models.unet), models.unet
+    fills = [EvalFill("dot", make_fill("dot", dot=models.dot, backbone=unet, blocks=blocks),
+                      pattern_table=models.dot_info.pattern_table)]
     if models.ablation is not None:
-        fills.append(EvalFill("ablation", dot_filler(models.ablation[0], models.unet, blocks),
+        fills.append(EvalFill("ablation", make_fill("dot", dot=models.ablation[0], backbone=unet, blocks=blocks),
                               pattern_table=models.ablation[1].pattern_table))
-    fills += [EvalFill(name, cls()) for name, cls in TRAINING_FREE_FILLS.items()]
-    fills += [EvalFill(name, make(blocks)) for name, make in FEATURE_FILLS.items()]
+    fills += [EvalFill(name, make_fill(name, blocks=blocks)) for name in FILLS_WITHOUT_DOT]
     names = names or [n for n in DEFAULT_FILLS if n in {f.name for f in fills}]
     if names:
         unknown = set(names) - {f.name for f in fills}

@@ -159,7 +159,7 @@ class Models:
     dash_meta: dict
     dot: torch.nn.Module
     dot_info: object
-    ablation: Optional[tuple] = None  # (DotModel, DotFileInfo) of the no-trajectory Dot
+    ablation: Optional[tuple] = None  # (PaperDot, DotFileInfo) of the no-trajectory Dot
     notes: list = field(default_factory=list)
     dash_path: Optional[Path] = None  # the Dash weights file
 

@@ -1,7 +1,7 @@
 """Plot for issue 15 (not a tool of the pack): the share of the reuse-to-Dash gap each fill closes against its N,
-per sampler, from JSON written by ``fill_frontier_probe.py`` and ``python -m training.compare_fills --json``.
+per sampler, from JSON written by ``scripts/fill_frontier_probe.py`` and ``python -m training.compare_fills --json``.
 
-    .venv/bin/python reports/plot_fill_frontier.py reports/fill_frontier.json \
+    .venv/bin/python scripts/plot_fill_frontier.py reports/fill_frontier.json \
         reports/compare_fills_forecast_euler.json reports/compare_fills_forecast_dpmpp_2m.json --out reports/fill_frontier.png \
         --drop inherit_k1_extrapolated,inherit_k2_extrapolated
 

@@ -1,8 +1,8 @@
-"""Plot of 2026-12-05-feature-rollout.md (not a tool of the pack): the share of the reuse-to-Dash gap each fill
-closes at 6/12/20/40 steps, read from the probe logs in 2026-12-05-feature-rollout/, beside the earlier fills'
+"""Plot of reports/2026-12-05-feature-rollout.md (not a tool of the pack): the share of the reuse-to-Dash gap each fill
+closes at 6/12/20/40 steps, read from the probe logs in reports/2026-12-05-feature-rollout/, beside the earlier fills'
 committed figures (compare_fills_forecast2_*.json, 2026-12-02-rollout.md).
 
-    .venv/bin/python reports/plot_feature_rollout.py
+    .venv/bin/python scripts/plot_feature_rollout.py   (writes reports/2026-12-05-feature-rollout/gap_closed.png)
 """
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-HERE = Path(__file__).resolve().parent
-RUNS = HERE / "2026-12-05-feature-rollout"
+REPORTS = Path(__file__).resolve().parents[1] / "reports"
+RUNS = REPORTS / "2026-12-05-feature-rollout"
 LOGS = {"learned, 500 steps, seed 0": "probe_k1_seed0.log", "learned, 500 steps, seed 1": "probe_k1_seed1.log",
         "learned, 1500 steps, seed 0": "probe_k1_seed0_1500.log",
         "learned without trajectory inputs (Table 4), seed 0": "probe_k1_no_trajectory_seed0.log"}
@@ -43,7 +43,7 @@ def main():
     steps = [6, 12, 20, 40]
     fig, axes = plt.subplots(1, 2, figsize=(11, 5.4), sharey=True)
     for ax, sampler in zip(axes, ("euler", "dpmpp_2m")):
-        committed = json.loads((HERE / f"compare_fills_forecast2_{sampler}.json").read_text())["rows"]
+        committed = json.loads((REPORTS / f"compare_fills_forecast2_{sampler}.json").read_text())["rows"]
         for name, style in (("dot", "k:"), ("forecast_k1", "C0--"), ("forecast2_k2", "C7-.")):
             ax.plot(steps, [r["fills"][name]["gap_closed"] for r in committed], style, marker="o",
                     label={"dot": "committed Dot (paper layout)", "forecast_k1": "forecast_k1 (free, N ~6-10)",

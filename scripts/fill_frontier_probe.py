@@ -5,9 +5,10 @@ forecast_k2: the inherited deep feature extrapolated in t from the last two Dash
 forecast2_k: along the parabola through the last three, the engine's since session 8). Judged as compare_fills judges fills (euler and
 dpmpp_2m, pattern D., 6/12/20/40 steps, 48 samples), N measured by the router in the same run.
 
-    .venv/bin/python reports/fill_frontier_probe.py --json reports/fill_frontier.json
+    .venv/bin/python scripts/fill_frontier_probe.py --json reports/fill_frontier.json
 
-Figures and plot: 2026-12-01-dot-limits.md, fill_frontier.png.
+Figures and plot: reports/2026-12-01-dot-limits.md, reports/fill_frontier.png (scripts/plot_fill_frontier.py).
+Moved from reports/ to scripts/ on 2026-12-07.
 """
 from __future__ import annotations
 
