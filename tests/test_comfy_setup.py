@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from training import train_dot
+from training import dash_source, train_dot
 from training.host import comfy_setup, comfyui, data
 from training.reference.unet import DEFAULT_DASH_PATH
 
@@ -77,11 +77,11 @@ def test_train_dot_refuses_checkpoint_options_with_a_clear_message(tmp_path, mon
 
 
 def test_the_reference_weights_keep_the_reference_path():
-    assert comfy_setup.is_reference_weights(DEFAULT_DASH_PATH)
+    assert dash_source.is_reference_weights(DEFAULT_DASH_PATH)
     args = train_dot.parser().parse_args(["--checkpoint", str(DEFAULT_DASH_PATH)])
-    assert not comfy_setup.wants_comfy(args)
+    assert not train_dot.wants_comfy(args)
     args = train_dot.parser().parse_args(["--checkpoint", "my_sd15.safetensors"])
-    assert comfy_setup.wants_comfy(args)
+    assert train_dot.wants_comfy(args)
 
 
 def test_data_source_errors_name_the_input(tmp_path):

@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from morse_engine import DotModel
+from morse_engine import PaperDot
 from training.trainer import distributed
 from training.trainer.config import DotTrainConfig
 from training.trainer.loop import train_dot
@@ -39,7 +39,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     from pathlib import Path
 
     from training.trainer import loop as dot_trainer
-    from training.trainer.loop import TrainingDiverged
+    from training.trainer.optim import TrainingDiverged
 
     out = Path(out)
     writes = []
@@ -127,7 +127,7 @@ def test_both_ranks_end_with_identical_trained_weights(two_ranks):
     setup = tiny_setup()
     cfg = DotTrainConfig.of(**CFG, steps=STEPS)
     torch.manual_seed(cfg.seed)  # how train_dot builds its start weights
-    initial = DotModel.build(setup.unet, cfg.dot.bound_to(setup.unet)).state_dict()
+    initial = PaperDot.build(setup.unet, cfg.dot.bound_to(setup.unet)).state_dict()
     moved = [k for k in w0 if not torch.equal(w0[k], initial[k])]
     assert len(moved) > len(w0) // 2, f"only {moved} changed"
     assert w0["out.weight"].abs().sum() > 0  # the zero-initialised output learned something

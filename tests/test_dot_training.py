@@ -8,7 +8,8 @@ from tiny_models import TinyBackbone
 from morse_engine import fingerprint_module
 from training.trainer.dash_setup import DashSetup
 from training.trainer.config import DotTrainConfig
-from training.trainer.loop import TrainingDiverged, peft_adapters, train_dot, training_tuple
+from training.trainer.loop import peft_adapters, train_dot, training_tuple
+from training.trainer.optim import TrainingDiverged
 from morse_engine.parameterization import DiscreteSchedule
 from training.reference.unet import sd_alphas_cumprod
 
@@ -214,12 +215,12 @@ def test_extrapolating_base_tuples_carry_the_dash_estimate_before_the_anchor():
 def test_cli_base_is_extrapolate_except_for_the_no_trajectory_ablation(tmp_path, capsys):
     from training import train_dot as cli
 
-    from training.trainer.config import config_from_args
+    from training.trainer.config import config_from_options
 
     p = cli.parser()
-    assert config_from_args(p.parse_args([])).dot.base == "extrapolate"
-    assert config_from_args(p.parse_args(["--no-trajectory"])).dot.base == "anchor"
-    assert config_from_args(p.parse_args(["--base", "anchor"])).dot.base == "anchor"
+    assert config_from_options(cli.options_given(p.parse_args([]))).dot.base == "extrapolate"
+    assert config_from_options(cli.options_given(p.parse_args(["--no-trajectory"]))).dot.base == "anchor"
+    assert config_from_options(cli.options_given(p.parse_args(["--base", "anchor"]))).dot.base == "anchor"
     rc = cli.main(["--layout", "paper", "--no-trajectory", "--base", "extrapolate", "--steps", "1", "--out", str(tmp_path / "x.safetensors"),
                    "--runs", str(tmp_path)])
     assert rc == 2 and "--base anchor" in capsys.readouterr().err
@@ -227,16 +228,15 @@ def test_cli_base_is_extrapolate_except_for_the_no_trajectory_ablation(tmp_path,
 
 
 @pytest.mark.parametrize("layout,flags", [("paper", ["--batch-size", "2"]),
-                                          ("feature", ["--rollout-runs", "1", "--rollout-batch", "1", "--rollout-steps", "2,3"])])
+                                          ("feature", ["--rollout-runs", "1", "--rollout-batch", "1", "--rollout-steps", "2,3",
+                                                       "--compare-samples", "0"])])
 def test_the_reference_run_writes_its_own_file_beside_the_committed_dot(tmp_path, monkeypatch, capsys, layout, flags):
     """The default run is shorter than the committed reference Dot's: it must not write over it."""
     from training import train_dot as cli
-    from training import train_feature_dot
 
     committed = tmp_path / "reference_digits.safetensors"
     committed.write_bytes(b"the committed Dot")
     monkeypatch.setattr(cli, "DOT_DIR", tmp_path)
-    monkeypatch.setattr(train_feature_dot, "DOT_DIR", tmp_path)
     assert cli.main(["--layout", layout, "--steps", "1", *flags, "--n-batch", "2", "--runs", str(tmp_path / "runs")]) == 0
     assert committed.read_bytes() == b"the committed Dot"
     assert (tmp_path / "reference_digits_trained.safetensors").is_file()

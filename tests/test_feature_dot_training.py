@@ -67,12 +67,26 @@ def test_the_command_line_trains_and_writes_a_feature_dot(tmp_path, capsys):
     out = tmp_path / "f.safetensors"
     rc = train_dot_main(["--threads", "1", "--steps", "4", "--rollout-runs", "2", "--rollout-batch", "2",
                          "--rollout-steps", "4,6", "--change-width", "8", "--n-batch", "4", "--out", str(out),
-                         "--runs", str(tmp_path / "runs"), "--no-trajectory"])
+                         "--runs", str(tmp_path / "runs"), "--no-trajectory", "--compare-samples", "2"])
     assert rc == 0
     info = read_dot_info(out)
     assert isinstance(info.config, FeatureDotConfig) and not info.config.trajectory and info.measured_n > 0
     assert info.training["layout"] == "feature" and len(info.training["fixed_set_history"]) >= 2
-    assert "held-out runs' end error" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "held-out runs' end error" in out
+    assert "gap closed at 6/12/20/40 euler steps" in out and "its untrained start (forecast_k1)" in out
+
+
+def test_the_verdict_says_plainly_whether_the_trained_dot_beats_its_start():
+    from training.trainer.verdict import gap_lines
+
+    table, sentence = gap_lines([0.5, 0.4], [0.3, 0.2], "forecast_k1", (6, 12), "test")
+    assert "0.50/0.40" in table and "0.30/0.20" in table
+    assert sentence.startswith("The trained Dot beats its untrained start (forecast_k1): better at 2 of 2") and "+0.20" in sentence
+    _, mixed = gap_lines([0.5, 0.1], [0.3, 0.2], "forecast_k1", (6, 12), "test")
+    assert "on average, by +0.05, but is better at 1 of 2 step counts only" in mixed
+    _, worse = gap_lines([0.1, 0.1], [0.3, 0.2], "forecast_k1", (6, 12), "test")
+    assert "does NOT beat" in worse and "-0.15" in worse and "--steps" in worse
 
 
 def test_the_command_line_refuses_options_of_the_other_layout(tmp_path, capsys):
@@ -109,3 +123,16 @@ def test_the_rollout_denoiser_reads_v_models_and_extra_inputs_as_sampling_does()
     assert all(torch.equal(s, y) for s in seen)  # the [cond, uncond] batch's y reached every call
     GuidedDenoiser(eps_model, ms, cond, uncond, 1.0, kwargs={"y": y})(x, sigma)
     assert torch.equal(seen[-1], y[:2])  # cfg 1: the cond half alone
+
+
+def test_the_held_out_score_is_a_ratio_of_summed_errors_not_a_mean_of_ratios():
+    """A run whose reuse error is tiny by its luck must not swing the score: each run weighs by its error."""
+    from training.trainer.rollout import held_out_error
+
+    class Ends:  # a run ends where its "end" says, whatever the fill
+        def end(self, run, filler):
+            return run["end"]
+
+    runs = [{"plain": torch.zeros(4), "end": torch.full((4,), 0.5 ** 0.5), "reuse_err": 1.0},
+            {"plain": torch.zeros(4), "end": torch.full((4,), 0.02 ** 0.5), "reuse_err": 0.01}]
+    assert held_out_error(Ends(), runs, None) == pytest.approx((0.5 + 0.02) / (1.0 + 0.01))  # a mean of ratios: 1.25

@@ -1,6 +1,6 @@
 """Train a Dot adapter: ``python -m training.train_dot``.
 
-With no arguments it trains a Dot for the embedded reference Dash on the digits training
+With no arguments it trains a feature Dot for the embedded reference Dash on the digits training
 split and writes ``models/dot_models/reference_digits_trained.safetensors`` (beside the committed
 ``reference_digits.safetensors``, a longer run of the same recipe, which it never overwrites). A run writes a
 resumable checkpoint every ``--checkpoint-every`` steps to ``runs/<name>/train-state.safetensors``;
@@ -8,11 +8,15 @@ resumable checkpoint every ``--checkpoint-every`` steps to ``runs/<name>/train-s
 
 For your own checkpoint (SD1.x, SD2.x incl. v-prediction, SDXL; run with ComfyUI's Python):
 ``--checkpoint model.safetensors --prompts prompts.txt`` (data-free) or ``--images DIR``
-(captions in name.txt); the Dot goes to ComfyUI's models/dot_models (see training/comfy_setup.py).
+(captions in name.txt); the Dot goes to ComfyUI's models/dot_models (see training/host/comfy_setup.py).
 
-Cost (training/runtime.py): ``--device`` (default: CUDA where available), ``--precision``
-(default: bf16 on CUDA, fp16 where the GPU lacks bf16, fp32 on the CPU), ``--grad-checkpointing``
-(default: on for CUDA) and ``--grad-accum K``. A memory estimate is printed before training.
+Cost (training/trainer/runtime.py): ``--device`` (default: CUDA where available), ``--precision``
+(default: bf16 on CUDA, fp16 where the GPU lacks bf16, fp32 on the CPU), and for the paper's layout
+``--grad-checkpointing`` (default: on for CUDA) and ``--grad-accum K``.
+
+This module is the command's edge: its flags become one :class:`~training.request.TrainRequest`, handed to the
+layout's trainer (``training.trainer.feature_layout`` or ``paper_layout``); a request that cannot be served ends
+here, in one place, as one line on stderr and exit code 2 (3 for a loss that stopped being finite).
 """
 from __future__ import annotations
 
@@ -22,22 +26,38 @@ from pathlib import Path
 
 import torch
 
-from morse_engine import save_dot
+from morse_engine import FeatureDotConfig
 
-from . import train_feature_dot as feature
-from .dot_record import run_files, training_record
-from .evaluation.latency import measure_n
-from .host import comfy_setup as comfy_cli
+from .dash_source import CheckpointDash, ReferenceDash, is_reference_weights
+from .dot_record import run_files
+from .host.checkpoint import TrajectorySettings
 from .host.comfyui import ComfyUINotFound
 from .paths import DOT_DIR, RUNS_DIR
-from .train_feature_dot import add_feature_arguments
+from .request import LAYOUTS, Measurements, TrainRequest
 from .trainer import distributed
 from .trainer import runtime as runtimes
-from .trainer.config import DotTrainConfig, add_config_arguments, config_from_args
-from .trainer.dash_setup import reference_setup
-from .trainer.loop import TrainingDiverged, train_dot
+from .trainer.config import add_config_arguments, config_from_options, option_names
+from .trainer.optim import TrainingDiverged
+from .trainer.rollout import RolloutConfig
 
-LAYOUTS = ("feature", "paper")
+# train_dot flags the feature Dot shares with the paper's (the loop's and the ablation's); every other option of
+# the paper's Dot or its tuples is refused with --layout feature rather than silently ignored
+SHARED = {"steps", "lr", "warmup", "seed", "checkpoint_every", "trajectory"}
+
+
+def min_max(kind):
+    """An argparse type for ``MIN,MAX`` (or one value, for both)."""
+
+    def parse(text):
+        values = [kind(v) for v in text.split(",") if v.strip()]
+        if len(values) == 1:
+            values *= 2
+        if len(values) != 2:
+            raise ValueError(f"expected MIN,MAX or one value, got {text!r}")
+        return tuple(values)
+
+    parse.__name__ = "MIN,MAX"  # argparse names the type in its error message
+    return parse
 
 
 def parser() -> argparse.ArgumentParser:
@@ -54,14 +74,41 @@ def parser() -> argparse.ArgumentParser:
                         "from the Dash calls before plus a learned change, trained on where whole sampling runs end; "
                         "paper: the paper's Dot (light blocks around the backbone at 1/2^m resolution, LoRA), trained "
                         "on Algorithm 1's tuples")
-    add_feature_arguments(p)
-    add_config_arguments(p)  # every option of the Dot, its tuples, its loss and the loop, from DotTrainConfig's fields
+    _feature_arguments(p)
+    add_config_arguments(p)  # every option of the paper's Dot, its tuples, its loss and the loop, from DotTrainConfig's fields
     p.add_argument("--resume", action="store_true", help="continue from runs/<name>/train-state.safetensors")
     p.add_argument("--runs", type=Path, default=RUNS_DIR,
                    help="folder of the run folders (checkpoints, cached latents and text embeddings; default: runs/ in the pack)")
     p.add_argument("--n-batch", type=int, default=None,
                    help="batch on which N (Dot speed-up) is measured (default: 512 for the reference model, 2 = one CFG pair for a checkpoint)")
+    p.add_argument("--compare-samples", type=int, default=48,
+                   help="feature Dot of the reference model: samples on which the trained Dot is compared with its "
+                        "untrained start at fixed step counts, as training.compare_fills does (default: 48, its own; 0: skip)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    _cost_arguments(p)
+    _checkpoint_arguments(p)
+    return p
+
+
+def _feature_arguments(p) -> None:
+    d = RolloutConfig()
+    g = p.add_argument_group("the feature Dot (--layout feature) and its rollout training; --steps, --lr, --warmup, "
+                             "--seed, --checkpoint-every and --no-trajectory apply too (defaults: %d steps, lr %g, "
+                             "warm-up %d)" % (d.steps, d.lr, d.warmup))
+    g.add_argument("--feature-k", type=int, default=d.dot.k, help="outer UNet blocks per side rerun on the current input")
+    g.add_argument("--forecast", type=int, choices=(0, 1, 2), default=d.dot.forecast,
+                   help="order of the deep feature's forecast from the Dash calls before (0: inherit it)")
+    g.add_argument("--change-width", type=int, default=d.dot.width, help="width of the learned change network")
+    g.add_argument("--rollout-runs", type=int, default=d.runs, help="fixed training runs (their targets made once)")
+    g.add_argument("--rollout-batch", type=int, default=d.batch, help="samples per run")
+    g.add_argument("--rollout-steps", type=min_max(int), default=(d.min_steps, d.max_steps),
+                   help="MIN,MAX sampling steps of a run (drawn log-uniformly)")
+    g.add_argument("--rollout-cfg", type=min_max(float), default=None,
+                   help=f"MIN,MAX CFG of a run (default: {d.cfg_min:g},{d.cfg_max:g}; a checkpoint's: --trajectory-cfg)")
+    g.add_argument("--rollout-samplers", default=",".join(d.samplers), help="comma-separated: euler, dpmpp_2m")
+
+
+def _cost_arguments(p) -> None:
     g = p.add_argument_group("cost: device, precision, memory")
     g.add_argument("--device", default=None,
                    help="where Dash, the Dot, the LoRA and the batches live: cpu, cuda, cuda:1, ... (default: cuda if "
@@ -71,103 +118,120 @@ def parser() -> argparse.ArgumentParser:
                         "(default: bf16 on CUDA, fp16 with loss scaling where the GPU has no bf16, fp32 on the CPU; "
                         "fp16 needs CUDA)")
     g.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None,
-                   help="recompute the backbone call inside the Dot during the backward instead of keeping its "
-                        "activations (default: on for CUDA, off on the CPU)")
-    comfy_cli.add_arguments(p)
-    return p
+                   help="paper layout: recompute the backbone call inside the Dot during the backward instead of "
+                        "keeping its activations (default: on for CUDA, off on the CPU)")
+
+
+def _checkpoint_arguments(p) -> None:
+    d = TrajectorySettings()
+    g = p.add_argument_group("training for your checkpoint (needs ComfyUI)")
+    g.add_argument("--comfyui", default=None, help="ComfyUI folder (default: $COMFYUI_PATH, else the ComfyUI this pack is installed in)")
+    g.add_argument("--prompts", type=Path, default=None,
+                   help="data-free: a text file with one prompt per line; anchors are taken on the checkpoint's own sampling runs")
+    g.add_argument("--images", type=Path, default=None, help="a folder of images with name.txt captions, encoded with the checkpoint's VAE")
+    g.add_argument("--resolution", type=int, default=None, help="image size in pixels (default: 512 SD1.x, 768 SD2.x-v, 1024 SDXL)")
+    g.add_argument("--trajectory-sampler", default=d.sampler, help="ComfyUI sampler of the data-free runs (default: euler)")
+    g.add_argument("--trajectory-scheduler", default=d.scheduler, help="ComfyUI scheduler of the data-free runs (default: normal)")
+    g.add_argument("--trajectory-steps", type=min_max(int), default=d.steps, help="MIN,MAX steps of a data-free run, drawn per batch")
+    g.add_argument("--trajectory-cfg", type=min_max(float), default=d.cfg, help="MIN,MAX CFG scale of a data-free run, drawn per batch")
+
+
+# ---- flags -> request ------------------------------------------------------------------------
+
+
+def wants_comfy(args) -> bool:
+    """A ComfyUI checkpoint run: a data source for it was given, or --checkpoint is not a reference-Dash file."""
+    if args.prompts is not None or args.images is not None:
+        return True
+    return args.checkpoint is not None and not is_reference_weights(Path(args.checkpoint))
+
+
+def dash_source(args) -> CheckpointDash | ReferenceDash:
+    """The user's checkpoint (``wants_comfy``), else the reference model (the embedded one, or --checkpoint's
+    weights in its format)."""
+    if not wants_comfy(args):
+        return ReferenceDash(args.checkpoint, args.data)
+    if args.checkpoint is None:
+        raise ValueError("--prompts/--images train a Dot for your checkpoint: give it with --checkpoint PATH")
+    trajectory = TrajectorySettings(args.trajectory_sampler, args.trajectory_scheduler, args.trajectory_steps,
+                                    args.trajectory_cfg)
+    return CheckpointDash(Path(args.checkpoint), args.prompts, args.images, args.comfyui, args.resolution, trajectory)
+
+
+def options_given(args) -> dict:
+    """The paper's options given as flags, by field name (a flag not given is not in the namespace)."""
+    return {name: getattr(args, name) for name in option_names() if hasattr(args, name)}
+
+
+def feature_settings(args, dash) -> RolloutConfig:
+    """The feature Dot's settings; ValueError for an option only the paper's Dot has."""
+    given = options_given(args)
+    paper_only = sorted(name for name in given if name not in SHARED)
+    if paper_only:
+        flags, one = ", ".join("--" + n.replace("_", "-") for n in paper_only), len(paper_only) == 1
+        raise ValueError(f"{flags}: {'an option' if one else 'options'} of the paper's Dot; add --layout paper, "
+                         f"or leave {'it' if one else 'them'} out")
+    cfg = args.rollout_cfg or (tuple(args.trajectory_cfg) if dash.is_checkpoint else (1.5, 4.0))
+    dot = FeatureDotConfig(k=args.feature_k, forecast=args.forecast, width=args.change_width,
+                           trajectory=given.pop("trajectory", True))
+    return RolloutConfig(dot=dot, runs=args.rollout_runs, batch=args.rollout_batch, min_steps=args.rollout_steps[0],
+                         max_steps=args.rollout_steps[1], cfg_min=cfg[0], cfg_max=cfg[1],
+                         samplers=tuple(v.strip() for v in args.rollout_samplers.split(",") if v.strip()), **given)
+
+
+def paper_settings(args, dash):
+    """The paper's Dot and loop; a checkpoint's Dot is trained at the guidance its own trajectories are sampled with."""
+    cfg_range = dict(zip(("cfg_min", "cfg_max"), args.trajectory_cfg)) if dash.is_checkpoint else {}
+    return config_from_options(options_given(args), **cfg_range)
+
+
+def runtime_for(args, layout: str) -> runtimes.Runtime:
+    if layout == "paper":
+        return runtimes.resolve(args.device, args.precision, args.grad_checkpointing, local_rank=distributed.local_rank())
+    if args.grad_checkpointing:
+        raise ValueError("--grad-checkpointing recomputes the paper's Dot's backbone call; the feature Dot has "
+                         "none (add --layout paper, or leave it out)")
+    return runtimes.resolve(args.device, args.precision, False)
+
+
+def request_from_args(args) -> TrainRequest:
+    """The one typed request the flags ask for; ValueError naming the flag where they ask for something impossible
+    (an empty range, an option of the other layout, a device or precision this machine lacks)."""
+    dash = dash_source(args)
+    settings = (feature_settings if args.layout == "feature" else paper_settings)(args, dash)
+    files = run_files(dash, settings.dot.trajectory, args.runs, DOT_DIR, args.name, args.out)
+    measure = Measurements(n_batch=args.n_batch or (2 if dash.is_checkpoint else 512),
+                           compare_samples=args.compare_samples)
+    return TrainRequest(args.layout, dash, settings, files, runtime_for(args, args.layout), measure, args.resume)
+
+
+def trainer_for(layout: str):
+    """The layout's trainer module (imported on demand: the paper's needs peft, the feature Dot's does not)."""
+    if layout == "feature":
+        from .trainer import feature_layout as trainer
+    else:
+        from .trainer import paper_layout as trainer
+    return trainer
 
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    on_checkpoint = comfy_cli.wants_comfy(args)  # a ComfyUI checkpoint rather than the reference Dash
-    if args.layout == "feature":
-        return feature.main(args, on_checkpoint)
-    # a checkpoint's Dot is trained at the guidance its own trajectories are sampled with
-    cfg_range = dict(zip(("cfg_min", "cfg_max"), args.trajectory_cfg)) if on_checkpoint else {}
     try:
-        config = config_from_args(args, **cfg_range)
-    except ValueError as exc:  # an empty jump or CFG range, a batch or step count below 1, a base the Dot cannot have
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    n_batch = args.n_batch or (2 if on_checkpoint else 512)
-    try:
-        name, out, state_path = run_files(args, on_checkpoint, config.dot.trajectory, DOT_DIR)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        rt = runtimes.resolve(args.device, args.precision, args.grad_checkpointing, local_rank=distributed.local_rank())
-    except ValueError as exc:  # no CUDA for --device cuda, fp16 on the CPU, bf16 on a GPU without it
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return run(args, config, rt, on_checkpoint, name, n_batch, out, state_path)
-
-
-def run(args, config: DotTrainConfig, rt, on_checkpoint: bool, name: str, n_batch: int, out: Path, state_path: Path) -> int:
-    # Under torchrun / accelerate launch: join the group before any model is built, so each
-    # rank's models land on its own GPU. None in a plain single-process run.
-    dp = distributed.from_env(use_cuda=rt.device.type == "cuda")
-    main_rank = dp is None or dp.is_main
-    try:
-        setup = (comfy_cli.setup_from_args(args, state_path.parent, device=str(rt.device)) if on_checkpoint
-                 else reference_setup(args.checkpoint, rt.device))
-    except (ComfyUINotFound, FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        if dp:
-            dp.close()
-        return 2
-    if main_rank:
-        accum = f" x {config.grad_accum} accumulated" if config.grad_accum > 1 else ""
-        ranks = f" on {dp.world_size} processes (batch {config.batch_size}{accum} each)" if dp else ""
-        print(f"Training a Dot for {setup.base_family} ({sum(p.numel() for p in setup.unet.parameters()) / 1e6:.2f}M params), "
-              f"{config.steps} steps of batch {config.batch_size}{accum if not dp else ''}{ranks} on {rt.describe()}; "
-              f"checkpoints in {state_path}")
-    try:
-        result = train_dot(setup, config, state_path, resume=args.resume, parallel=dp, runtime=rt)
+        request = request_from_args(args)
+        trainer_for(request.layout).train(request)
     except TrainingDiverged as exc:
-        if main_rank:
-            print(f"error: {exc}", file=sys.stderr)
-        return 3
-    except (FileNotFoundError, ValueError) as exc:  # --resume without a checkpoint, or with other settings / world size
-        if main_rank:
-            print(f"error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        if dp:
-            dp.close()
-    if not main_rank:
-        return 0  # every rank holds the same Dot; rank 0 alone measures N and writes the adapter
-
-    # training injected peft layers into the first copy; N is measured on the training device and precision
-    del setup
-    with rt.autocast():
-        if on_checkpoint:
-            clean = comfy_cli.setup_from_args(args, state_path.parent, device=str(rt.device))
-            x, context, backbone_kwargs = comfy_cli.measure_inputs(clean, n_batch)
-            backbone_kwargs = {k: v.to(rt.device) for k, v in backbone_kwargs.items()}
-            speed = measure_n(clean.unet, result.dot, x.to(rt.device), context.to(rt.device), **backbone_kwargs)
-        else:
-            clean = reference_setup(args.checkpoint, rt.device)
-            x = torch.randn(n_batch, *clean.latent_shape).to(rt.device)
-            labels = torch.arange(n_batch) % 10
-            speed = measure_n(clean.unet, result.dot, x, clean.encode(labels))
-    dash_params = sum(p.numel() for p in clean.unet.parameters())
-    dot_params = sum(p.numel() for p in result.dot.parameters())
-    training = training_record(args, result, config.flat(), dot_params, dash_params, speed, rt,
-                               grad_checkpointing=rt.grad_checkpointing)
-    save_dot(out, result.dot, base_family=clean.base_family, fingerprint=clean.fingerprint,
-             measured_n=speed["N"], training=training)
-    print(
-        f"Wrote {out}\n"
-        f"  loss {result.final_loss:.4f} vs {result.final_reuse_loss:.4f} for reusing the anchor estimate "
-        f"({result.final_loss / result.final_reuse_loss:.0%})\n"
-        f"  Dot adds {dot_params / 1e6:.3f}M params to Dash's {dash_params / 1e6:.3f}M ({dot_params / dash_params:.1%})\n"
-        f"  N = {speed['N']:.2f} (Dash {speed['dash_seconds'] * 1e3:.1f} ms, Dot {speed['dot_seconds'] * 1e3:.1f} ms, "
-        f"batch {n_batch})\n  trained in {result.seconds / 60:.1f} min"
-    )
+        return _refuse(exc, 3)
+    except (ComfyUINotFound, FileNotFoundError, ValueError) as exc:  # the request cannot be served: nothing written
+        return _refuse(exc, 2)
     return 0
+
+
+def _refuse(exc: Exception, code: int) -> int:
+    if distributed.is_main_process():  # under torchrun every rank hits the same error: one line, not one a rank
+        print(f"error: {exc}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """A Dash from the user's own checkpoint, loaded by ComfyUI's own loader (issue 5).
 
 ``python -m training.train_dot --checkpoint model.safetensors --prompts prompts.txt`` (data-free)
-or ``--images DIR`` (images with ``name.txt`` captions) builds a :class:`DashSetup` here:
+or ``--images DIR`` (images with ``name.txt`` captions) builds a :class:`DashSetup` here (through
+``training.dash_source.open_dash``):
 
 * ComfyUI is found through ``--comfyui``, ``COMFYUI_PATH`` or the pack's place in
   ``ComfyUI/custom_nodes/``, and the checkpoint is read with the function ComfyUI's
@@ -16,7 +17,7 @@ or ``--images DIR`` (images with ``name.txt`` captions) builds a :class:`DashSet
   keyed by the checkpoint file and by each prompt / image file, so a second run (or a
   resumed one) does not encode again.
 
-Only this module and the CLI import ``comfy``; nothing host-free imports it.
+Only this module and the modules of host/ import ``comfy``, and only inside functions; nothing host-free imports it.
 """
 from __future__ import annotations
 
@@ -55,37 +56,13 @@ def comfy_setup(
         raise ValueError(f"--resolution {res} is not a multiple of 8 (the VAE's downscale); use e.g. {res - res % 8 or 8}")
     latent_shape = (ck.latent_channels, res // 8, res // 8)
     cache_dir = run_dir / "cache" / ck.id
+    texts, x0_all, latent_shape, latent_cache = _training_data(ck, prompts, images, res, latent_shape, cache_dir, log)
     text_cache = TensorCache(cache_dir / "text.safetensors")
-
-    if images is not None:
-        pairs = find_images(images)
-        captions = [c for _, c in pairs]
-        latent_cache = TensorCache(cache_dir / f"latents-{res}.safetensors")
-        raw = ck.encode_images([p for p, _ in pairs], res, latent_cache)
-        x0_all = ck.latent_format.process_in(raw)  # the model's latent space (scale factor), as sampling uses it
-        latent_shape = tuple(x0_all.shape[1:])
-        log(_cache_line("image latents", len(pairs), latent_cache))
-        texts = captions
-    else:
-        texts = read_prompts(prompts)
-        x0_all = latent_cache = None
-
-    table = texts + [""]  # the last entry: the empty prompt, the uncond branch of CFG
-    null_index = len(table) - 1
-    conds, pooled = ck.encode_text(table, text_cache)
-    log(_cache_line("text embeddings", len(table), text_cache))
-    contexts, kwargs_rows = [], []
-    for i, (c, p) in enumerate(zip(conds, pooled)):
-        context, kw = ck.model_conds(c, p, latent_shape, negative=i == null_index)
-        contexts.append(context)
-        kwargs_rows.append(kw)
+    contexts, kw_table, null_index = _condition_tables(ck, texts, latent_shape, text_cache, log)
     # written once the checkpoint is known to be usable (an inpainting model is refused above with nothing on disk)
     for cache in (latent_cache, text_cache):
         if cache is not None:
             cache.save()
-    contexts = torch.cat(common_length(contexts)).to(ck.device)
-    kw_names = sorted(kwargs_rows[0])
-    kw_table = {name: torch.cat([row[name] for row in kwargs_rows]).to(ck.device) for name in kw_names}
 
     def encode(idx: torch.Tensor) -> torch.Tensor:
         return contexts[idx.to(contexts.device)]
@@ -130,6 +107,35 @@ def comfy_setup(
         extra_kwargs=extra_kwargs if kw_table else None,
         trajectory=trajectory_fn,
     )
+
+
+def _training_data(ck: ComfyCheckpoint, prompts, images, res: int, latent_shape: tuple, cache_dir: Path, log):
+    """(texts, image latents or None, latent shape, the latents' cache or None): the captioned images encoded with
+    the checkpoint's VAE, or the prompts alone (data-free)."""
+    if images is None:
+        return read_prompts(prompts), None, latent_shape, None
+    pairs = find_images(images)
+    latent_cache = TensorCache(cache_dir / f"latents-{res}.safetensors")
+    raw = ck.encode_images([p for p, _ in pairs], res, latent_cache)
+    x0_all = ck.latent_format.process_in(raw)  # the model's latent space (scale factor), as sampling uses it
+    log(_cache_line("image latents", len(pairs), latent_cache))
+    return [c for _, c in pairs], x0_all, tuple(x0_all.shape[1:]), latent_cache
+
+
+def _condition_tables(ck: ComfyCheckpoint, texts: list, latent_shape: tuple, text_cache: TensorCache, log):
+    """(contexts, backbone kwargs by name, the empty prompt's index) of every text and the empty prompt."""
+    table = texts + [""]  # the last entry: the empty prompt, the uncond branch of CFG
+    null_index = len(table) - 1
+    conds, pooled = ck.encode_text(table, text_cache)
+    log(_cache_line("text embeddings", len(table), text_cache))
+    contexts, kwargs_rows = [], []
+    for i, (c, p) in enumerate(zip(conds, pooled)):
+        context, kw = ck.model_conds(c, p, latent_shape, negative=i == null_index)
+        contexts.append(context)
+        kwargs_rows.append(kw)
+    contexts = torch.cat(common_length(contexts)).to(ck.device)
+    kw_table = {name: torch.cat([row[name] for row in kwargs_rows]).to(ck.device) for name in sorted(kwargs_rows[0])}
+    return contexts, kw_table, null_index
 
 
 def _cache_line(what: str, n: int, cache: TensorCache) -> str:
@@ -183,75 +189,6 @@ def _trajectory_runner(ck: ComfyCheckpoint, encode, extra_kwargs, null_condition
         return x, sigmas[stop].expand(b).clone()
 
     return run
-
-
-# ---- the command line (training.train_dot) -------------------------------------------------
-
-
-def _pair(kind):
-    def parse(text):
-        values = [kind(v) for v in text.split(",") if v.strip()]
-        if len(values) == 1:
-            values *= 2
-        if len(values) != 2:
-            raise ValueError(f"expected MIN,MAX or one value, got {text!r}")
-        return tuple(values)
-
-    parse.__name__ = "MIN,MAX"  # argparse names the type in its error message
-    return parse
-
-
-def add_arguments(p) -> None:
-    """The options of training on a ComfyUI checkpoint."""
-    d = TrajectorySettings()
-    g = p.add_argument_group("training for your checkpoint (needs ComfyUI)")
-    g.add_argument("--comfyui", default=None, help="ComfyUI folder (default: $COMFYUI_PATH, else the ComfyUI this pack is installed in)")
-    g.add_argument("--prompts", type=Path, default=None,
-                   help="data-free: a text file with one prompt per line; anchors are taken on the checkpoint's own sampling runs")
-    g.add_argument("--images", type=Path, default=None, help="a folder of images with name.txt captions, encoded with the checkpoint's VAE")
-    g.add_argument("--resolution", type=int, default=None, help="image size in pixels (default: 512 SD1.x, 768 SD2.x-v, 1024 SDXL)")
-    g.add_argument("--trajectory-sampler", default=d.sampler, help="ComfyUI sampler of the data-free runs (default: euler)")
-    g.add_argument("--trajectory-scheduler", default=d.scheduler, help="ComfyUI scheduler of the data-free runs (default: normal)")
-    g.add_argument("--trajectory-steps", type=_pair(int), default=d.steps, help="MIN,MAX steps of a data-free run, drawn per batch")
-    g.add_argument("--trajectory-cfg", type=_pair(float), default=d.cfg, help="MIN,MAX CFG scale of a data-free run, drawn per batch")
-
-
-def is_reference_weights(path: Path) -> bool:
-    """The project's own reference-Dash format (safetensors whose metadata holds its UNet config)."""
-    if path.suffix != ".safetensors" or not path.is_file():
-        return False
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-    except (SafetensorError, OSError, ValueError):
-        return False
-    return '"unet"' in meta.get("config", "")
-
-
-def wants_comfy(args) -> bool:
-    """A ComfyUI checkpoint run: a data source for it was given, or --checkpoint is not a reference-Dash file."""
-    if args.prompts is not None or args.images is not None:
-        return True
-    return args.checkpoint is not None and not is_reference_weights(Path(args.checkpoint))
-
-
-def setup_from_args(args, run_dir: Path, device: str = "cpu") -> DashSetup:
-    """``device``: where the UNet and the conditioning tables live (train_dot's --device)."""
-    if args.checkpoint is None:
-        raise ValueError("--prompts/--images train a Dot for your checkpoint: give it with --checkpoint PATH")
-    if args.prompts is None and args.images is None:
-        raise ValueError(
-            f"--checkpoint {args.checkpoint} is a ComfyUI checkpoint: give the training data with --prompts FILE "
-            "(one prompt per line, data-free) or --images DIR (images with name.txt captions)"
-        )
-    return comfy_setup(
-        Path(args.checkpoint), run_dir, prompts=args.prompts, images=args.images, resolution=args.resolution,
-        comfyui=args.comfyui,
-        trajectory=TrajectorySettings(args.trajectory_sampler, args.trajectory_scheduler, args.trajectory_steps, args.trajectory_cfg),
-        device=str(device),
-    )
 
 
 def measure_inputs(setup: DashSetup, batch: int, generator: Optional[torch.Generator] = None):

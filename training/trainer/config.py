@@ -1,21 +1,22 @@
 """The training run's settings: one source of truth for the Dot, Algorithm 1's draws, the loss and the loop.
 
-``DotTrainConfig`` holds a :class:`morse_engine.DotConfig` (what the Dot is), a
+``DotTrainConfig`` holds a :class:`morse_engine.PaperDotConfig` (what the Dot is), a
 :class:`~morse_engine.training_tuples.TupleRecipe` and a :class:`~morse_engine.training_tuples.LossRecipe`
 (how its tuples and loss are made) plus the loop's own settings. ``train_dot``'s flags are derived
-from these fields (:func:`add_config_arguments`), so an option is declared once, with its help.
+from these fields (:func:`add_config_arguments`), so an option is declared once, with its help; the command
+hands the options given back by name (:func:`config_from_options`).
 """
 from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, field, fields, replace
 
-from morse_engine import DotConfig
+from morse_engine import PaperDotConfig
 from morse_engine.training_tuples import LossRecipe, TupleRecipe
 
-# The recipe measured best on the reference model (README, docs/decisions.md); a DotConfig's own
+# The recipe measured best on the reference model (README, docs/decisions.md); a PaperDotConfig's own
 # defaults stay the paper's layout, which is what a Dot file that predates a field meant.
-RECIPE_DOT = DotConfig(step_input="deviation", stem="pixel_shuffle", eta_scale="sigma_step", base="extrapolate")
+RECIPE_DOT = PaperDotConfig(step_input="deviation", stem="pixel_shuffle", eta_scale="sigma_step", base="extrapolate")
 
 
 def _opt(default, help: str):
@@ -24,7 +25,7 @@ def _opt(default, help: str):
 
 @dataclass(frozen=True)
 class DotTrainConfig:
-    dot: DotConfig = field(default=RECIPE_DOT)
+    dot: PaperDotConfig = field(default=RECIPE_DOT)
     tuples: TupleRecipe = field(default_factory=TupleRecipe)
     loss: LossRecipe = field(default_factory=LossRecipe)
     # the README's main job: 1000 steps keep it under 20 min on a 2-core VM whose speed has varied 2x between
@@ -79,7 +80,7 @@ def _csv(kind):
     return parse
 
 
-def _cli_fields():
+def option_fields():
     """(field, its default in the training recipe) of every option with a flag, in a stable order."""
     d = DotTrainConfig()
     for part in (d.dot, d.tuples, d.loss):
@@ -95,7 +96,7 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
     """One flag per option field (``--jump-min`` for ``jump_min``); a flag not given stays out of the namespace,
     so the recipe's default (or a default that depends on other options) applies."""
     g = p.add_argument_group("the Dot and its training (defaults: the measured recipe)")
-    for f, default in _cli_fields():
+    for f, default in option_fields():
         flag = "--" + f.name.replace("_", "-")
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
         help_ = f"{f.metadata.get('help', '')} (default: {shown})"
@@ -122,10 +123,16 @@ def _field_kind(f, default):
     return type(default)
 
 
-def config_from_args(args: argparse.Namespace, **defaults) -> DotTrainConfig:
-    """The config the flags ask for; ``defaults`` apply where a flag was not given (e.g. a checkpoint's
-    CFG range). Without trajectory inputs the base defaults to the anchor, the only one that Dot has."""
-    given = {f.name: getattr(args, f.name) for f, _ in _cli_fields() if hasattr(args, f.name)}
+def option_names() -> list[str]:
+    """The options that have a flag (``--jump-min`` for ``jump_min``), in the order of ``option_fields``."""
+    return [f.name for f, _ in option_fields()]
+
+
+def config_from_options(given: dict, **defaults) -> DotTrainConfig:
+    """The config of the options given (by field name; those not given keep the recipe's value); ``defaults``
+    apply where an option was not given (e.g. a checkpoint's CFG range). Without trajectory inputs the base
+    defaults to the anchor, the only one that Dot has."""
+    given = dict(given)
     if given.get("trajectory") is False:
         given.setdefault("base", "anchor")
     return DotTrainConfig.of(**{**defaults, **given})

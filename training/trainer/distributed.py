@@ -66,6 +66,11 @@ def local_rank() -> Optional[int]:
     return _env_int("LOCAL_RANK") if world_size() > 1 else None
 
 
+def is_main_process() -> bool:
+    """Rank 0 of a launcher's run, or a run without a launcher: the process that prints and writes."""
+    return world_size() <= 1 or _env_int("RANK") == 0
+
+
 def stream_seed(seed: int, rank: int) -> int:
     """Seed of the data stream of ``rank``: different per rank, the same on every rerun."""
     return (seed + rank * _STREAM_STRIDE) % (1 << 64)

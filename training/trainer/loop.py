@@ -7,7 +7,6 @@ with ``grad_accum`` K an optimizer step takes K micro-batches (see ``accumulate_
 """
 from __future__ import annotations
 
-import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -23,15 +22,16 @@ from peft import LoraConfig, inject_adapter_in_model  # noqa: E402
 from peft.tuners.tuners_utils import BaseTunerLayer  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from morse_engine import DotModel
+from morse_engine import PaperDot
 from morse_engine.training_tuples import TrainingTuple, dot_loss, dot_prediction, loss_shares, make_training_tuple
 
 from . import distributed
 from . import memory as mem
 from .config import DotTrainConfig
 from .dash_setup import DashSetup
+from .optim import TrainingDiverged, backward, optimizer_step, set_lr
 from .runtime import Runtime
-from .state import load_state, save_state
+from .state import check_same_settings, resume_state, save_state
 
 
 # The fixed tuple set: FIXED_SET_BATCHES micro-batches drawn once from their own generator (the training stream
@@ -41,10 +41,6 @@ from .state import load_state, save_state
 FIXED_SET_BATCHES = 4
 FIXED_SET_EVERY = 100
 FIXED_SET_SEED_OFFSET = 1_000_003  # the set's generator: config.seed + this, far from any rank's stream
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss stopped being finite; the last good checkpoint is kept."""
 
 
 @contextmanager
@@ -73,16 +69,9 @@ def training_tuple(setup: DashSetup, x0, cond, config: DotTrainConfig, gen: torc
     return make_training_tuple(setup, x0, cond, config.tuples, config.dot.base == "extrapolate", gen, rt.device, rt.autocast)
 
 
-def lr_at(step: int, config: DotTrainConfig) -> float:
-    if step < config.warmup:
-        return config.lr * (step + 1) / config.warmup
-    progress = (step - config.warmup) / max(1, config.steps - config.warmup)
-    return config.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
-
-
 @dataclass
 class TrainResult:
-    dot: DotModel
+    dot: PaperDot
     steps: int
     final_loss: float
     final_reuse_loss: float
@@ -91,12 +80,12 @@ class TrainResult:
     summary: dict = field(default_factory=dict)
 
 
-def build_trainable(unet, config: DotTrainConfig, prediction: str = "eps") -> tuple[DotModel, list]:
+def build_trainable(unet, config: DotTrainConfig, prediction: str = "eps") -> tuple[PaperDot, list]:
     """The untrained Dot on the backbone's device and the peft LoRA injected into ``unet`` (frozen
     otherwise), starting from the Dot's own LoRA; returns (dot, the LoRA parameters, in name order).
     The Dot is built on the CPU, then moved, so its start weights do not depend on the device."""
     dev = next(unet.parameters()).device
-    dot = DotModel.build(unet, config.dot.bound_to(unet, prediction)).to(dev)
+    dot = PaperDot.build(unet, config.dot.bound_to(unet, prediction)).to(dev)
     inject_adapter_in_model(
         LoraConfig(r=dot.config.lora_rank, lora_alpha=dot.config.lora_alpha, target_modules=list(dot.config.lora_targets),
                    lora_dropout=0.0),
@@ -111,7 +100,7 @@ def build_trainable(unet, config: DotTrainConfig, prediction: str = "eps") -> tu
     return dot, lora_params
 
 
-def accumulate_gradients(dot: DotModel, unet, batches: list[TrainingTuple], config: DotTrainConfig, runtime: Runtime,
+def accumulate_gradients(dot: PaperDot, unet, batches: list[TrainingTuple], config: DotTrainConfig, runtime: Runtime,
                          scaler: Optional[torch.amp.GradScaler] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward and backward of the Dot on each micro-batch in turn, gradients summed into ``.grad``.
 
@@ -131,7 +120,7 @@ def accumulate_gradients(dot: DotModel, unet, batches: list[TrainingTuple], conf
         base = dot_loss(batch.anchor_z, batch, config.loss)
         if shares is not None:
             loss, base = loss * shares[i], base * shares[i]
-        (scaler.scale(loss) if scaler is not None else loss).backward()
+        backward(loss, scaler)
         total = loss.detach() if total is None else total + loss.detach()
         reuse = base if reuse is None else reuse + base
     return total, reuse
@@ -149,7 +138,7 @@ def make_fixed_set(setup: DashSetup, config: DotTrainConfig, runtime: Runtime) -
     return tuples
 
 
-def fixed_set_loss(dot: DotModel, unet, tuples: list[TrainingTuple], config: DotTrainConfig,
+def fixed_set_loss(dot: PaperDot, unet, tuples: list[TrainingTuple], config: DotTrainConfig,
                    runtime: Runtime) -> tuple[float, float]:
     """(the Dot's loss, reusing the anchor's) on the fixed set, weighted as one optimizer step weighs its batches."""
     shares = loss_shares(tuples, config.loss.loss_weight) or [1.0]
@@ -167,7 +156,7 @@ def fixed_set_loss(dot: DotModel, unet, tuples: list[TrainingTuple], config: Dot
     return loss, reuse
 
 
-def estimate_memory(setup: DashSetup, dot: DotModel, unet, lora_params: list, trainable: list, config: DotTrainConfig,
+def estimate_memory(setup: DashSetup, dot: PaperDot, unet, lora_params: list, trainable: list, config: DotTrainConfig,
                     runtime: Runtime) -> mem.MemoryEstimate:
     """The memory estimate of this run, from one forward/backward of the Dot on a single CFG pair
     of zeros (no random draws, no ``.grad`` left behind: the run itself is not touched)."""
@@ -197,6 +186,118 @@ def estimate_memory(setup: DashSetup, dot: DotModel, unet, lora_params: list, tr
                         trainable, per_sample, config.batch_size, how)
 
 
+@dataclass
+class Curves:
+    """What a run keeps of its loss: the running means (every 50 steps), the reuse baseline on the same batches
+    (their ratio shows progress without the batches' mix) and [step, loss, reuse] on the fixed tuple set."""
+
+    history: list = field(default_factory=list)
+    reuse_history: list = field(default_factory=list)
+    fixed_history: list = field(default_factory=list)
+    loss_ema: Optional[float] = None
+    reuse_ema: Optional[float] = None
+
+    @classmethod
+    def of(cls, extra: dict) -> "Curves":
+        """The curves a checkpoint's ``extra`` kept."""
+        return cls(extra.get("history", []), extra.get("reuse_history", []), extra.get("fixed_history", []),
+                   extra.get("loss_ema"), extra.get("reuse_ema"))
+
+    def add(self, step: int, loss: float, reuse: float) -> None:
+        self.loss_ema = loss if self.loss_ema is None else 0.98 * self.loss_ema + 0.02 * loss
+        self.reuse_ema = reuse if self.reuse_ema is None else 0.98 * self.reuse_ema + 0.02 * reuse
+        if (step + 1) % 50 == 0:
+            self.history.append(round(self.loss_ema, 6))
+            self.reuse_history.append(round(self.reuse_ema, 6))
+
+    def extra(self) -> dict:
+        return {"history": self.history, "reuse_history": self.reuse_history, "fixed_history": self.fixed_history,
+                "loss_ema": self.loss_ema, "reuse_ema": self.reuse_ema}
+
+
+class PaperTraining:
+    """One run of the paper's Dot: the backbone with peft's LoRA, the Dot, its optimizer and loss scaler, the data
+    stream, and (under a launcher) the process group; ``train_dot`` drives it a step at a time."""
+
+    def __init__(self, setup: DashSetup, config: DotTrainConfig, state_path: Path, runtime: Runtime,
+                 dp: Optional[distributed.DataParallel]):
+        self.setup, self.config, self.state_path, self.runtime, self.dp = setup, config, state_path, runtime, dp
+        # Each rank draws its own data; rank 0's stream is the single-process run's.
+        self.gen = torch.Generator().manual_seed(dp.stream_seed(config.seed) if dp else config.seed)
+        self.unet = setup.unet.requires_grad_(False).to(runtime.device)
+        self.dot, self.lora_params = build_trainable(self.unet, config, setup.prediction)
+        self.optimizer = torch.optim.AdamW([{"params": self.dot.light_parameters()}, {"params": self.lora_params}],
+                                           lr=config.lr, weight_decay=0.0)
+        self.scaler = runtime.grad_scaler()
+        self.trainable = [p for g in self.optimizer.param_groups for p in g["params"]]
+
+    def resume(self) -> tuple[int, Curves]:
+        """The step and curves of the run's checkpoint, its weights, moments, generators and loss scale loaded."""
+        dp, path = self.dp, self.state_path
+        start, extra = resume_state(path, self.dot, self.optimizer, self.gen, rank=dp.rank if dp else None)
+        world = dp.world_size if dp else 1
+        if extra.get("world_size", 1) != world:
+            raise ValueError(
+                f"the checkpoint at {path} was written by a run of {extra.get('world_size', 1)} process(es), this one has "
+                f"{world}; resume with as many (the data streams and the batch per step depend on it) or start a new run"
+            )
+        # a field the checkpoint predates had its default then
+        check_same_settings(path, extra.get("config", {}), self.config.flat(), may_change=("steps", "checkpoint_every"),
+                            defaults=DotTrainConfig().flat())
+        self.dot.lora.copy_to_peft(self.unet)
+        if self.scaler is not None and extra.get("grad_scaler"):
+            self.scaler.load_state_dict(extra["grad_scaler"])  # the loss scale the run had found
+        return start, Curves.of(extra)
+
+    def step(self, step: int, batches, last_saved: int) -> tuple[float, float]:
+        """One optimizer step of ``grad_accum`` micro-batches; its (loss, reuse loss), averaged over the ranks."""
+        config, dp, runtime = self.config, self.dp, self.runtime
+        micro = []
+        for _ in range(config.grad_accum):
+            x0, cond = next(batches)
+            with torch.no_grad(), peft_adapters(self.unet, False):
+                micro.append(training_tuple(self.setup, x0, cond, config, self.gen, runtime))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, reuse = accumulate_gradients(self.dot, self.unet, micro, config, runtime, self.scaler)
+        del micro
+        # data-parallel: the mean over ranks, so a NaN on one rank stops all of them at this step
+        loss_value = dp.mean(loss) if dp else loss
+        if not torch.isfinite(loss_value):
+            hint = "" if runtime.precision == "fp32" else f" (or train with --precision fp32; this run uses {runtime.precision})"
+            raise TrainingDiverged(
+                f"the loss became {loss_value.item()} at step {step + 1}; the last good checkpoint ({self.state_path}, step "
+                f"{last_saved}) is kept. Lower --lr (now {config.lr:g}){hint} and run again with --resume"
+            )
+        set_lr(self.optimizer, step, config)
+        if dp:
+            # once per optimizer step, on the accumulated (and, in fp16, still scaled) gradients: an
+            # overflow on one rank then reaches every rank, and all skip the step together
+            dp.average_gradients(self.trainable)  # before clipping, so every rank clips the same gradient
+        optimizer_step(self.optimizer, self.trainable, self.scaler)
+        return loss_value.item(), (dp.mean(reuse) if dp else reuse).item()
+
+    def checkpoint(self, done: int, curves: Curves) -> None:
+        """The resumable state after ``done`` steps; every rank takes part, rank 0 alone writes (weights and
+        optimizer are the same on all)."""
+        dp = self.dp
+        self.dot.lora.load_from_peft(self.unet)
+        extra = {"config": self.config.flat(), **curves.extra()}
+        if dp:
+            extra["world_size"] = dp.world_size
+        if self.scaler is not None:
+            extra["grad_scaler"] = self.scaler.state_dict()  # plain numbers: the scale and its growth counter
+        rank_gens = dp.gather_generator_states(self.gen) if dp else None
+        if dp is None or dp.is_main:
+            save_state(self.state_path, self.dot, self.optimizer, done, self.gen, extra, rank_generators=rank_gens)
+
+
+def _join_group(parallel: Optional[distributed.DataParallel], device: torch.device):
+    """(the process group, whether this call joined it): ``parallel``, else the launcher's where there is one."""
+    if parallel is None and distributed.world_size() > 1:
+        return distributed.from_env(use_cuda=device.type == "cuda"), True
+    return parallel, False
+
+
 def train_dot(
     setup: DashSetup,
     config: DotTrainConfig,
@@ -218,139 +319,54 @@ def train_dot(
     and the learning-rate schedule count optimizer steps of ``config.grad_accum`` micro-batches.
     """
     runtime = _runtime_of(setup, runtime)
-    dev = runtime.device
     torch.manual_seed(config.seed)  # same on every rank: the same start weights
-    dp = parallel
-    own_group = False
-    if dp is None and distributed.world_size() > 1:
-        dp = distributed.from_env(use_cuda=dev.type == "cuda")
-        own_group = True
-    # Each rank draws its own data; rank 0's stream is the single-process run's.
-    gen = torch.Generator().manual_seed(dp.stream_seed(config.seed) if dp else config.seed)
-    unet = setup.unet.requires_grad_(False).to(dev)
-    dot, lora_params = build_trainable(unet, config, setup.prediction)
-    optimizer = torch.optim.AdamW([{"params": dot.light_parameters()}, {"params": lora_params}], lr=config.lr, weight_decay=0.0)
-    scaler = runtime.grad_scaler()
-
-    start = 0
-    history: list[float] = []
-    reuse_history: list[float] = []  # the reuse baseline on the same batches: the ratio shows progress without their mix
-    fixed_history: list[list] = []  # [step, loss, reuse] on the fixed tuple set
-    if resume:
-        if not state_path.is_file():
-            raise FileNotFoundError(f"--resume was given but there is no checkpoint at {state_path}; start without --resume")
-        start, extra = load_state(state_path, dot, optimizer, gen, rank=dp.rank if dp else None)
-        world = dp.world_size if dp else 1
-        if extra.get("world_size", 1) != world:
-            raise ValueError(
-                f"the checkpoint at {state_path} was written by a run of {extra.get('world_size', 1)} process(es), this one has "
-                f"{world}; resume with as many (the data streams and the batch per step depend on it) or start a new run"
-            )
-        saved_cfg = extra.get("config", {})
-        mine = config.flat()
-        defaults = DotTrainConfig().flat()  # a field the checkpoint predates had its default then
-        differs = [k for k in mine if k not in ("steps", "checkpoint_every") and saved_cfg.get(k, defaults[k]) != mine[k]]
-        if differs:
-            raise ValueError(
-                f"the checkpoint at {state_path} was made with other settings ({', '.join(differs)}); "
-                "resume with the same options or start a new run without --resume"
-            )
-        dot.lora.copy_to_peft(unet)
-        history, reuse_history = extra.get("history", []), extra.get("reuse_history", [])
-        fixed_history = extra.get("fixed_history", [])
-        loss_ema, reuse_ema = extra.get("loss_ema"), extra.get("reuse_ema")
-        if scaler is not None and extra.get("grad_scaler"):
-            scaler.load_state_dict(extra["grad_scaler"])  # the loss scale the run had found
-
-    trainable = [p for g in optimizer.param_groups for p in g["params"]]
+    dp, own_group = _join_group(parallel, runtime.device)
+    run = PaperTraining(setup, config, state_path, runtime, dp)
+    start, curves = run.resume() if resume else (0, Curves())
     if dp:
         # Seeding makes the start weights equal already; broadcasting guarantees it (CUDA init
         # kernels, a file changed on disk between ranks' reads).
-        dp.broadcast_(list(dot.state_dict(keep_vars=True).values()) + lora_params)
-
+        dp.broadcast_(list(run.dot.state_dict(keep_vars=True).values()) + run.lora_params)
     quiet = not progress or (dp is not None and not dp.is_main)
     if not quiet:
-        print(estimate_memory(setup, dot, unet, lora_params, trainable, config, runtime).line(), flush=True)
+        print(estimate_memory(setup, run.dot, run.unet, run.lora_params, run.trainable, config, runtime).line(), flush=True)
     fixed_set = make_fixed_set(setup, config, runtime)
 
     def score_fixed_set(at_step: int) -> None:
-        fixed_history.append([at_step, *(float(f"{v:.7g}") for v in fixed_set_loss(dot, unet, fixed_set, config, runtime))])
+        losses = fixed_set_loss(run.dot, run.unet, fixed_set, config, runtime)
+        curves.fixed_history.append([at_step, *(float(f"{v:.7g}") for v in losses)])
 
-    if not fixed_history:
+    if not curves.fixed_history:
         score_fixed_set(start)  # the untrained Dot (or, resuming a run from before the set existed, the resumed one)
-    batches = setup.batches(config.batch_size, gen)
-    last_saved = start
-    t0 = time.time()
-    if not resume:
-        loss_ema = reuse_ema = None
+    batches = setup.batches(config.batch_size, run.gen)
+    last_saved, t0 = start, time.time()
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc="train Dot", disable=quiet, dynamic_ncols=True)
     for step in bar:
-        micro = []
-        for _ in range(config.grad_accum):
-            x0, cond = next(batches)
-            with torch.no_grad(), peft_adapters(unet, False):
-                micro.append(training_tuple(setup, x0, cond, config, gen, runtime))
-        optimizer.zero_grad(set_to_none=True)
-        loss, reuse = accumulate_gradients(dot, unet, micro, config, runtime, scaler)
-        del micro
-        # data-parallel: the mean over ranks, so a NaN on one rank stops all of them at this step
-        loss_value = dp.mean(loss) if dp else loss
-        if not torch.isfinite(loss_value):
-            hint = "" if runtime.precision == "fp32" else f" (or train with --precision fp32; this run uses {runtime.precision})"
-            raise TrainingDiverged(
-                f"the loss became {loss_value.item()} at step {step + 1}; the last good checkpoint ({state_path}, step {last_saved}) "
-                f"is kept. Lower --lr (now {config.lr:g}){hint} and run again with --resume"
-            )
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, config)
-        if dp:
-            # once per optimizer step, on the accumulated (and, in fp16, still scaled) gradients: an
-            # overflow on one rank then reaches every rank, and all skip the step together
-            dp.average_gradients(trainable)  # before clipping, so every rank clips the same gradient
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        if scaler is not None:
-            scaler.step(optimizer)  # skipped where the fp16 gradients overflowed; the scale then shrinks
-            scaler.update()
-        else:
-            optimizer.step()
-        reuse = (dp.mean(reuse) if dp else reuse).item()
-        loss_ema = loss_value.item() if loss_ema is None else 0.98 * loss_ema + 0.02 * loss_value.item()
-        reuse_ema = reuse if reuse_ema is None else 0.98 * reuse_ema + 0.02 * reuse
-        bar.set_postfix(loss=f"{loss_ema:.4f}", reuse=f"{reuse_ema:.4f}")
-        if (step + 1) % 50 == 0:
-            history.append(round(loss_ema, 6))
-            reuse_history.append(round(reuse_ema, 6))
+        curves.add(step, *run.step(step, batches, last_saved))
+        bar.set_postfix(loss=f"{curves.loss_ema:.4f}", reuse=f"{curves.reuse_ema:.4f}")
         if (step + 1) % FIXED_SET_EVERY == 0 or step + 1 == config.steps:
             score_fixed_set(step + 1)
         if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
-            dot.lora.load_from_peft(unet)
-            extra = {"config": config.flat(), "history": history, "reuse_history": reuse_history,
-                     "fixed_history": fixed_history, "loss_ema": loss_ema, "reuse_ema": reuse_ema}
-            if dp:
-                extra["world_size"] = dp.world_size
-            if scaler is not None:
-                extra["grad_scaler"] = scaler.state_dict()  # plain numbers: the scale and its growth counter
-            # every rank takes part in the gather; rank 0 alone writes (weights and optimizer are the same on all)
-            rank_gens = dp.gather_generator_states(gen) if dp else None
-            if dp is None or dp.is_main:
-                save_state(state_path, dot, optimizer, step + 1, gen, extra, rank_generators=rank_gens)
+            run.checkpoint(step + 1, curves)
             last_saved = step + 1
     bar.close()
     if dp:
         dp.barrier()  # no rank leaves before the last checkpoint is written
         if own_group:
             dp.close()
-    dot.lora.load_from_peft(unet)
-    dot.eval().requires_grad_(False)
-    seconds = time.time() - t0
+    return _finish(run, curves, start, time.time() - t0)
+
+
+def _finish(run: PaperTraining, curves: Curves, start: int, seconds: float) -> TrainResult:
+    run.dot.lora.load_from_peft(run.unet)
+    run.dot.eval().requires_grad_(False)
+    nan = float("nan")
     return TrainResult(
-        dot=dot,
-        steps=config.steps,
-        final_loss=float(loss_ema if loss_ema is not None else float("nan")),
-        final_reuse_loss=float(reuse_ema if reuse_ema is not None else float("nan")),
+        dot=run.dot,
+        steps=run.config.steps,
+        final_loss=float(curves.loss_ema if curves.loss_ema is not None else nan),
+        final_reuse_loss=float(curves.reuse_ema if curves.reuse_ema is not None else nan),
         seconds=seconds,
         resumed_from=start,
-        summary={"history": history, "reuse_history": reuse_history, "fixed_history": fixed_history},
+        summary={"history": curves.history, "reuse_history": curves.reuse_history, "fixed_history": curves.fixed_history},
     )

@@ -29,9 +29,9 @@ from morse_engine.fillers import ReuseFiller
 
 from ..evaluation.samplers import GuidedDenoiser, normal_sigmas, sample
 from .dash_setup import DashSetup
-from .loop import TrainingDiverged
+from .optim import TrainingDiverged, backward, optimizer_step, set_lr
 from .runtime import Runtime
-from .state import load_state, save_state
+from .state import check_same_settings, resume_state, save_state
 
 ROLLOUT_SAMPLERS = ("euler", "dpmpp_2m")
 HISTORY_EVERY = 50  # training steps per point of the file's loss history (as training.loss_curve reads it)
@@ -185,18 +185,24 @@ def targets_for(setup: DashSetup, config: RolloutConfig, rollouts: Rollouts, cac
     return runs
 
 
-def relative_end_error(rollouts: Rollouts, run: dict, filler) -> torch.Tensor:
-    """The run's end error with ``filler`` over reuse's (1: no better than reusing the anchor)."""
+def end_error(rollouts: Rollouts, run: dict, filler) -> torch.Tensor:
+    """The squared distance of the run's end with ``filler`` serving the fills to its end with Dash at every step."""
     end = rollouts.end(run, filler)
-    return (end.float() - run["plain"].to(end.device)).pow(2).mean() / max(run["reuse_err"], 1e-12)
+    return (end.float() - run["plain"].to(end.device)).pow(2).mean()
 
 
-def lr_at(step: int, config: RolloutConfig) -> float:
-    """Linear warm-up, then cosine to 5% of the peak (the per-tuple trainer's schedule)."""
-    if step < config.warmup:
-        return config.lr * (step + 1) / config.warmup
-    progress = (step - config.warmup) / max(1, config.steps - config.warmup)
-    return config.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+def relative_end_error(rollouts: Rollouts, run: dict, filler) -> torch.Tensor:
+    """The run's end error with ``filler`` over reuse's (1: no better than reusing the anchor): the training loss."""
+    return end_error(rollouts, run, filler) / max(run["reuse_err"], 1e-12)
+
+
+def held_out_error(rollouts: Rollouts, runs: list[dict], filler) -> float:
+    """The runs' summed end error with ``filler`` over reuse's summed end error: the held-out score (1: no better
+    than reusing the anchor). A ratio of sums, so that each run weighs by its error rather than a run whose reuse
+    error is tiny by its luck."""
+    with torch.no_grad():
+        errors = sum(float(end_error(rollouts, r, filler)) for r in runs)
+    return errors / max(sum(r["reuse_err"] for r in runs), 1e-12)
 
 
 def train_feature_dot(setup: DashSetup, blocks, config: RolloutConfig, state_path: Path, resume: bool = False,
@@ -216,28 +222,22 @@ def train_feature_dot(setup: DashSetup, blocks, config: RolloutConfig, state_pat
     gen = torch.Generator().manual_seed(config.seed + 1)
     history, fixed_history, start = [], [], 0
     if resume:
-        if not state_path.is_file():
-            raise FileNotFoundError(f"--resume: no checkpoint at {state_path}; start the run without --resume")
-        start, extra = load_state(state_path, dot, opt, gen)
-        if extra.get("config") != config.flat():
-            raise ValueError(f"--resume: {state_path} was written with other settings; resume with the same flags "
-                             "or start a new run (another --name)")
+        start, extra = resume_state(state_path, dot, opt, gen)
+        check_same_settings(state_path, extra.get("config"), config.flat())
         history, fixed_history = extra["history"], extra["fixed_history"]
         log(f"resumed at step {start} from {state_path}")
     t0 = time.time()
 
     def score_fixed(step: int) -> None:
-        with torch.no_grad(), rt.autocast():
-            value = sum(float(relative_end_error(rollouts, r, filler)) for r in runs["fixed"]) / len(runs["fixed"])
-        fixed_history.append([step, value, 1.0])  # [step, loss, reuse's] as the per-tuple trainer keeps it
+        with rt.autocast():
+            fixed_history.append([step, held_out_error(rollouts, runs["fixed"], filler), 1.0])  # [step, loss, reuse's]
 
     if not fixed_history:
         score_fixed(0)  # the untrained Dot: the training-free forecast_k fill
     bar = tqdm(range(start, config.steps), desc="rollout training", unit="step", initial=start, total=config.steps,
                mininterval=10)
     for step in bar:
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, config)
+        set_lr(opt, step, config)
         run = runs["train"][int(torch.randint(0, len(runs["train"]), (), generator=gen))]
         with rt.autocast():
             ratio = relative_end_error(rollouts, run, filler)
@@ -246,17 +246,8 @@ def train_feature_dot(setup: DashSetup, blocks, config: RolloutConfig, state_pat
                                    f"at {state_path} is kept)")
         opt.zero_grad()
         if ratio.requires_grad:  # a run with no fill call has nothing to learn from
-            if scaler is None:
-                ratio.backward()
-            else:  # fp16: scaled so small gradients do not underflow
-                scaler.scale(ratio).backward()
-                scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(dot.parameters(), 1.0)
-            if scaler is None:
-                opt.step()
-            else:
-                scaler.step(opt)
-                scaler.update()
+            backward(ratio, scaler)
+            optimizer_step(opt, dot.parameters(), scaler)
         history.append(float(ratio.detach()))
         done = step + 1
         if done % config.fixed_every == 0 or done == config.steps:
@@ -266,10 +257,15 @@ def train_feature_dot(setup: DashSetup, blocks, config: RolloutConfig, state_pat
             save_state(state_path, dot, opt, done, gen,
                        {"config": config.flat(), "history": history, "fixed_history": fixed_history})
     dot.eval().requires_grad_(False)
+    return _result(dot, config, history, fixed_history, time.time() - t0, start)
+
+
+def _result(dot: FeatureDot, config: RolloutConfig, history: list, fixed_history: list, seconds: float,
+            start: int) -> RolloutResult:
     tail = history[-max(1, len(history) // 5):]
     every = [sum(history[i:i + HISTORY_EVERY]) / len(history[i:i + HISTORY_EVERY])
              for i in range(0, len(history) - HISTORY_EVERY + 1, HISTORY_EVERY)]
-    return RolloutResult(dot, config.steps, sum(tail) / len(tail), 1.0, time.time() - t0, start,
+    return RolloutResult(dot, config.steps, sum(tail) / len(tail), 1.0, seconds, start,
                          {"history": every, "reuse_history": [1.0] * len(every), "fixed_history": fixed_history})
 
 

@@ -1,7 +1,8 @@
 """Resumable training state in safetensors (never pickle), written atomically.
 
 Holds the Dot's weights (with its LoRA copied out of peft), the optimizer's moments, the
-RNG states and the step, so a killed run continues where its last checkpoint left it.
+RNG states and the step, so a killed run continues where its last checkpoint left it. Both layouts' loops
+resume through :func:`resume_state` and :func:`check_same_settings`.
 """
 from __future__ import annotations
 
@@ -51,3 +52,22 @@ def load_state(path: Path, dot, optimizer, generator: torch.Generator, rank: Opt
                          "resume with the number of processes that wrote it")
     generator.set_state(tensors[key])
     return int(meta["step"]), json.loads(meta["extra"])
+
+
+def resume_state(path: Path, dot, optimizer, generator: torch.Generator, rank: Optional[int] = None) -> tuple[int, dict]:
+    """``load_state`` for ``--resume``: FileNotFoundError, saying what to do, where the run has no checkpoint."""
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume was given but there is no checkpoint at {path}; start the run without --resume")
+    return load_state(path, dot, optimizer, generator, rank=rank)
+
+
+def check_same_settings(path: Path, saved: Optional[dict], mine: dict, may_change=(), defaults: Optional[dict] = None) -> None:
+    """ValueError naming the settings in which the checkpoint's run (``saved``) differs from this one (``mine``),
+    except those that ``may_change``. ``defaults``: what a setting the checkpoint predates had then (only this
+    run's settings are compared); without them a setting either side lacks differs."""
+    saved = saved or {}
+    keys = list(mine) if defaults is not None else list(mine) + [k for k in saved if k not in mine]
+    differs = [k for k in keys if k not in may_change and saved.get(k, (defaults or {}).get(k)) != mine.get(k)]
+    if differs:
+        raise ValueError(f"the checkpoint at {path} was made with other settings ({', '.join(differs)}); resume with "
+                         "the same options or start a new run (another --name, or without --resume)")
