@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from morse_engine import DotConfig, DotModel
+from morse_engine import PaperDotConfig, PaperDot
 from training.trainer import loop
 from training.trainer import memory as mem
 from training.trainer import runtime as runtimes
@@ -319,12 +319,12 @@ def test_cuda_mixed_precision_with_checkpointing_trains(tmp_path, precision):
 def test_default_dot_is_at_most_a_tenth_of_an_sd15_sized_dash(m):
     """The project's UNet in SD1.5's layout (860M parameters), built on the meta device (no memory);
     ComfyUI's SD1.5 and SDXL UNets are checked the same way in tests/host/test_dot_share.py."""
-    from training.bench_latency import build_own
+    from training.bench_backbones import build_own
 
     with torch.device("meta"):
         unet = build_own("sd15")
     dash = sum(p.numel() for p in unet.parameters())
     assert dash > 8e8
-    dot = DotModel.build(unet, DotConfig.for_backbone(unet, m=m))
+    dot = PaperDot.build(unet, PaperDotConfig.for_backbone(unet, m=m))
     share = sum(p.numel() for p in dot.parameters()) / dash
     assert share <= 0.10, share

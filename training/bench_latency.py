@@ -20,99 +20,24 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import platform
 import statistics
 from dataclasses import dataclass, replace
+from typing import Optional
 from pathlib import Path
 
 import torch
 
-from morse_engine import DotModel, EveryK, Pattern, lsd_cost
-from morse_engine.dot_model import STEMS
+from morse_engine import PaperDot, EveryK, Pattern, lsd_cost
+from morse_engine.dot_layouts.paper import STEMS
 
 from .evaluation.latency import interleaved_times
+from .bench_backbones import ARCHS, build_own, build_with_comfy, find_comfyui, randomize
 from .bench_training import bench_training
 from .host.unet_blocks import blocks_of
 
-ARCHS = {
-    # resolution in pixels; the latent is 1/8 per side with 4 channels
-    "sd15": dict(resolution=512, context=(77, 768), adm=None),
-    "sdxl": dict(resolution=1024, context=(77, 2048), adm=2816),
-    # a seconds-long smoke run of the whole benchmark (the tests use it); always the project's UNet
-    "tiny": dict(resolution=128, context=(4, 32), adm=None),
-}
 SCHEDULES = (("D.", Pattern("D.")), ("D..", Pattern("D..")), ("D...", Pattern("D...")), ("every 4th", EveryK(4)))
 STEPS_FOR_SCHEDULES = 30
-
-
-def comfy_unet_config(arch: str) -> dict:
-    """The unet_config that ComfyUI's model detection produces for a real checkpoint of ``arch``."""
-    common = {"use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
-              "in_channels": 4, "out_channels": 4, "model_channels": 320, "use_temporal_attention": False,
-              "use_temporal_resblock": False}
-    if arch == "sd15":
-        return {**common, "num_res_blocks": [2, 2, 2, 2], "channel_mult": [1, 2, 4, 4],
-                "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
-                # popped from the end by the output blocks, deepest level first
-                "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
-                "transformer_depth_middle": 1, "context_dim": 768, "use_linear_in_transformer": False,
-                "adm_in_channels": None}
-    if arch == "sdxl":
-        return {**common, "num_res_blocks": [2, 2, 2], "channel_mult": [1, 2, 4],
-                "transformer_depth": [0, 0, 2, 2, 10, 10],
-                "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
-                "transformer_depth_middle": 10, "context_dim": 2048, "use_linear_in_transformer": True,
-                "adm_in_channels": 2816, "num_classes": "sequential"}
-    raise ValueError(f"unknown architecture {arch!r}; pick one of {sorted(ARCHS)}")
-
-
-def find_comfyui(explicit: str | None) -> str | None:
-    """The ComfyUI that train_dot would use; None (the project's own UNet) when none is given or installed around us."""
-    from .host.comfyui import ComfyUINotFound, find_comfyui as locate
-
-    try:
-        return str(locate(explicit))
-    except ComfyUINotFound as exc:
-        if explicit or os.environ.get("COMFYUI_PATH"):
-            raise SystemExit(f"error: {exc}") from None
-        return None
-
-
-def build_with_comfy(arch: str, comfy_path: str, device) -> torch.nn.Module:
-    from .host.comfyui import ComfyUINotFound, import_comfy
-
-    try:
-        comfy = import_comfy(Path(comfy_path), device.type, pytorch_attention=True)  # as ComfyUI runs on a GPU
-    except ComfyUINotFound as exc:
-        raise SystemExit(f"error: {exc}") from None
-    import comfy.supported_models
-
-    kind = {"sd15": comfy.supported_models.SD15, "sdxl": comfy.supported_models.SDXL}[arch]
-    model = kind(comfy_unet_config(arch)).get_model({}, device=torch.device("cpu"))
-    return model.diffusion_model
-
-
-def build_own(arch: str) -> torch.nn.Module:
-    from .reference.unet import ReferenceUNet, UNetConfig
-
-    if arch == "tiny":
-        return ReferenceUNet(UNetConfig(in_channels=4, out_channels=4, model_channels=32, channel_mult=(1, 2),
-                                        num_res_blocks=1, attention_resolutions=(2,), num_head_channels=16,
-                                        context_dim=32, norm_groups=8))
-    if arch != "sd15":
-        raise SystemExit(f"error: --arch {arch} needs ComfyUI's UNet; pass --comfyui PATH or set COMFYUI_PATH")
-    return ReferenceUNet(UNetConfig(in_channels=4, out_channels=4, model_channels=320, channel_mult=(1, 2, 4, 4),
-                                    num_res_blocks=2, attention_resolutions=(1, 2, 4), num_head_channels=40,
-                                    context_dim=768, transformer_depth=1, norm_groups=32))
-
-
-def randomize(module: torch.nn.Module, seed: int = 0) -> None:
-    """ComfyUI builds with uninitialised weights; random ones avoid denormals and NaNs skewing timings."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.02)
 
 
 @dataclass
@@ -167,7 +92,7 @@ def bench_arch(arch: str, backbone, ms, device, dtype, repeats: int, warmup: int
     for m, stem in [(m, stem) for m in ms for stem in (stems or [RECIPE_DOT.stem])]:
         # the Dot train_dot writes by default (its eta scale, step input and stem), unless another stem is asked for
         cfg = replace(RECIPE_DOT, m=m, stem=stem).bound_to(backbone)
-        dot = DotModel.build(backbone, cfg)
+        dot = PaperDot.build(backbone, cfg)
         randomize(dot, seed=m)
         dot = dot.to(device, dtype).eval()
         dot_call = lambda: dot(backbone, x, t, x, z, t_s, context=context, sigma=1.0, anchor_sigma=1.1, **extra)  # noqa: E731
@@ -183,17 +108,16 @@ FEATURE_DOT = "feature_dot"  # --fills name of the feature Dot (train_dot's defa
 def feature_fill(name: str, backbone, blocks):
     """The fill called ``name``: one of ``FEATURE_FILLS``, or the feature Dot with random weights (its cost does not
     depend on them) bound to ``backbone``."""
-    from morse_engine import FeatureDot, FeatureDotConfig, FeatureDotFiller
-    from morse_engine.feature_fills import FEATURE_FILLS
+    from morse_engine import FeatureDot, FeatureDotConfig, make_fill
 
     if name != FEATURE_DOT:
-        return FEATURE_FILLS[name](blocks)
+        return make_fill(name, blocks=blocks)
     p = next(backbone.parameters())
     dot = FeatureDot.build(backbone, FeatureDotConfig()).to(p.device, p.dtype)
     with torch.no_grad():
         for w in dot.parameters():
             w.normal_(0, 0.02)
-    return FeatureDotFiller(blocks, dot.requires_grad_(False))
+    return make_fill("dot", dot=dot.requires_grad_(False), backbone=backbone, blocks=blocks)
 
 
 @torch.no_grad()
@@ -202,7 +126,7 @@ def bench_fills(arch: str, backbone, blocks, names, device, dtype, repeats: int,
     """Dash against each fill that reruns Dash's blocks (``FEATURE_FILLS`` and the feature Dot) with a real anchor:
     the Dash call 50 timesteps earlier, whose block outputs the fill reads (and, for a forecast, two calls before it)."""
     from morse_engine.feature_fills import captured
-    from morse_engine.fillers import Anchor
+    from morse_engine.fillers import Anchor, DashCall
 
     x, t, t_s, context, extra, sync = cfg_step_inputs(arch, device, dtype, px)
     kwargs = {"transformer_options": {}, **extra}
@@ -214,9 +138,8 @@ def bench_fills(arch: str, backbone, blocks, names, device, dtype, repeats: int,
             z = backbone(x, t_s, context=context, **extra)
         # the earlier calls a forecast reads (their values do not change its cost: the same features, later times);
         # sigmas feed the feature Dot's gate only
-        anchor = Anchor(x=x, z=z, t=t_s, step=2, prev_z=z, prev_t=t_s + 50, features=dict(feats),
-                        prev_features=dict(feats), prev2_t=t_s + 100, prev2_features=dict(feats),
-                        sigma=torch.full((x.shape[0],), 1.2, device=device))
+        anchor = Anchor(x=x, z=z, t=t_s, step=2, features=dict(feats), sigma=torch.full((x.shape[0],), 1.2, device=device),
+                        earlier=(DashCall(z, t_s + 50, dict(feats)), DashCall(z, t_s + 100, dict(feats))))
         d_t, f_t = interleaved_times(lambda: backbone(x, t, context=context, **extra),  # noqa: B023
                                      lambda: fill(backbone, x, t, anchor, context, kwargs, sigma=1.0),  # noqa: B023
                                      repeats, warmup, sync)
@@ -287,12 +210,21 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
-    from tqdm.auto import tqdm
+@dataclass
+class Plan:
+    """What the flags ask to time, checked."""
 
-    args = parser().parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    archs: list
+    ms: list
+    stems: Optional[list]
+    fill_names: list
+    device: torch.device
+    dtype: torch.dtype
+    comfy_path: Optional[Path]
+
+
+def plan_of(args) -> Plan:
+    """The checked plan of ``args``; SystemExit naming the flag where one is wrong."""
     archs = [a.strip() for a in args.arch.split(",") if a.strip()]
     for a in archs:
         if a not in ARCHS:
@@ -310,8 +242,6 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
         args.dtype or ("fp16" if device.type == "cuda" else "fp32")]
-    comfy_path = find_comfyui(args.comfyui)
-
     fill_names = [v.strip() for v in (args.fills or "").split(",") if v.strip()]
     from morse_engine.feature_fills import FEATURE_FILLS
 
@@ -320,67 +250,93 @@ def main(argv=None) -> int:
             raise SystemExit(f"error: --fills {name!r} is not one of {sorted(FEATURE_FILLS) + [FEATURE_DOT]}")
     if args.faster_diffusion and archs[0] not in ("sd15", "tiny"):
         raise SystemExit("error: --faster-diffusion times SD1.5-family runs (no y vector); put sd15 first in --arch")
-    rows, sources, training, fill_rows, wall_clock = [], {}, None, [], None
-    with tqdm(total=len(archs) * len(ms) * len(stems or [0]) * args.repeats, desc="timing", dynamic_ncols=True) as bar:
-        for arch in archs:
+    return Plan(archs, ms, stems, fill_names, device, dtype, find_comfyui(args.comfyui))
+
+
+def measure(plan: Plan, args) -> dict:
+    """Every figure the plan asks for: rows (Dash and the paper's Dot per m and stem), fills, Faster Diffusion's
+    wall clock and the training throughput (on the first arch), and where each backbone came from."""
+    from tqdm.auto import tqdm
+
+    device, dtype, comfy_path = plan.device, plan.dtype, plan.comfy_path
+    out = {"rows": [], "sources": {}, "training": None, "fills": [], "faster_diffusion_wall_clock": None}
+    with tqdm(total=len(plan.archs) * len(plan.ms) * len(plan.stems or [0]) * args.repeats, desc="timing",
+              dynamic_ncols=True) as bar:
+        for arch in plan.archs:
             if comfy_path and arch != "tiny":
-                backbone, sources[arch] = build_with_comfy(arch, comfy_path, device), "ComfyUI UNetModel"
+                backbone, out["sources"][arch] = build_with_comfy(arch, comfy_path, device), "ComfyUI UNetModel"
             else:
                 backbone = build_own(arch)
-                sources[arch] = "project UNet" + (" in SD1.5 layout (no ComfyUI given)" if arch == "sd15" else "")
+                out["sources"][arch] = "project UNet" + (" in SD1.5 layout (no ComfyUI given)" if arch == "sd15" else "")
             randomize(backbone)
             backbone = backbone.to(device, dtype).eval()
-            rows += bench_arch(arch, backbone, ms, device, dtype, args.repeats, args.warmup, bar, stems, args.resolution)
+            out["rows"] += bench_arch(arch, backbone, plan.ms, device, dtype, args.repeats, args.warmup, bar, plan.stems,
+                                      args.resolution)
             blocks = blocks_of(backbone, comfy_path is not None and arch != "tiny")
-            if fill_names:
-                fill_rows += bench_fills(arch, backbone, blocks, fill_names, device, dtype, args.repeats, args.warmup,
-                                         args.resolution)
-            if args.faster_diffusion and arch == archs[0]:
-                wall_clock = bench_faster_diffusion(arch, backbone, blocks, device, dtype, args)
-            if args.train_steps and arch == archs[0]:
+            if plan.fill_names:
+                out["fills"] += bench_fills(arch, backbone, blocks, plan.fill_names, device, dtype, args.repeats,
+                                            args.warmup, args.resolution)
+            if args.faster_diffusion and arch == plan.archs[0]:
+                out["faster_diffusion_wall_clock"] = bench_faster_diffusion(arch, backbone, blocks, device, dtype, args)
+            if args.train_steps and arch == plan.archs[0]:
                 if dtype != torch.float32:
                     backbone = backbone.float()  # the trainer keeps fp32 master weights
-                training = bench_training(arch, ARCHS[arch], backbone, args.train_m, args.train_steps, args.train_batch, device,
-                                          args.train_layout, blocks, args.train_run_steps)
+                out["training"] = bench_training(arch, ARCHS[arch], backbone, args.train_m, args.train_steps,
+                                                 args.train_batch, device, args.train_layout, blocks, args.train_run_steps)
             del backbone
+    return out
 
-    machine = (f"{platform.machine()} {platform.processor() or ''}".strip() + f", {torch.get_num_threads()} threads"
-               if device.type == "cpu" else torch.cuda.get_device_name(device))
+
+def print_report(figures: dict, machine: str, dtype: torch.dtype, repeats: int) -> None:
     print(f"\n{machine}, torch {torch.__version__}, {str(dtype).replace('torch.', '')}, "
-          f"{datetime.date.today().isoformat()}; one CFG step = batch 2; median of {args.repeats}")
+          f"{datetime.date.today().isoformat()}; one CFG step = batch 2; median of {repeats}")
     print(f"{'arch':6} {'px':>5} {'m':>2} {'stem':>13} {'widths':>10} {'Dash ms':>9} {'Dot ms':>8} {'N':>6} {'Dot params':>11}")
-    for r in rows:
+    for r in figures["rows"]:
         print(f"{r.arch:6} {r.resolution:5d} {r.m:2d} {r.stem:>13} {str(list(r.widths)):>10} {r.dash_ms:9.1f} {r.dot_ms:8.1f} "
               f"{r.n:6.2f} {r.dot_params / 1e6:7.2f}M ({r.dot_params / r.dash_params:.1%})")
     print(f"\nLSD cost of {STEPS_FOR_SCHEDULES} steps and the speedup bound (Dot steps as good as Dash steps):")
-    for r in rows:
+    for r in figures["rows"]:
         cells = ", ".join(f"{s['schedule']} {s['lsd']:.1f} LSD -> <= {s['speedup_bound']:.2f}x" for s in schedule_table(r.n))
         print(f"  {r.arch} m={r.m} {r.stem} (N {r.n:.2f}): {cells}")
-    for f in fill_rows:
+    for f in figures["fills"]:
         share = f" (+{f['params'] / 1e6:.3f}M params, {f['param_share']:.2%} of Dash)" if f["params"] else ""
         print(f"fill {f['fill']:>12} on {f['arch']} at {f['resolution']} px: Dash {f['dash_ms']:.1f} ms, fill "
               f"{f['fill_ms']:.1f} ms, N {f['N']:.2f}{share}")
-    if wall_clock:
-        w = wall_clock
+    w = figures["faster_diffusion_wall_clock"]
+    if w:
         print(f"\n{w['steps']} Euler steps with CFG 7.5, one image, wall clock in one run: plain {w['plain_s']:.1f} s; "
               f"Faster Diffusion ({w['schedule'].count('D')} key steps, parallel decoding) {w['faster_diffusion_s']:.1f} s "
               f"= {w['faster_diffusion_speedup']:.2f}x")
         if "faster_diffusion_sequential_s" in w:
             print(f"  decoding each step on its own: {w['faster_diffusion_sequential_s']:.1f} s "
                   f"= {w['faster_diffusion_sequential_speedup']:.2f}x")
+    training = figures["training"]
     if training:
         what = (f"m={training['m']}" if training["layout"] == "paper"
                 else f"feature Dot, runs of {training['run_steps']} steps")
         print(f"\nDot training on {training['arch']} ({what}, batch {training['batch']}, {training['steps']} steps): "
               f"{training['samples_per_s']:.3f} samples/s, peak memory {training['peak_mb']:.0f} MiB "
               f"({training['peak_mb_before_training']:.0f} MiB before training)")
-    for arch, src in sources.items():
+    for arch, src in figures["sources"].items():
         print(f"note: {arch} built as {src}")
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    plan = plan_of(args)
+    figures = measure(plan, args)
+    device, dtype = plan.device, plan.dtype
+    machine = (f"{platform.machine()} {platform.processor() or ''}".strip() + f", {torch.get_num_threads()} threads"
+               if device.type == "cpu" else torch.cuda.get_device_name(device))
+    print_report(figures, machine, dtype, args.repeats)
     if args.json:
         report = {"machine": machine, "device": str(device), "dtype": str(dtype), "torch": torch.__version__,
-                  "date": datetime.date.today().isoformat(), "repeats": args.repeats, "sources": sources,
-                  "rows": [dict(r.to_dict(), schedules=schedule_table(r.n)) for r in rows], "training": training,
-                  "fills": fill_rows, "faster_diffusion_wall_clock": wall_clock}
+                  "date": datetime.date.today().isoformat(), "repeats": args.repeats, "sources": figures["sources"],
+                  "rows": [dict(r.to_dict(), schedules=schedule_table(r.n)) for r in figures["rows"]],
+                  "training": figures["training"], "fills": figures["fills"],
+                  "faster_diffusion_wall_clock": figures["faster_diffusion_wall_clock"]}
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2))
         print(f"wrote {args.json}")

@@ -262,6 +262,22 @@ def main(argv=None) -> int:
     print(f"Evaluation ({st['mode']}): {st['samples']} samples per run, CFG {cfg:g}, on {args.device} "
           f"({torch.get_num_threads()} threads); records in {store.dir}", flush=True)
 
+    latency = fill_latency(args, st, fills, work, ablation, cfg, store)
+    records = run_jobs(plan_jobs(st, fills), work, st, fills, Recorder(classifier), store, args.fresh, device)
+    if args.export:
+        for sampler in sorted({job[1] for job, _ in records.values()}):
+            keys = [key for key, (job, _) in records.items() if job[1] == sampler]
+            print(f"packed {export_records(store, keys, args.export / f'records-{sampler}.safetensors', {'latency': latency})}")
+
+    report = build_report(records, st, work, fills, classifier, load_digits_split, batched, args, cfg)
+    report["machine"] = machine_info(args.device)
+    report["wall_seconds"] = time.perf_counter() - wall_start
+    write_report(report, Path(args.out_dir))
+    return 0
+
+
+def fill_latency(args, st, fills, work, ablation, cfg, store: RecordStore) -> dict:
+    """Each fill's N (imported, stored, or measured now and stored), set on the fills and printed."""
     for pack in args.import_records or []:
         store.put_value("latency", import_records(store, pack)["latency"])
     latency = None if args.fresh else store.get_value("latency")
@@ -273,16 +289,18 @@ def main(argv=None) -> int:
             fill.n, fill.latency = latency[fill.name]["N"], latency[fill.name]
             print(f"  {fill.name}: N = {fill.n:.2f} (Dash {fill.latency['dash_ms']:.1f} ms, fill {fill.latency['fill_ms']:.1f} ms "
                   f"per call, batch {fill.latency['batch']})", flush=True)
+    return latency
 
-    jobs = plan_jobs(st, fills)
-    recorder = Recorder(classifier)
+
+def run_jobs(jobs, work, st, fills, recorder: Recorder, store: RecordStore, fresh: bool, device) -> dict:
+    """{key: (job, record)} of every job, from the store where it holds one (unless ``fresh``), else run now."""
     by_name = {f.name: f for f in fills}
     records = {}
     bar = tqdm(jobs, desc="evaluate", unit="run", file=sys.stdout, dynamic_ncols=True)
     for job in bar:
         key = job_key(job)
         bar.set_postfix_str(key)
-        rec = None if args.fresh else store.get(key)
+        rec = None if fresh else store.get(key)
         if rec is None:
             rec = run_job(job, work, st, by_name, recorder)
             store.put(key, rec)
@@ -290,15 +308,10 @@ def main(argv=None) -> int:
             recorder.references[job[1]] = rec.images.to(device)
         records[key] = (job, rec)
     bar.close()
-    if args.export:
-        for sampler in sorted({job[1] for job, _ in records.values()}):
-            keys = [key for key, (job, _) in records.items() if job[1] == sampler]
-            print(f"packed {export_records(store, keys, args.export / f'records-{sampler}.safetensors', {'latency': latency})}")
+    return records
 
-    report = build_report(records, st, work, fills, classifier, load_digits_split, batched, args, cfg)
-    report["machine"] = machine_info(args.device)
-    report["wall_seconds"] = time.perf_counter() - wall_start
-    out_dir = Path(args.out_dir)
+
+def write_report(report: dict, out_dir: Path) -> None:
     text = report_mod.format_report(report)
     print("\n" + text)
     js = report_mod.write_json(report, out_dir / "evaluation.json")
@@ -306,7 +319,6 @@ def main(argv=None) -> int:
     png = report_mod.plot_report(report, out_dir / "evaluation.png")
     print(f"\nWrote {js}, {out_dir / 'evaluation.md'} and {png}")
     print(f"Wall time: {report['wall_seconds']:.1f} s ({report['wall_seconds'] / 60:.1f} min)")
-    return 0
 
 
 def build_report(records, st, work, fills, classifier, load_digits_split, batched, args, cfg) -> dict:

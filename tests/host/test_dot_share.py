@@ -1,4 +1,4 @@
-"""The default Dot (widths and LoRA from morse_engine.default_widths / DotConfig) stays at or below
+"""The default Dot (widths and LoRA from morse_engine.default_widths / PaperDotConfig) stays at or below
 10% of Dash's parameters on ComfyUI's own SD1.5 and SDXL UNets, built on the meta device (no memory)."""
 import pytest
 import torch
@@ -6,7 +6,7 @@ import torch
 
 @pytest.mark.parametrize("arch", ["sd15", "sdxl"])
 def test_default_dot_is_at_most_a_tenth_of_dash(host, arch):
-    from training.bench_latency import comfy_unet_config
+    from training.bench_backbones import comfy_unet_config
 
     kind = {"sd15": host.comfy.supported_models.SD15, "sdxl": host.comfy.supported_models.SDXL}[arch]
     with torch.device("meta"):
@@ -15,6 +15,6 @@ def test_default_dot_is_at_most_a_tenth_of_dash(host, arch):
     assert dash > (2.5e9 if arch == "sdxl" else 8.5e8)  # the real architectures, not a miniature
     engine = host.engine
     for m in (1, 2, 3):
-        dot = engine.DotModel.build(unet, engine.DotConfig.for_backbone(unet, m=m))
+        dot = engine.PaperDot.build(unet, engine.PaperDotConfig.for_backbone(unet, m=m))
         share = sum(p.numel() for p in dot.parameters()) / dash
         assert share <= 0.10, (arch, m, share)
