@@ -49,6 +49,11 @@ def print_verdict(request: TrainRequest, result) -> None:
     source = f"compare_fills, {m.compare_samples} samples, {time.perf_counter() - t0:.0f} s"
     for line in gap_lines(dot_gaps, start_gaps, start, m.compare_steps, source):
         print(line, flush=True)
+    if (sum(dot_gaps) > sum(start_gaps)) != (change < 0):  # the two figures disagree: say which to read how
+        c = request.settings
+        print(f"  (The two disagree. The {c.fixed_runs} held-out runs mix {' and '.join(c.samplers)}, {c.min_steps}-"
+              f"{c.max_steps} steps and CFG {c.cfg_min:g}-{c.cfg_max:g}: few runs, a noisy figure. The fixed-step "
+              "comparison is the one compare_fills and the README report.)", flush=True)
 
 
 _HINT = " Training did not help: train longer (--steps) or on more runs (--rollout-runs)."
