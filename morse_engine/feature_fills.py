@@ -149,15 +149,22 @@ class FeatureInheritFiller(_FeatureFill):
         return hs
 
     def _deep_at(self, t, anchor) -> torch.Tensor:
-        deep = anchor.features["deep"]
-        prev, older = anchor.before(1), anchor.before(2)
-        if not self.forecast or prev is None or prev.features is None:
-            return deep
-        if self.forecast == 2 and older is not None and older.features is not None:
-            change = parabola_change(deep, anchor.t, prev.features["deep"], prev.t, older.features["deep"], older.t, t)
-            if change is not None:
-                return deep + change
-        return deep + extrapolated_change(deep, anchor.t, prev.features["deep"], prev.t, t)
+        return feature_at(t, anchor, "deep", self.forecast)
+
+
+def feature_at(t, anchor, name: str, order: int) -> torch.Tensor:
+    """The anchor's captured feature ``name`` moved to time ``t``: as it is (order 0), along the line through the
+    Dash call before the anchor and the anchor's (1), or the parabola through the last three Dash calls (2); with
+    fewer earlier calls than the order asks for (a run's first fills) to the order they allow."""
+    feature = anchor.features[name]
+    prev, older = anchor.before(1), anchor.before(2)
+    if not order or prev is None or prev.features is None:
+        return feature
+    if order == 2 and older is not None and older.features is not None:
+        change = parabola_change(feature, anchor.t, prev.features[name], prev.t, older.features[name], older.t, t)
+        if change is not None:
+            return feature + change
+    return feature + extrapolated_change(feature, anchor.t, prev.features[name], prev.t, t)
 
 
 class EncoderPropagationFiller(_FeatureFill):

@@ -2,15 +2,16 @@
 
 * a training-free fill (``reuse``, ``extrapolate``): arithmetic on earlier Dash estimates;
 * a block fill (``inherit_k*``, ``forecast*``, ``propagate``): reruns some of Dash's own blocks, through the
-  host's description of them (``feature_fills.UNetBlocks``);
+  host's description of them (``feature_fills.UNetBlocks`` for a UNet, ``dit_fills.DiTBlocks`` for a DiT);
 * ``dot``: a loaded Dot of either layout, served by its layout's fill.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 from torch import nn
 
+from .dit_fills import DIT_FILLS, DiTBlocks
 from .dot_layouts import layout_of
 from .errors import MorseError
 from .feature_fills import FEATURE_FILLS, UNetBlocks
@@ -29,7 +30,7 @@ def needs_blocks(name: str, dot=None) -> bool:
     return name in FEATURE_FILLS
 
 
-def make_fill(name: str, *, blocks: Optional[UNetBlocks] = None, dot=None, backbone: Optional[nn.Module] = None) -> Filler:
+def make_fill(name: str, *, blocks: Optional[Union[UNetBlocks, DiTBlocks]] = None, dot=None, backbone: Optional[nn.Module] = None) -> Filler:
     """The fill called ``name``; ``blocks`` where it reruns Dash's blocks, ``dot`` and ``backbone`` for ``dot``."""
     if name == DOT:
         if dot is None:
@@ -41,5 +42,10 @@ def make_fill(name: str, *, blocks: Optional[UNetBlocks] = None, dot=None, backb
     if name in FEATURE_FILLS:
         if blocks is None:
             raise MorseError(f"the fill '{name}' reruns Dash's own blocks and needs the host's description of them")
+        if hasattr(blocks, "recording"):  # a DiT's blocks
+            if name not in DIT_FILLS:
+                raise MorseError(f"the fill '{name}' is not offered on transformer backbones; pick one of "
+                                 f"{', '.join((*TRAINING_FREE_FILLS, *DIT_FILLS))}")
+            return DIT_FILLS[name](blocks)
         return FEATURE_FILLS[name](blocks)
     raise MorseError(f"unknown fill {name!r}; choose from {', '.join((*FILLS_WITHOUT_DOT, DOT))}")

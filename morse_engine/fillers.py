@@ -55,6 +55,7 @@ class Filler:
     # how many Dash calls before the anchor's the fill reads (0-2); the router keeps that many per batch entry,
     # each with the block outputs :meth:`capture_modules` names
     history = 0
+    runs_backbone = False  # True: the fill calls the model itself, at the call's own timestep
 
     def capture_modules(self) -> dict:
         """Modules whose outputs the fill needs from each Dash call (captured by the router); none by default."""

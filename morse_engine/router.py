@@ -31,6 +31,16 @@ from .fillers import Anchor, DashCall, Filler, ReuseFiller
 from .schedules import DashSchedule, ScheduleSpec
 
 
+def per_entry_time(timestep, sigma: float, batch: int):
+    """The call's timestep where it has one value per batch entry (or one for all), as every UNet and most DiTs
+    pass it; else (a per-frame or per-token timestep: Wan 2.2 or LTXV with a denoise mask) the call's sigma per
+    entry, so that a fill's times stay one per entry."""
+    if not torch.is_tensor(timestep) or timestep.numel() not in (1, batch):
+        device = timestep.device if torch.is_tensor(timestep) else None
+        return torch.full((batch,), float(sigma), dtype=torch.float32, device=device)
+    return timestep
+
+
 @dataclass
 class RunSummary:
     """What one run did, for the log line and for tests."""
@@ -148,6 +158,7 @@ class MorseRun:
         call), where that must differ from a Dash step's call (a host keeps it away from other packs' wrappers).
         """
         step = self.step_of(sigma)
+        t = per_entry_time(timestep, sigma, x.shape[0])  # what the fills and the anchors keep of the timestep
         keys = list(keys) if keys else [None]
         n_chunks = len(keys) if x.shape[0] % len(keys) == 0 else 1
         keys = keys if n_chunks == len(keys) else [tuple(keys)]
@@ -155,14 +166,16 @@ class MorseRun:
 
         if not self.schedule.is_dash(step):
             chunks = x.chunk(n_chunks) if n_chunks > 1 else (x,)
-            anchors = self._usable_anchors(keys, chunks) if self.filler.accepts(kwargs) else None
+            # a fill that calls the model at this call's timestep cannot serve one the fills keep as sigmas
+            servable = self.filler.accepts(kwargs) and (t is timestep or not self.filler.runs_backbone)
+            anchors = self._usable_anchors(keys, chunks) if servable else None
             if anchors is not None:
                 anchor = _stack(anchors)
                 if self._spans(step, sigma, kwargs):
-                    out, secs = self._timed(lambda: self._span_fill(keys, anchors, anchor, x, timestep, context, kwargs, step))
+                    out, secs = self._timed(lambda: self._span_fill(keys, anchors, anchor, x, t, context, kwargs, step))
                 else:
                     out, secs = self._timed(
-                        lambda: self.filler(fill_backbone or dash, x, timestep, anchor, context, kwargs, sigma=sigma)
+                        lambda: self.filler(fill_backbone or dash, x, t, anchor, context, kwargs, sigma=sigma)
                     )
                 s.dot_calls += 1
                 s.dot_seconds += secs
@@ -172,7 +185,8 @@ class MorseRun:
 
         features = None
         if self.capture:
-            with captured(self.capture) as features:
+            capturing = getattr(self.filler, "capturing", None)  # a host's own recording (DiT block patches)
+            with (capturing(kwargs) if capturing else captured(self.capture)) as features:
                 out, secs = self._timed(lambda: dash(x, timestep, context=context, **kwargs))
         else:
             out, secs = self._timed(lambda: dash(x, timestep, context=context, **kwargs))
@@ -180,7 +194,7 @@ class MorseRun:
         s.dash_seconds += secs
         s.dash_steps.add(step)
         if self.keep_anchors:
-            self._store(keys, x, out, timestep, step, sigma, features)
+            self._store(keys, x, out, t, step, sigma, features)
         return out
 
     def _spans(self, step: int, sigma: float, kwargs) -> bool:
