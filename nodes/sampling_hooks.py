@@ -22,9 +22,15 @@ import torch
 
 from ..morse_engine import BudgetSchedule, DotFile, EveryK, MorseError, MorseRouter, fingerprint_state_dict, make_fill, needs_blocks
 from ..morse_engine.prior_noise import PriorNoise
+from .backbone_call import BackboneCall
 
 KEY = "morse"  # wrapper key and transformer_options entry of the settings
 RUN_KEY = "morse_run"  # transformer_options entry of the live run
+REACHED_KEY = "morse_reached"  # set in a call's own transformer_options when its DIFFUSION_MODEL wrapper ran
+# Diffusion-model classes whose forward does not pass its calls through DIFFUSION_MODEL wrappers (in ComfyUI 0.8.0
+# SD3's MMDiT, PixArt, HunyuanDiT, Mochi, ...): Morse routes their calls one level up, at apply_model, where every
+# family has the same signature and the output is the denoised estimate. Learned at a class's first call.
+ROUTED_AT_APPLY_MODEL: set = set()
 log = logging.getLogger("morse")
 
 
@@ -55,15 +61,12 @@ class MorseSettings:
         dot = None if self.dot is None else self._dot_for(model_patcher, backbone, device, dtype)
         name = self.fill if dot is None else "dot"
         try:
-            blocks = None
-            if needs_blocks(name, dot):  # the fill reruns the checkpoint's own blocks
-                from .unet_blocks import ComfyUNetBlocks
-
-                blocks = ComfyUNetBlocks(backbone)
+            blocks = backbone_blocks(backbone) if needs_blocks(name, dot) else None  # the fill reruns its blocks
             filler = make_fill(name, blocks=blocks, dot=dot, backbone=backbone)
         except (AttributeError, MorseError) as exc:
-            raise ValueError(f"Morse: the fill '{name}' needs an SD1.x, SD2.x or SDXL UNet; this model has another "
-                             f"layout ({exc}). Pick reuse or extrapolate") from None
+            raise ValueError(f"Morse: the fill '{name}' needs an SD1.x, SD2.x or SDXL UNet or a DiT whose blocks "
+                             f"ComfyUI's block-replace patches reach; this model has another layout ({exc}). "
+                             "Pick reuse or extrapolate") from None
         sync = torch.cuda.synchronize if device.type == "cuda" else None
         # sigma -> timestep, so encoder propagation can decode the steps up to the next key step in one call
         timestep_of = model_patcher.model.model_sampling.timestep if decodes_spans_at_once(device) else None
@@ -82,6 +85,17 @@ class MorseSettings:
             # a plain ValueError: ComfyUI shows an exception's type with its module path, which for the pack's
             # own classes is a long custom_nodes path in front of the sentence that matters
             raise ValueError(f"Morse: {exc}") from None
+
+
+def backbone_blocks(backbone):
+    """The host's description of ``backbone``'s blocks for a block fill: a UNet's, else a DiT's."""
+    if hasattr(backbone, "input_blocks"):
+        from .unet_blocks import ComfyUNetBlocks
+
+        return ComfyUNetBlocks(backbone)
+    from .dit_blocks import ComfyDiTBlocks
+
+    return ComfyDiTBlocks(backbone)
 
 
 def decodes_spans_at_once(device) -> bool:
@@ -107,9 +121,11 @@ def apply_morse(model, settings: MorseSettings):
     WrappersMP = comfy.patcher_extension.WrappersMP
     patched.remove_wrappers_with_key(WrappersMP.OUTER_SAMPLE, KEY)
     patched.remove_wrappers_with_key(WrappersMP.DIFFUSION_MODEL, KEY)
+    patched.remove_wrappers_with_key(WrappersMP.APPLY_MODEL, KEY)
     patched.remove_wrappers_with_key(WrappersMP.SAMPLER_SAMPLE, KEY)
     patched.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, KEY, outer_sample_wrapper)
     patched.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, KEY, diffusion_model_wrapper)
+    patched.add_wrapper_with_key(WrappersMP.APPLY_MODEL, KEY, apply_model_wrapper)
     if settings.prior_noise is not None:
         patched.add_wrapper_with_key(WrappersMP.SAMPLER_SAMPLE, KEY, prior_noise_wrapper)
     return patched
@@ -145,6 +161,10 @@ def outer_sample_wrapper(executor, *args, **kwargs):
         return executor(*args, **kwargs)
     sigmas = kwargs["sigmas"] if "sigmas" in kwargs else args[3]
     noise = kwargs["noise"] if "noise" in kwargs else args[0]
+    latent_shapes = kwargs.get("latent_shapes") if "latent_shapes" in kwargs else (args[8] if len(args) > 8 else None)
+    if latent_shapes is not None and len(latent_shapes) > 1:
+        raise ValueError("Morse: this model samples several latents packed into one (audio and video together, as "
+                         "LTX-2's audio-video model does); the pack serves one latent a run: sample it without Morse")
     patcher = guider.model_patcher
     router = settings.router_for(patcher, patcher.load_device, patcher.model.get_dtype())
     guider.model_options = comfy.model_patcher.create_model_options_clone(original)
@@ -160,30 +180,45 @@ def outer_sample_wrapper(executor, *args, **kwargs):
             log.info("%s (batch %d)", summary.log_line(n), noise.shape[0])
 
 
-def diffusion_model_wrapper(executor, x, timesteps, context=None, y=None, control=None, transformer_options={}, **kwargs):
-    run = transformer_options.get(RUN_KEY)
-    sigmas = transformer_options.get("sigmas")
+def apply_model_wrapper(executor, *args, **kwargs):
+    """Routes the call here only for a class that does not pass DIFFUSION_MODEL wrappers; otherwise marks the call
+    so that its DIFFUSION_MODEL wrapper says it ran, and learns the class's level at its first call."""
+    call = BackboneCall(executor, args, kwargs)  # (x, sigma, c_concat, c_crossattn, control, transformer_options)
+    options = call.options
+    run, sigmas = options.get(RUN_KEY), options.get("sigmas")
     if run is None or sigmas is None:
-        return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
+        return call.passed_on()
+    model_class = type(executor.class_obj.diffusion_model)
+    if model_class in ROUTED_AT_APPLY_MODEL:
+        return _route(run, call, call.dash, float(sigmas.reshape(-1)[0]), fill_backbone=None)
+    summary = run.summary
+    first_call = not (summary.dash_calls or summary.dot_calls or summary.fallback_calls)
+    options[REACHED_KEY] = False  # the call's own copy of the options (samplers copies them per call)
+    out = call.passed_on()
+    # learnt at a run's first call only: later, another pack's DIFFUSION_MODEL wrapper outside Morse's may serve a
+    # call from its cache without passing it on
+    if options.get(REACHED_KEY) or not first_call:
+        return out
+    # the first call of a class that bypasses DIFFUSION_MODEL wrappers: from now on it is routed here; this call
+    # was a full model call, handed to the router as its Dash call (so it counts and anchors the next fill)
+    ROUTED_AT_APPLY_MODEL.add(model_class)
+    log.info("Morse: %s does not pass ComfyUI's DIFFUSION_MODEL wrappers; its calls are routed at apply_model "
+             "(fills work on the denoised estimate)", model_class.__name__)
+    return _route(run, call, lambda *_a, **_k: out, float(sigmas.reshape(-1)[0]), fill_backbone=None)
 
-    def dash(x_, t_, context=None, y=None, control=None, transformer_options=None, **kw):
-        return executor(x_, t_, context, y, control, transformer_options, **kw)
 
-    def unet_itself(x_, t_, context=None, y=None, control=None, transformer_options=None, **kw):
-        # the Dot's inner call at 1/2^m resolution is part of a fill, not a sampling step: it goes to the UNet
-        # itself, past the other DIFFUSION_MODEL wrappers (EasyCache and the like track full-size steps)
-        return executor.original(x_, t_, context, y, control, transformer_options, **kw)
+def diffusion_model_wrapper(executor, *args, **kwargs):
+    call = BackboneCall(executor, args, kwargs)  # any family's signature: read by name, passed on as it came
+    options = call.options
+    run = options.get(RUN_KEY)
+    sigmas = options.get("sigmas")
+    if run is None or sigmas is None:
+        return call.passed_on()
+    options[REACHED_KEY] = True
+    return _route(run, call, call.dash, float(sigmas.reshape(-1)[0]),
+                  fill_backbone=call.backbone_itself if hasattr(executor, "original") else None)
 
-    return run(
-        dash,
-        x,
-        timesteps,
-        float(sigmas.reshape(-1)[0]),
-        keys=transformer_options.get("uuids"),
-        context=context,
-        fill_backbone=unet_itself if hasattr(executor, "original") else None,
-        y=y,
-        control=control,
-        transformer_options=transformer_options,
-        **kwargs,
-    )
+
+def _route(run, call: BackboneCall, dash, sigma: float, fill_backbone):
+    return run(dash, call.x, call.timestep, sigma, keys=call.options.get("uuids"), fill_backbone=fill_backbone,
+               **call.inputs())

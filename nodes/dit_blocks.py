@@ -1,0 +1,133 @@
+"""ComfyUI's DiTs as the engine's block fills see them (``morse_engine.dit_fills.DiTBlocks``), through ComfyUI's own
+block-replace patches: ``transformer_options["patches_replace"]["dit"][("double_block", i)]`` and
+``("single_block", i)``, which Flux, Chroma, SD3, Qwen-Image, Wan, HunyuanVideo, LTXV and AuraFlow call in place of
+a block with ``(args, {"original_block": ...})`` (as ComfyUI's Skip Layer Guidance does). Nothing replaces a
+``forward``: the patches live in one call's own options and are taken out when it returns.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Optional
+
+import torch
+
+DOUBLE, SINGLE = "double_block", "single_block"
+# the attribute names of each family's block lists in ComfyUI 0.8.0: (double-stream, single-stream)
+BLOCK_LISTS = (
+    ("double_blocks", "single_blocks"),  # Flux, Flux 2, Chroma, HunyuanVideo
+    ("double_layers", "single_layers"),  # AuraFlow
+    ("joint_blocks", None),  # SD3 / SD3.5 (MMDiT)
+    ("transformer_blocks", None),  # Qwen-Image, LTXV
+    ("blocks", None),  # Wan 2.1 / 2.2
+)
+
+
+def block_keys(diffusion_model) -> Optional[list]:
+    """The block-replace keys of ``diffusion_model`` in the order its blocks run; None for a class without them."""
+    for double, single in BLOCK_LISTS:
+        first = getattr(diffusion_model, double, None)
+        if isinstance(first, torch.nn.ModuleList) and len(first):
+            rest = getattr(diffusion_model, single, None) if single else None
+            return [(DOUBLE, i) for i in range(len(first))] + [(SINGLE, i) for i in range(len(rest or ()))]
+    return None
+
+
+def _streams(out: dict):
+    return out["img"], out.get("txt")
+
+
+class ComfyDiTBlocks:
+    """Record and skip a DiT's blocks ``first..last`` (indices into :func:`block_keys`) within one model call."""
+
+    def __init__(self, diffusion_model):
+        keys = block_keys(diffusion_model)
+        if keys is None:
+            raise AttributeError(f"{type(diffusion_model).__name__} has no block list ComfyUI's block-replace patches reach")
+        self.keys = keys
+        self.n_blocks = len(keys)
+        self.n_double = sum(kind == DOUBLE for kind, _ in keys)
+        self.text_first: Optional[bool] = None  # where single-stream blocks begin: text tokens before the image's?
+
+    def accepts(self, kwargs: dict) -> bool:
+        # ControlNet residuals are added after blocks a fill skips; another patch on one of the blocks is the
+        # user's (Skip Layer Guidance, a model patch): such a call runs Dash
+        replaced = ((kwargs.get("transformer_options") or {}).get("patches_replace") or {}).get("dit") or {}
+        return kwargs.get("control") is None and not any(key in replaced for key in self.keys)
+
+    @contextmanager
+    def _patched(self, kwargs: dict, patches: dict):
+        options = kwargs["transformer_options"]  # this call's own copy (ComfyUI copies the options per call)
+        saved = options.get("patches_replace")
+        replace = dict(saved or {})
+        replace["dit"] = {**replace.get("dit", {}), **patches}
+        options["patches_replace"] = replace
+        try:
+            yield
+        finally:
+            if saved is None:
+                options.pop("patches_replace", None)
+            else:
+                options["patches_replace"] = saved
+
+    @contextmanager
+    def recording(self, kwargs: dict, first: int, last: int):
+        seen, result = {}, {}
+
+        def record(index):
+            def block(args, extra):
+                if index == first:
+                    seen["entry"] = tuple(None if v is None else v.clone() for v in _streams(args))
+                if self.keys[index] == (SINGLE, 0):
+                    seen["joined"] = args["img"].clone()  # copies: some blocks add to their input in place
+                out = extra["original_block"](args)
+                if self.keys[index] == (DOUBLE, self.n_double - 1):
+                    seen["joined_from"] = tuple(None if v is None else v.clone() for v in _streams(out))
+                if index == last:
+                    if "joined_from" in seen and self.text_first is None:
+                        self.text_first = _text_first(seen["joined"], *seen["joined_from"])
+                    result["residual"] = self._residual(seen["entry"], _streams(out), self.keys[last][0])
+                return out
+
+            return block
+
+        watched = {first, last}
+        if self.keys[first][0] == DOUBLE and self.keys[last][0] == SINGLE:  # learn how the two streams are joined
+            watched |= {self.n_double - 1, self.n_double}
+        with self._patched(kwargs, {self.keys[i]: record(i) for i in watched}):
+            yield result
+
+    def _residual(self, entry, out, exit_kind: str) -> torch.Tensor:
+        """What the state leaving the exit block holds beyond the entry's, carried as skipping would carry it."""
+        img, txt = out
+        entry_img, entry_txt = entry
+        if exit_kind == SINGLE and entry_txt is not None and img.shape[1] != entry_img.shape[1]:
+            joined = (entry_txt, entry_img) if self.text_first else (entry_img, entry_txt)
+            return img - torch.cat(joined, dim=1)
+        if txt is None or entry_txt is None:
+            return img - entry_img
+        return torch.cat((img - entry_img, txt - entry_txt), dim=1)
+
+    @contextmanager
+    def skipping(self, kwargs: dict, first: int, last: int, residual: torch.Tensor):
+        def skip(args, extra):
+            return {name: args[name] for name in ("img", "txt") if name in args}
+
+        def end(args, extra):
+            img, txt = args["img"], args.get("txt")
+            if self.keys[last][0] == SINGLE or txt is None or residual.shape[1] == img.shape[1]:
+                return {**skip(args, extra), "img": img + residual.to(img.dtype)}
+            n = img.shape[1]
+            return {"img": img + residual[:, :n].to(img.dtype), "txt": txt + residual[:, n:].to(txt.dtype)}
+
+        patches = {self.keys[i]: skip for i in range(first, last)}
+        patches[self.keys[last]] = end
+        with self._patched(kwargs, patches):
+            yield
+
+
+def _text_first(joined: torch.Tensor, img: torch.Tensor, txt: Optional[torch.Tensor]) -> bool:
+    """Whether the single-stream blocks' input is text then image (Flux, Chroma, AuraFlow) or image then text
+    (HunyuanVideo), from one Dash call's own tensors."""
+    if txt is None:
+        return False
+    return bool(torch.equal(joined[:, :txt.shape[1]], txt))

@@ -1,0 +1,158 @@
+"""Morse on ComfyUI's DiT / flow families (issue 27): tiny instances of ComfyUI 0.8.0's own model classes
+(``tiny_dits``), sampled through ``comfy.sample.sample`` with the pack's ``apply_morse``, as Morse Model Patch and
+Morse KSampler do.
+
+Every family: all-Dash equal to plain sampling bit for bit (first- and second-order samplers), the output-space
+fills sample and serve the steps they are given (the log line counts them, so a family whose calls bypass the
+pack would fail here, not pass silently), cond and uncond in separate calls, and a fill that needs UNet blocks
+refused in one sentence before the first model call.
+"""
+import logging
+
+import pytest
+import torch
+
+import tiny_dits as td
+
+FAMILIES = sorted(td.FAMILIES)
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def models(host):
+    return {name: td.build(host, td.FAMILIES[name]) for name in FAMILIES}
+
+
+def sample(host, model, family, sampler="euler", cfg=2.0, seed=1, batch=1, pos=None, neg=None):
+    latent = td.latent(family, batch)
+    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(seed))
+    return host.comfy.sample.sample(model, noise, STEPS, cfg, sampler, "simple",
+                                    pos or td.conditioning(family, 1, batch), neg or td.conditioning(family, 2, batch),
+                                    latent, seed=seed, disable_pbar=True)
+
+
+def morse(host, model, schedule=None, fill="reuse"):
+    hooks, engine = host.hooks, host.engine
+    return hooks.apply_morse(model, hooks.MorseSettings(schedule=schedule or engine.EveryK(2), fill=fill))
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m", "heun"])
+def test_all_dash_is_plain_sampling_bit_for_bit(host, models, name, sampler):
+    family, model = td.FAMILIES[name], models[name]
+    plain = sample(host, model, family, sampler)
+    assert torch.equal(sample(host, morse(host, model, host.engine.EveryK(1)), family, sampler), plain)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("fill", ["reuse", "extrapolate"])
+def test_output_space_fills_serve_their_steps(host, models, name, fill, caplog):
+    family, model = td.FAMILIES[name], models[name]
+    plain = sample(host, model, family)
+    with caplog.at_level(logging.INFO, logger="morse"):
+        out = sample(host, morse(host, model, fill=fill), family)
+    assert out.shape == plain.shape and torch.isfinite(out).all()
+    assert not torch.equal(out, plain)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Morse: ")]
+    assert any(f"2 Dash steps, 2 {fill} steps of {STEPS}" in line for line in lines), lines
+
+
+@pytest.mark.parametrize("name", ["flux", "wan21", "sd3", "qwen_image"])
+def test_cond_and_uncond_in_separate_calls(host, models, name):
+    family, model = td.FAMILIES[name], models[name]
+    # text of other lengths cannot share a batch: ComfyUI calls cond and uncond one at a time
+    pos = td.conditioning(family, 1, 2)
+    neg = [[torch.randn(2, td.TOKENS + 1, td.TEXT, generator=torch.Generator().manual_seed(2)), dict(pos[0][1])]]
+    plain = sample(host, model, family, batch=2, pos=pos, neg=neg)
+    dash = sample(host, morse(host, model, host.engine.EveryK(1)), family, batch=2, pos=pos, neg=neg)
+    assert torch.equal(dash, plain)
+    filled = sample(host, morse(host, model), family, batch=2, pos=pos, neg=neg)
+    assert filled.shape == plain.shape and torch.isfinite(filled).all() and not torch.equal(filled, plain)
+
+
+@pytest.mark.parametrize("name", ["flux", "flux_schnell"])
+def test_cfg_one_sends_one_cond_a_step_and_is_served(host, models, name):
+    """Guidance-distilled Flux runs at CFG 1: one positive chunk a call."""
+    family, model = td.FAMILIES[name], models[name]
+    plain = sample(host, model, family, cfg=1.0)
+    assert torch.equal(sample(host, morse(host, model, host.engine.EveryK(1)), family, cfg=1.0), plain)
+    out = sample(host, morse(host, model), family, cfg=1.0)
+    assert torch.isfinite(out).all() and not torch.equal(out, plain)
+
+
+@pytest.mark.parametrize("name,fill,says", [
+    ("lumina2", "inherit_k1", "needs an SD1.x, SD2.x or SDXL UNet or a DiT whose blocks"),
+    ("hidream", "forecast_k1", "needs an SD1.x, SD2.x or SDXL UNet or a DiT whose blocks"),
+    ("flux", "propagate", "is not offered on transformer backbones"),
+])
+def test_a_block_fill_the_model_cannot_take_is_refused_before_the_first_model_call(host, models, name, fill, says):
+    family, model = td.FAMILIES[name], models[name].clone()
+    calls = []
+
+    def count(executor, *args, **kwargs):
+        calls.append(1)
+        return executor(*args, **kwargs)
+
+    model.add_wrapper_with_key(host.comfy.patcher_extension.WrappersMP.APPLY_MODEL, "count", count)
+    with pytest.raises(ValueError, match=rf"^Morse: the fill '{fill}' .*{says}.*Pick reuse or extrapolate"):
+        sample(host, morse(host, model, fill=fill), family)
+    assert calls == []
+
+
+@pytest.mark.parametrize("name", ["flux", "wan21", "sd3"])
+def test_interrupt_then_a_clean_run(host, models, name):
+    family, model = td.FAMILIES[name], models[name]
+    mm = host.comfy.model_management
+    reference = sample(host, morse(host, model), family)
+    mm.interrupt_current_processing(True)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            sample(host, morse(host, model), family)
+    finally:
+        mm.interrupt_current_processing(False)
+    assert torch.equal(sample(host, morse(host, model), family), reference)
+
+
+BLOCK_FAMILIES = sorted(n for n, f in td.FAMILIES.items() if f.blocks)
+
+
+@pytest.mark.parametrize("name", BLOCK_FAMILIES)
+@pytest.mark.parametrize("fill", ["inherit_k1", "forecast_k1", "forecast2_k2"])
+def test_block_fills_serve_their_steps_through_comfyuis_block_patches(host, models, name, fill, caplog):
+    family, model = td.FAMILIES[name], models[name]
+    plain = sample(host, model, family)
+    with caplog.at_level(logging.INFO, logger="morse"):
+        out = sample(host, morse(host, model, fill=fill), family)
+    assert out.shape == plain.shape and torch.isfinite(out).all() and not torch.equal(out, plain)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Morse: ")]
+    assert any(f"2 Dash steps, 2 {fill} steps of {STEPS}" in line for line in lines), lines
+    assert "patches_replace" not in model.model_options.get("transformer_options", {})  # nothing left patched
+
+
+@pytest.mark.parametrize("name", BLOCK_FAMILIES)
+@pytest.mark.parametrize("k", [1, 2])
+def test_skipping_the_middle_blocks_with_their_recorded_residual_gives_the_dash_call_back(host, models, name, k):
+    """On one call's own inputs, the blocks k..n-k-1 skipped and their residual from that same call added where
+    they end must give the call's output (up to rounding): the record and the skip carry the streams alike."""
+    from importlib import import_module
+
+    dit_blocks = import_module(host.pack.__name__ + ".nodes.dit_blocks")
+    family, model = td.FAMILIES[name], models[name].clone()
+    blocks = dit_blocks.ComfyDiTBlocks(model.model.diffusion_model)
+    first, last = k, blocks.n_blocks - k - 1
+    pairs = []
+
+    def probe(executor, *args, **kwargs):  # apply_model's own signature: (x, t, c_concat, c_crossattn, control, options)
+        call = {"transformer_options": args[5], "control": args[4]}
+        with blocks.recording(call, first, last) as recorded:
+            out = executor(*args, **kwargs)
+        assert "patches_replace" not in args[5] or "dit" not in args[5]["patches_replace"]
+        with blocks.skipping(call, first, last, recorded["residual"]):
+            pairs.append((out, executor(*args, **kwargs)))
+        return out
+
+    model.add_wrapper_with_key(host.comfy.patcher_extension.WrappersMP.APPLY_MODEL, "probe", probe)
+    sample(host, model, family)
+    assert len(pairs) == STEPS
+    for out, again in pairs:
+        assert torch.allclose(again, out, rtol=1e-4, atol=1e-4 * float(out.abs().max()))
