@@ -156,3 +156,19 @@ def test_skipping_the_middle_blocks_with_their_recorded_residual_gives_the_dash_
     assert len(pairs) == STEPS
     for out, again in pairs:
         assert torch.allclose(again, out, rtol=1e-4, atol=1e-4 * float(out.abs().max()))
+
+
+def test_the_dit_block_benchmark_composes_n_from_timed_blocks(host, tmp_path):
+    import json
+    import os
+
+    from training import bench_dit
+
+    out = tmp_path / "dit.json"
+    assert bench_dit.main(["--model", "tiny", "--resolution", "64", "--blocks", "1", "--repeats", "1",
+                           "--comfyui", os.environ["COMFYUI_PATH"], "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    parts, result = report["parts"], report["composed"]
+    assert parts["samples"] == {"double": 1, "single": 1, "calls": 1}
+    assert result["dash_s"] == pytest.approx(parts["rest_s"] + 19 * parts["double_s"] + 38 * parts["single_s"])
+    assert result["k1"]["N"] > result["k2"]["N"] > 1
