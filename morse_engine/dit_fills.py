@@ -25,6 +25,9 @@ from .feature_fills import feature_at
 from .fillers import Filler
 
 RESIDUAL = "residual"  # the one feature a DiT block fill keeps of a Dash call
+STATE = "state"  # what encoder propagation keeps instead: the hidden state leaving the encoder
+#: Faster Diffusion's split of a DiT (its appendix A.3): the first 18 of DiT-XL's 28 blocks are the encoder
+ENCODER_SHARE = 18 / 28
 
 
 class DiTBlocks(Protocol):
@@ -32,13 +35,15 @@ class DiTBlocks(Protocol):
 
     n_blocks: int
 
-    def recording(self, kwargs: dict, first: int, last: int) -> AbstractContextManager[dict]:
+    def recording(self, kwargs: dict, first: int, last: int, state: bool = False) -> AbstractContextManager[dict]:
         """While the model call with ``kwargs`` runs, record the residual across blocks ``first..last``; the dict
-        yielded holds it under ``RESIDUAL`` (batch first) once the call returns."""
+        yielded holds it under ``RESIDUAL`` (batch first) once the call returns. ``state``: record the hidden
+        state leaving block ``last`` instead, under ``STATE``."""
 
-    def skipping(self, kwargs: dict, first: int, last: int, residual: torch.Tensor) -> AbstractContextManager[None]:
+    def skipping(self, kwargs: dict, first: int, last: int, residual: torch.Tensor,
+                 replace: bool = False) -> AbstractContextManager[None]:
         """While the model call with ``kwargs`` runs, blocks ``first..last`` are skipped and ``residual`` is added
-        where they end."""
+        where they end (``replace``: the state leaving them is ``residual`` itself)."""
 
     def accepts(self, kwargs: dict) -> bool:
         """Whether this call can be served (no ControlNet residuals inside the skipped blocks, no other patch
@@ -76,6 +81,35 @@ class DiTBlockFiller(Filler):
             return backbone_call(x, t, context=context, **kwargs)
 
 
+class DiTPropagateFiller(Filler):
+    """Faster Diffusion's encoder propagation on a DiT: the first blocks are the encoder (18 of DiT-XL's 28; the
+    same share of any DiT's), the rest the decoder. A fill step skips the encoder and runs the decoder on the
+    hidden state the last Dash call's encoder left, with the current time (the blocks' modulation), as the paper
+    defines it for DiTs; the current input does not enter. The paper's parallel decoding of several such steps
+    in one call is not offered on DiTs (each fill step is its own call)."""
+
+    name = "propagate"
+    free = False
+    runs_backbone = True
+
+    def __init__(self, blocks: DiTBlocks, encoder_share: float = ENCODER_SHARE):
+        n = blocks.n_blocks
+        self.blocks, self.last = blocks, max(0, min(n - 2, round(n * encoder_share) - 1))
+
+    def capture_modules(self) -> dict:
+        return {STATE: None}
+
+    def capturing(self, kwargs: dict):
+        return self.blocks.recording(kwargs, 0, self.last, state=True)
+
+    def accepts(self, kwargs: dict) -> bool:
+        return self.blocks.accepts(kwargs)
+
+    def __call__(self, backbone_call, x, t, anchor, context, kwargs, sigma=None):
+        with torch.no_grad(), self.blocks.skipping(kwargs, 0, self.last, anchor.features[STATE], replace=True):
+            return backbone_call(x, t, context=context, **kwargs)
+
+
 #: the block fills by name, for a DiT (``make_fill`` picks these where the host describes DiT blocks)
 DIT_FILLS = {
     "inherit_k1": lambda blocks: DiTBlockFiller(blocks, k=1),
@@ -83,4 +117,5 @@ DIT_FILLS = {
     "forecast_k1": lambda blocks: DiTBlockFiller(blocks, k=1, forecast=1),
     "forecast_k2": lambda blocks: DiTBlockFiller(blocks, k=2, forecast=1),
     "forecast2_k2": lambda blocks: DiTBlockFiller(blocks, k=2, forecast=2),
+    "propagate": DiTPropagateFiller,
 }

@@ -3,14 +3,17 @@
 ComfyUI (and k-diffusion) sample in sigma space: the sampler holds x = x0 + sigma * noise, the
 backbone sees the scaled input x / sqrt(sigma^2 + 1) and the nearest discrete timestep, and
 returns eps or v ("native" prediction), from which denoised = x - sigma * eps. Classifier-free
-guidance mixes the cond and uncond estimates as u + w (c - u). Every other module of the pack
-that needs one of these formulas calls it from here.
+guidance mixes the cond and uncond estimates as u + w (c - u). Flow models (ComfyUI's ``CONST``: SD3, Flux,
+Wan, the reference DiT) hold x = (1 - sigma) x0 + sigma noise instead, see x itself and predict the velocity
+(:class:`FlowSchedule`). Every other module of the pack that needs one of these formulas calls it from here.
 """
 from __future__ import annotations
 
 import torch
 
-PREDICTIONS = ("eps", "v")
+import math
+
+PREDICTIONS = ("eps", "v", "x0")  # what a discrete (sigma-space) model may predict; flow models predict "flow"
 
 
 def scale_input(x, sigma):
@@ -59,7 +62,10 @@ def to_eps(x_scaled, sigma, z, prediction: str):
         return z
     if prediction == "v":
         return (x_scaled * sigma + z) / (sigma**2 + 1) ** 0.5
-    raise ValueError(f"prediction {prediction!r} is not one of {PREDICTIONS}; the pack supports eps and v models")
+    if prediction == "x0":  # ComfyUI's X0: denoised = z
+        return (unscale_input(x_scaled, sigma) - z) / sigma
+    raise ValueError(f"prediction {prediction!r} is not one of {PREDICTIONS}; the pack supports eps, v and x0 models "
+                     "(flow models: FlowSchedule)")
 
 
 def guidance(cond, uncond, scale):
@@ -115,3 +121,71 @@ class DiscreteSchedule:
     def initial_latent(self, noise, sigma_max):
         # ComfyUI scales pure noise by sqrt(1 + sigma^2) when sampling from the top of the schedule
         return noise * (1 + sigma_max**2) ** 0.5
+
+    def model_input(self, x, sigma):
+        """What the backbone sees of the sampler's x (ComfyUI's ``calculate_input``)."""
+        return scale_input(x, sigma)
+
+    def denoised(self, x, sigma, z, prediction=None):
+        """The clean estimate from the backbone's native output ``z`` at the sampler's (x, sigma)."""
+        return denoised_from_eps(x, sigma, to_eps(scale_input(x, sigma), sigma, z, prediction or self.prediction))
+
+
+def shifted_time(shift: float, t):
+    """SD3's time shift: the flow sigma of time t in [0, 1] (``time_snr_shift``; Flux's ``flux_time_shift`` with
+    mu is this with shift = e^mu)."""
+    return shift * t / (1 + (shift - 1) * t)
+
+
+class FlowSchedule:
+    """ComfyUI's flow sampling (``CONST`` with ``ModelSamplingDiscreteFlow`` / ``ModelSamplingFlux``): the sampler
+    holds x = (1 - sigma) x0 + sigma noise, the backbone sees x itself at timestep sigma * multiplier and returns
+    the velocity v = noise - x0, so denoised = x - sigma v. ``sigmas`` are the schedule's ``timesteps`` sigmas,
+    ascending, as ComfyUI registers them."""
+
+    prediction = "flow"
+
+    def __init__(self, shift: float = 1.0, multiplier: float = 1000.0, timesteps: int = 1000):
+        self.shift, self.multiplier = float(shift), float(multiplier)
+        self.sigmas = shifted_time(self.shift, torch.arange(1, timesteps + 1, dtype=torch.float32) / timesteps)
+
+    @classmethod
+    def flux(cls, mu: float = 1.15) -> "FlowSchedule":
+        """``ModelSamplingFlux`` (Flux, Chroma, the reference DiT): its "shift" is mu, timestep = sigma."""
+        return cls(shift=math.exp(mu), multiplier=1.0, timesteps=10000)
+
+    def to_dict(self) -> dict:
+        return {"kind": "flow", "shift": self.shift, "multiplier": self.multiplier, "timesteps": len(self.sigmas)}
+
+    @property
+    def sigma_min(self) -> float:
+        return float(self.sigmas[0])
+
+    @property
+    def sigma_max(self) -> float:
+        return float(self.sigmas[-1])
+
+    def timestep(self, sigma):
+        return torch.as_tensor(sigma, dtype=torch.float32) * self.multiplier
+
+    def sigma(self, timestep):
+        return shifted_time(self.shift, torch.as_tensor(timestep, dtype=torch.float32) / self.multiplier)
+
+    def initial_latent(self, noise, sigma_max):
+        # CONST's noise scaling of an empty latent: sigma * noise + (1 - sigma) * 0
+        return noise * sigma_max
+
+    def model_input(self, x, sigma):
+        return x
+
+    def denoised(self, x, sigma, z, prediction=None):
+        if prediction not in (None, "flow"):
+            raise ValueError(f"a flow schedule's model predicts the velocity, not {prediction!r}")
+        return x - sigma * z
+
+
+def schedule_from_dict(d: dict):
+    """A schedule from the dict a weights file stores (``FlowSchedule.to_dict``; anything else: SD's discrete)."""
+    if d.get("kind") == "flow":
+        return FlowSchedule(d["shift"], d["multiplier"], d["timesteps"])
+    raise ValueError(f"schedule {d!r} is not a flow schedule; discrete schedules are built from their betas")

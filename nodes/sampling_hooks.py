@@ -93,9 +93,9 @@ def backbone_blocks(backbone):
         from .unet_blocks import ComfyUNetBlocks
 
         return ComfyUNetBlocks(backbone)
-    from .dit_blocks import ComfyDiTBlocks
+    from ..morse_engine.block_replace import PatchedDiTBlocks
 
-    return ComfyDiTBlocks(backbone)
+    return PatchedDiTBlocks(backbone)
 
 
 def decodes_spans_at_once(device) -> bool:

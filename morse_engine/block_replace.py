@@ -1,8 +1,9 @@
-"""ComfyUI's DiTs as the engine's block fills see them (``morse_engine.dit_fills.DiTBlocks``), through ComfyUI's own
-block-replace patches: ``transformer_options["patches_replace"]["dit"][("double_block", i)]`` and
+"""A DiT's blocks as the block fills see them (``dit_fills.DiTBlocks``), through the block-replace patch convention
+of ComfyUI's DiTs: ``transformer_options["patches_replace"]["dit"][("double_block", i)]`` and
 ``("single_block", i)``, which Flux, Chroma, SD3, Qwen-Image, Wan, HunyuanVideo, LTXV and AuraFlow call in place of
-a block with ``(args, {"original_block": ...})`` (as ComfyUI's Skip Layer Guidance does). Nothing replaces a
-``forward``: the patches live in one call's own options and are taken out when it returns.
+a block with ``(args, {"original_block": ...})`` (as ComfyUI's Skip Layer Guidance does), and which the project's
+reference DiT (``training/reference/dit.py``) honours the same way. Nothing replaces a ``forward``: the patches
+live in one call's own options and are taken out when it returns. Plain torch and dicts: no ComfyUI import.
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ def _streams(out: dict):
     return out["img"], out.get("txt")
 
 
-class ComfyDiTBlocks:
+class PatchedDiTBlocks:
     """Record and skip a DiT's blocks ``first..last`` (indices into :func:`block_keys`) within one model call."""
 
     def __init__(self, diffusion_model):
@@ -70,7 +71,7 @@ class ComfyDiTBlocks:
                 options["patches_replace"] = saved
 
     @contextmanager
-    def recording(self, kwargs: dict, first: int, last: int):
+    def recording(self, kwargs: dict, first: int, last: int, state: bool = False):
         seen, result = {}, {}
 
         def record(index):
@@ -85,13 +86,17 @@ class ComfyDiTBlocks:
                 if index == last:
                     if "joined_from" in seen and self.text_first is None:
                         self.text_first = _text_first(seen["joined"], *seen["joined_from"])
-                    result["residual"] = self._residual(seen["entry"], _streams(out), self.keys[last][0])
+                    if state:  # the streams leaving the block, laid out as a residual is
+                        img, txt = _streams(out)
+                        result["state"] = img.clone() if txt is None else torch.cat((img, txt), dim=1)
+                    else:
+                        result["residual"] = self._residual(seen["entry"], _streams(out), self.keys[last][0])
                 return out
 
             return block
 
-        watched = {first, last}
-        if self.keys[first][0] == DOUBLE and self.keys[last][0] == SINGLE:  # learn how the two streams are joined
+        watched = {last} if state else {first, last}
+        if not state and self.keys[first][0] == DOUBLE and self.keys[last][0] == SINGLE:  # how the streams are joined
             watched |= {self.n_double - 1, self.n_double}
         with self._patched(kwargs, {self.keys[i]: record(i) for i in watched}):
             yield result
@@ -108,16 +113,19 @@ class ComfyDiTBlocks:
         return torch.cat((img - entry_img, txt - entry_txt), dim=1)
 
     @contextmanager
-    def skipping(self, kwargs: dict, first: int, last: int, residual: torch.Tensor):
+    def skipping(self, kwargs: dict, first: int, last: int, residual: torch.Tensor, replace: bool = False):
         def skip(args, extra):
             return {name: args[name] for name in ("img", "txt") if name in args}
+
+        def add(current, part):
+            return part.to(current.dtype) if replace else current + part.to(current.dtype)
 
         def end(args, extra):
             img, txt = args["img"], args.get("txt")
             if self.keys[last][0] == SINGLE or txt is None or residual.shape[1] == img.shape[1]:
-                return {**skip(args, extra), "img": img + residual.to(img.dtype)}
+                return {**skip(args, extra), "img": add(img, residual)}
             n = img.shape[1]
-            return {"img": img + residual[:, :n].to(img.dtype), "txt": txt + residual[:, n:].to(txt.dtype)}
+            return {"img": add(img, residual[:, :n]), "txt": add(txt, residual[:, n:])}
 
         patches = {self.keys[i]: skip for i in range(first, last)}
         patches[self.keys[last]] = end
