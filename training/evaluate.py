@@ -256,7 +256,7 @@ def main(argv=None) -> int:
     classifier, _ = load_feature_classifier(device=device)
     # records belong to these exact files: another Dot (or Dash) starts a new store
     identity = {"n_device": args.n_device or args.device, "fills": [f.name for f in fills], "device": args.device,
-                "files": [file_digest(p) for p in (models.dash_path, models.dot_info.path,
+                "files": [file_digest(p) for p in (models.dash_path, models.dot_info.path if models.dot_info else None,
                                                    models.ablation[1].path if models.ablation else None)]}
     store = RecordStore(args.runs, {**st, "cfg": cfg, "seed": args.seed, **identity})
     print(f"Evaluation ({st['mode']}): {st['samples']} samples per run, CFG {cfg:g}, on {args.device} "

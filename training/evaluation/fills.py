@@ -46,16 +46,25 @@ DEFAULT_FILLS = ("dot", "ablation", "reuse", "extrapolate")
 def collect_fills(models, names=None) -> list[EvalFill]:
     """The fills called ``names`` (default: the Dot, the ablation Dot where there is one, and the reuse and
     extrapolation fills) from every fill there is: the Dots and each fill the engine offers by name (those that
-    rerun Dash's blocks on the reference UNet's)."""
+    rerun Dash's blocks on the reference UNet's, or on the reference DiT's through its block-replace patches)."""
+    from morse_engine.block_replace import PatchedDiTBlocks
+    from morse_engine.dit_fills import DIT_FILLS
+    from morse_engine.fillers import TRAINING_FREE_FILLS
+
     from ..reference.blocks import ReferenceBlocks
 
-    blocks, unet = ReferenceBlocks(models.unet), models.unet
-    fills = [EvalFill("dot", make_fill("dot", dot=models.dot, backbone=unet, blocks=blocks),
-                      pattern_table=models.dot_info.pattern_table)]
+    unet = models.unet
+    dit = getattr(unet, "takes_block_patches", False)
+    blocks = PatchedDiTBlocks(unet) if dit else ReferenceBlocks(unet)
+    fills = []
+    if models.dot is not None:
+        fills.append(EvalFill("dot", make_fill("dot", dot=models.dot, backbone=unet, blocks=blocks),
+                              pattern_table=models.dot_info.pattern_table))
     if models.ablation is not None:
         fills.append(EvalFill("ablation", make_fill("dot", dot=models.ablation[0], backbone=unet, blocks=blocks),
                               pattern_table=models.ablation[1].pattern_table))
-    fills += [EvalFill(name, make_fill(name, blocks=blocks)) for name in FILLS_WITHOUT_DOT]
+    offered = (*TRAINING_FREE_FILLS, *DIT_FILLS) if dit else FILLS_WITHOUT_DOT
+    fills += [EvalFill(name, make_fill(name, blocks=blocks)) for name in offered]
     names = names or [n for n in DEFAULT_FILLS if n in {f.name for f in fills}]
     if names:
         unknown = set(names) - {f.name for f in fills}

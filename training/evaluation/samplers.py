@@ -3,7 +3,8 @@
 Each sampler is a short loop over the engine's one-step updates (``morse_engine.solver_steps``),
 and the model call goes through the engine's parameterisation: the sampler holds
 x = x0 + sigma * noise, the model sees the scaled input and the nearest discrete timestep and
-returns eps. The Morse router sits exactly at that model call, so what is measured here is
+returns eps or v (a flow model: x = (1 - sigma) x0 + sigma * noise, seen as is, the velocity back;
+``morse_engine.parameterization.FlowSchedule``). The Morse router sits exactly at that model call, so what is measured here is
 what the nodes do inside ComfyUI.
 """
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Callable, Optional
 import torch
 
 from morse_engine import MorseRun
-from morse_engine.parameterization import DiscreteSchedule, cfg_combine, denoised_from_eps, scale_input, to_eps
+from morse_engine.parameterization import DiscreteSchedule, cfg_combine
 from morse_engine.solver_steps import ancestral_step, dpmpp_2m_step, euler_step, to_d
 
 
@@ -39,34 +40,39 @@ class GuidedDenoiser:
 
     Cond and uncond go through the model in one batch, keyed so the router keeps an anchor
     for each; with cfg == 1 only the cond is evaluated, as ComfyUI does. ``prediction``: the model's native
-    output ("eps" or "v"); ``kwargs``: what else it takes for the [cond, uncond] batch (SDXL's ``y``).
+    output ("eps", "v" or "x0"; default: the schedule's own); ``kwargs``: what else it takes for the [cond, uncond]
+    batch (SDXL's ``y``). A backbone with ``patches_replace`` (a DiT: its block fills patch one call's options)
+    gets a fresh ``transformer_options`` each call, as ComfyUI gives one.
     """
 
     def __init__(self, unet, ms: DiscreteSchedule, cond_ctx, uncond_ctx, cfg: float, run: Optional[MorseRun] = None,
-                 prediction: str = "eps", kwargs: Optional[dict] = None):
+                 prediction: Optional[str] = None, kwargs: Optional[dict] = None):
         self.unet, self.ms, self.cond, self.uncond, self.cfg, self.run = unet, ms, cond_ctx, uncond_ctx, cfg, run
         self.prediction, self.kwargs = prediction, kwargs or {}
+        self.fresh_options = bool(getattr(unet, "takes_block_patches", False))
 
     def _model(self, x, t, sigma, keys, ctx, kwargs):
+        if self.fresh_options:
+            kwargs = {**kwargs, "transformer_options": {}}
         if self.run is None:
             return self.unet(x, t, context=ctx, **kwargs)
         return self.run(self.unet, x, t, sigma, keys=keys, context=ctx, **kwargs)
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         b = x.shape[0]
-        x_in = scale_input(x, sigma)
+        x_in = self.ms.model_input(x, sigma)
         t = self.ms.timestep(sigma).reshape(1).expand(b).to(x.device)
         if self.cfg == 1.0:
             kwargs = {k: v[:b] for k, v in self.kwargs.items()}
-            eps = to_eps(x_in, sigma, self._model(x_in, t, float(sigma), ["cond"], self.cond, kwargs), self.prediction)
+            z = self._model(x_in, t, float(sigma), ["cond"], self.cond, kwargs)
         else:
             out = self._model(
                 torch.cat([x_in, x_in]), torch.cat([t, t]), float(sigma), ["cond", "uncond"],
                 torch.cat([self.cond, self.uncond]), self.kwargs,
             )
             # guidance is an affine combination, so combining the native outputs and then converting is the same
-            eps = to_eps(x_in, sigma, cfg_combine(out, self.cfg), self.prediction)
-        return denoised_from_eps(x, sigma, eps)
+            z = cfg_combine(out, self.cfg)
+        return self.ms.denoised(x, sigma, z, self.prediction)
 
 
 def sample_euler(model: Callable, x, sigmas, generator=None):

@@ -157,19 +157,40 @@ class Models:
     unet: torch.nn.Module
     conditioner: torch.nn.Module
     dash_meta: dict
-    dot: torch.nn.Module
+    dot: Optional[torch.nn.Module]  # None where the Dash has no Dot yet (the reference DiT)
     dot_info: object
     ablation: Optional[tuple] = None  # (PaperDot, DotFileInfo) of the no-trajectory Dot
     notes: list = field(default_factory=list)
     dash_path: Optional[Path] = None  # the Dash weights file
 
 
+def is_dit(dash_meta: dict) -> bool:
+    return dash_meta.get("kind") == "reference_dit"
+
+
+def load_reference_backbone(path=None, device="cpu"):
+    """(model, conditioner, metadata) of a project weights file: the reference UNet (default) or the reference DiT,
+    told apart by the file's own metadata."""
+    from ..reference.dit import load_reference_dit
+    from ..reference.unet import DEFAULT_DASH_PATH, load_reference_dash
+    from ..reference.weights_file import read_weights_with_config
+
+    path = Path(path or DEFAULT_DASH_PATH)
+    _, meta = read_weights_with_config(path, "reference Dash weights", "python -m training.train_reference")
+    return (load_reference_dit if is_dit(meta) else load_reference_dash)(path, device=device)
+
+
 def load_models(dash_path=None, dot_path=None, ablation_path=None, device="cpu") -> Models:
     """The Dash (default: the reference model), the Dot and, where ``ablation_path`` is given and exists, the
-    ablation Dot; MorseError for a Dot that does not fit."""
-    from ..reference.unet import DEFAULT_DASH_PATH, load_reference_dash
+    ablation Dot; MorseError for a Dot that does not fit. A DiT Dash without ``dot_path`` gets no Dot (the
+    committed Dots are the UNet's)."""
+    from ..reference.unet import DEFAULT_DASH_PATH
 
-    unet, conditioner, dash_meta = load_reference_dash(dash_path, device=device)
+    unet, conditioner, dash_meta = load_reference_backbone(dash_path, device=device)
+    if is_dit(dash_meta) and dot_path is None:
+        models = Models(unet, conditioner, dash_meta, None, None, dash_path=Path(dash_path))
+        models.notes.append(f"{Path(dash_path).name} is a DiT: no Dot is compared (the committed Dots are the UNet's)")
+        return models
     dot_path = dot_path or DEFAULT_DOT
     if not Path(dot_path).is_file():
         raise FileNotFoundError(f"no Dot at {dot_path}; train one with `python -m training.train_dot` or pass --dot PATH")
@@ -195,6 +216,8 @@ def load_models(dash_path=None, dot_path=None, ablation_path=None, device="cpu")
 
 def reference_workload(models: "Models", samples: int, chunk: int, cfg: float, seed: int, device) -> Workload:
     """The reference model's workload: seeded noise, labels cycling 0..9, their contexts and the null class's."""
+    from morse_engine.parameterization import schedule_from_dict
+
     from ..reference.unet import NULL_CLASS, sd_alphas_cumprod
 
     shape = tuple(models.dash_meta.get("image_size") or (models.unet.in_channels, 32, 32))
@@ -204,5 +227,7 @@ def reference_workload(models: "Models", samples: int, chunk: int, cfg: float, s
         cond = models.conditioner(labels.to(device))
         uncond = models.conditioner(torch.full((samples,), NULL_CLASS, device=device))
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else None
-    return Workload(models.unet, DiscreteSchedule.from_alphas_cumprod(sd_alphas_cumprod()), noise, cond, uncond, cfg,
+    ms = (schedule_from_dict(models.dash_meta["schedule"]) if is_dit(models.dash_meta)
+          else DiscreteSchedule.from_alphas_cumprod(sd_alphas_cumprod()))
+    return Workload(models.unet, ms, noise, cond, uncond, cfg,
                     min(chunk, samples), seed, sync)
