@@ -17,6 +17,8 @@ SPECS = {
     "CheckpointLoaderSimple": ([], [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")]),
     "CLIPTextEncode": ([("clip", "CLIP")], [("CONDITIONING", "CONDITIONING")]),
     "EmptyLatentImage": ([], [("LATENT", "LATENT")]),
+    "EmptySD3LatentImage": ([], [("LATENT", "LATENT")]),
+    "FluxGuidance": ([("conditioning", "CONDITIONING")], [("CONDITIONING", "CONDITIONING")]),
     "LoadImage": ([], [("IMAGE", "IMAGE"), ("MASK", "MASK")]),
     "VAEEncode": ([("pixels", "IMAGE"), ("vae", "VAE")], [("LATENT", "LATENT")]),
     "KSampler": (
@@ -38,6 +40,7 @@ SPECS = {
 # width, height as the frontend draws them (at least its computed minimum for the widgets)
 SIZES = {
     "CheckpointLoaderSimple": (320, 100), "CLIPTextEncode": (400, 200), "EmptyLatentImage": (320, 110),
+    "EmptySD3LatentImage": (320, 110), "FluxGuidance": (320, 60),
     "LoadImage": (320, 330), "VAEEncode": (210, 50), "KSampler": (320, 270), "MorseKSampler": (340, 400),
     "MorseLoadDotModel": (340, 60), "MorseDashDotSchedule": (340, 290), "PreviewAny": (340, 160),
     "VAEDecode": (210, 50), "SaveImage": (320, 300), "Note": (400, 220),
@@ -50,6 +53,10 @@ SD15 = {"name": "v1-5-pruned-emaonly-fp16.safetensors", "directory": "checkpoint
         "url": "https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive/resolve/main/v1-5-pruned-emaonly-fp16.safetensors"}
 SDXL = {"name": "sd_xl_base_1.0.safetensors", "directory": "checkpoints",
         "url": "https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/resolve/main/sd_xl_base_1.0.safetensors"}
+
+# Comfy-Org's single-file Flux checkpoints (model, both text encoders and the VAE), which Load Checkpoint reads
+FLUX_DEV = {"name": "flux1-dev-fp8.safetensors", "directory": "checkpoints",
+            "url": "https://huggingface.co/Comfy-Org/flux1-dev/resolve/main/flux1-dev-fp8.safetensors"}
 
 
 class Workflow:
@@ -181,6 +188,26 @@ def txt2img(name, model, size, steps, cfg, fill, kind, note, pattern="D.", prior
     wf.dump(name, note)
 
 
+def flux_txt2img(name, model, steps, fill, note, guidance=3.5, pattern="D."):
+    """Flux-dev as ComfyUI's own Flux example runs it: CFG 1 (guidance-distilled: one cond a step, the negative
+    prompt unused), the guidance as FluxGuidance on the positive, euler / simple, a 1024 px SD3-style latent."""
+    wf = Workflow()
+    wf.add("Note", 0, [note], "About this template", height=300)
+    ckpt = checkpoint(wf, model)
+    latent = wf.add("EmptySD3LatentImage", 0, [1024, 1024, 1])
+    pos, neg = prompts(wf, ckpt, "a lighthouse on a cliff at sunset, detailed, photograph", "")
+    neg["title"] = "Negative (unused at CFG 1)"
+    guided = wf.add("FluxGuidance", 1, [guidance])
+    wf.link(pos, "CONDITIONING", guided, "conditioning")
+    sched = schedule(wf, "pattern", steps, pattern)
+    morse = morse_sampler(wf, ckpt, guided, neg, latent, sched, steps, 1.0, "euler", "simple", 1.0, fill)
+    decode_save(wf, ckpt, morse, "morse_flux")
+    wf.skip_to(2, wf.next_y[COLUMNS[3]])
+    plain = plain_sampler(wf, ckpt, guided, neg, latent, steps, 1.0, "euler", "simple", 1.0)
+    decode_save(wf, ckpt, plain, "ksampler_flux")
+    wf.dump(name, note)
+
+
 def img2img(name, model, note):
     wf = Workflow()
     wf.add("Note", 0, [note], "About this template", height=240)
@@ -241,5 +268,13 @@ if __name__ == "__main__":
         "SDXL at 1024 px with Faster Diffusion on Morse KSampler (top), training-free: full UNet on the 9 key steps of "
         "50, the decoder alone on the others. Below: KSampler with the same 50 steps.",
         prior_noise=0.003,
+    )
+    flux_txt2img(
+        "morse_block_forecast_flux.json", FLUX_DEV, 20, "forecast_k1",
+        "Flux-dev at 1024 px with Morse KSampler (top), training-free: every other step runs only the first and last "
+        "of Flux's 57 blocks and forecasts the residual across the 55 between from the last two full steps "
+        "(forecast_k1, through ComfyUI's block-replace patches; a k=1 step costs 1/28 of a full one at this size on "
+        "a CPU, reports/2026-12-07-dit-latency). CFG 1 as Flux-dev is meant to run, guidance 3.5. Below: KSampler "
+        "with the same 20 steps. The console prints a 'Morse:' line with the steps and LSD spent.",
     )
     print("wrote", sorted(p.name for p in OUT.glob("*.json")))

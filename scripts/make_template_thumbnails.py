@@ -2,7 +2,9 @@
 graph as the real frontend draws it.
 
 Run with ComfyUI's Python (playwright installed) and Chromium present:
-    COMFYUI_PATH=/path/to/ComfyUI /path/to/comfy-python scripts/make_template_thumbnails.py
+    COMFYUI_PATH=/path/to/ComfyUI /path/to/comfy-python scripts/make_template_thumbnails.py [TEMPLATE ...]
+
+With template names (file stems), only those thumbnails are written.
 """
 import os
 import sys
@@ -20,7 +22,8 @@ if __name__ == "__main__":
     with tempfile.TemporaryDirectory() as base:
         with comfy_frontend.comfy_server(Path(comfyui), Path(base)) as url, \
                 comfy_frontend.frontend(url, width=1600, height=1000) as page:
-            for path in sorted(out.glob("*.json")):
+            wanted = set(sys.argv[1:])
+            for path in sorted(p for p in out.glob("*.json") if not wanted or p.stem in wanted):
                 comfy_frontend.load_template(page, url, path.stem)
                 comfy_frontend.close_dialogs(page)
                 comfy_frontend.fit_view(page)

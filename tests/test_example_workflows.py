@@ -24,9 +24,9 @@ def overlaps(rects):
 def test_there_is_a_template_per_fill_and_a_thumbnail_for_each():
     names = {p.stem for p in TEMPLATES}
     assert {"morse_faster_diffusion_sd15", "morse_feature_inheritance_sd15", "morse_dot_sd15", "morse_img2img_sd15",
-            "morse_faster_diffusion_sdxl"} <= names
+            "morse_faster_diffusion_sdxl", "morse_block_forecast_flux"} <= names
     fills = {n["widgets_values"][7] for p in TEMPLATES for n in json.loads(p.read_text())["nodes"] if n["type"] == "MorseKSampler"}
-    assert {"propagate", "inherit_k2", "extrapolate"} <= fills
+    assert {"propagate", "inherit_k2", "extrapolate", "forecast_k1"} <= fills
     for p in TEMPLATES:
         thumb = p.with_suffix(".jpg")
         assert thumb.is_file() and thumb.read_bytes()[:3] == b"\xff\xd8\xff", f"{p.name} has no JPEG thumbnail"

@@ -1,6 +1,6 @@
 """Every template in the real frontend (headless Chromium through playwright), as a new user meets it: loaded
 from the template list with no missing node, laid out with no two nodes overlapping as drawn, and queued with
-Run on substitute checkpoints (tiny SD1.5 and SDXL-family models saved under the names the templates ask for)
+Run on substitute checkpoints (tiny SD1.5, SDXL and Flux-family models saved under the names the templates ask for)
 until the server finishes it with no red node."""
 import sys
 import textwrap
@@ -21,7 +21,7 @@ def _small_latents(page, px=128):
     page.evaluate("""(px) => {
         const g = window.app.graph;
         for (const n of (g.nodes ?? g._nodes)) {
-            if (n.type !== "EmptyLatentImage") continue;
+            if (n.type !== "EmptyLatentImage" && n.type !== "EmptySD3LatentImage") continue;
             for (const w of n.widgets) if (w.name === "width" || w.name === "height") w.value = px;
         }
     }""", px)
@@ -66,7 +66,8 @@ def page_and_url(host, tmp_path_factory):
     for path in (REPO / "example_workflows").glob("*.json"):
         for n in json.loads(path.read_text())["nodes"]:
             if n["type"] == "CheckpointLoaderSimple" and not (checkpoints / n["widgets_values"][0]).exists():
-                family = "sdxl" if "xl" in n["widgets_values"][0] else "sd15"
+                name = n["widgets_values"][0]
+                family = "flux" if "flux" in name else "sdxl" if "xl" in name else "sd15"
                 write_tiny_checkpoint(host, families, family, checkpoints / n["widgets_values"][0])
     (base / "input").mkdir()
     from PIL import Image  # ComfyUI's own dependency

@@ -1,10 +1,10 @@
-"""Tiny SD1.x / SD2.x-v / SDXL-family checkpoints, written to disk with ComfyUI's own saver.
+"""Tiny SD1.x / SD2.x-v / SDXL / Flux-family checkpoints, written to disk with ComfyUI's own saver.
 
 ComfyUI tells a checkpoint's family by the widths of its weights (``comfy/model_detection.py``),
 so a UNet with small widths is not detected as SD1.x. These helpers register, for the length
 of a test, subclasses of ComfyUI's own SD15 / SD20 / SDXL model configs whose detection keys
 are the tiny widths and whose text encoders are ComfyUI's CLIP classes with a tiny config
-(through the ``<name>_model_config`` override ComfyUI's SDClipModel reads). Everything else
+(through the ``<name>_model_config`` override ComfyUI's SDClipModel reads; Flux's T5-XXL likewise). Everything else
 (the UNet classes, model_sampling, extra_conds, the loader and the saver) is ComfyUI's own.
 The VAE is ComfyUI's TAESD, which its VAE loader recognises inside a checkpoint.
 """
@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+TINY_T5 = {"d_model": 32, "d_ff": 64, "d_kv": 16, "num_heads": 2, "num_layers": 2}
 TINY_CLIP = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 3, "projection_dim": 32}  # 3: SD2/SDXL read layer -2
 
 UNET_COMMON = {
@@ -25,12 +26,14 @@ UNET_COMMON = {
 }
 
 
-def _tiny_clip(base, names):
-    """A ComfyUI text-encoder class with every named CLIP shrunk to TINY_CLIP."""
+def _tiny_clip(base, names, t5=False):
+    """A ComfyUI text-encoder class with every named CLIP shrunk to TINY_CLIP (and its T5-XXL to TINY_T5)."""
 
     class Tiny(base):
         def __init__(self, device="cpu", dtype=None, model_options={}, **kwargs):
             model_options = {**model_options, **{f"{n}_model_config": dict(TINY_CLIP) for n in names}}
+            if t5:
+                model_options["t5xxl_model_config"] = dict(TINY_T5)
             super().__init__(device=device, dtype=dtype, model_options=model_options, **kwargs)
 
     Tiny.__name__ = f"Tiny{base.__name__}"
@@ -79,7 +82,23 @@ def tiny_families(host):
         def clip_target(self, state_dict={}):
             return ClipTarget(comfy.sdxl_clip.SDXLTokenizer, _tiny_clip(comfy.sdxl_clip.SDXLClipModel, ["clip_l", "clip_g"]))
 
+    import comfy.text_encoders.flux
+
+    class TinyFlux(comfy.supported_models.Flux):
+        # ComfyUI's Flux detection reads the widths from the weights but fixes 24 heads and Flux's RoPE axes
+        unet_config = {"image_model": "flux", "hidden_size": 64, "guidance_embed": True}
+        unet_extra_config = {"num_heads": 2, "axes_dim": [8, 12, 12]}
+
+        def clip_target(self, state_dict={}):
+            return ClipTarget(comfy.text_encoders.flux.FluxTokenizer,
+                              _tiny_clip(comfy.text_encoders.flux.FluxClipModel, ["clip_l"], t5=True))
+
+    flux = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 32, "context_in_dim": 32,
+            "hidden_size": 64, "mlp_ratio": 4.0, "num_heads": 2, "depth": 2, "depth_single_blocks": 3,
+            "axes_dim": [8, 12, 12], "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": True,
+            "txt_ids_dims": []}
     return {
+        "flux": (TinyFlux, flux),
         "sd15": (TinySD15, {**UNET_COMMON, "context_dim": 32, "use_linear_in_transformer": False, "adm_in_channels": None}),
         "sd20v": (TinySD20V, {**UNET_COMMON, "context_dim": 32, "use_linear_in_transformer": True, "adm_in_channels": None}),
         "sdxl": (TinySDXL, {**UNET_COMMON, "context_dim": 64, "use_linear_in_transformer": True,
@@ -132,7 +151,8 @@ def write_tiny_checkpoint(host, families, family: str, path: Path, seed: int = 0
     import comfy.taesd.taesd
 
     cls, unet_config = families[family]
-    config = cls({**unet_config, "in_channels": in_channels})
+    latent_channels = unet_config["in_channels"] if family == "flux" else 4
+    config = cls(unet_config if family == "flux" else {**unet_config, "in_channels": in_channels})
     model = config.get_model({"v_pred": torch.tensor([])} if v_prediction else {}, device=torch.device("cpu"))
     g = torch.Generator().manual_seed(seed)
     _randomise(model.diffusion_model, g)
@@ -141,7 +161,7 @@ def write_tiny_checkpoint(host, families, family: str, path: Path, seed: int = 0
 
     clip = comfy.sd.CLIP(config.clip_target(), embedding_directory=None)
     _randomise(clip.cond_stage_model, g)
-    taesd = comfy.taesd.taesd.TAESD()
+    taesd = comfy.taesd.taesd.TAESD(latent_channels=latent_channels)
     _randomise(taesd, g, std=0.05)
     with torch.no_grad():
         taesd.vae_scale.fill_(1.0)
