@@ -12,6 +12,11 @@ but for a first-order step from sigma to sigma_next (Euler, DDIM),
 so a denoiser that sees the shifted input and adds that term gives the injected trajectory exactly. With other
 samplers each call on the step grid is shifted the same way (the first-order reading of the step) and calls
 between steps see the shifted input only.
+
+On a flow model (ComfyUI's CONST: x = (1 - sigma) x0 + sigma noise) the latent is x itself: z_T is the first x,
+delta = alpha z_T, and "the second half of the run" is sigma below tau / 1000 (the same share of the time axis),
+since a flow model's timestep is sigma times a multiplier that differs by family (1 for Flux, 1000 for SD3).
+The step identity above holds unchanged: ComfyUI's samplers step flow models in sigma with the same update.
 """
 from __future__ import annotations
 
@@ -33,21 +38,24 @@ class PriorNoise:
         if not isinstance(self.alpha, (int, float)) or not 0 <= self.alpha < 1:
             raise MorseError(f"prior noise alpha must be in [0, 1) (got {self.alpha!r}); Faster Diffusion uses 0.003")
 
-    def denoiser(self, denoise: Callable, sigmas: Sequence[float], timestep_of: Callable) -> Callable:
+    def denoiser(self, denoise: Callable, sigmas: Sequence[float], timestep_of: Callable, flow: bool = False) -> Callable:
         """``denoise(x, sigma, **kw)`` with the injection, for one run over ``sigmas``; the run's first call
-        (at ``sigmas[0]``) gives z_T."""
+        (at ``sigmas[0]``) gives z_T. ``flow``: the model is a flow model (CONST)."""
         grid = [float(s) for s in sigmas]
-        active = [float(timestep_of(torch.tensor(s))) < self.below_timestep for s in grid[:-1]]
+        if flow:
+            active = [s < self.below_timestep / 1000.0 for s in grid[:-1]]
+        else:
+            active = [float(timestep_of(torch.tensor(s))) < self.below_timestep for s in grid[:-1]]
         state: dict = {}
 
         def injected(x, sigma, **kw):
             s = float(torch.as_tensor(sigma).reshape(-1)[0])
             if "z_T" not in state:
-                state["z_T"] = scale_input(x, grid[0]).detach().clone()
+                state["z_T"] = (x if flow else scale_input(x, grid[0])).detach().clone()
             step = step_at(grid, s)
             if not self.alpha or not active[step]:
                 return denoise(x, sigma, **kw)
-            delta = self.alpha * (s**2 + 1) ** 0.5 * state["z_T"]
+            delta = self.alpha * (1.0 if flow else (s**2 + 1) ** 0.5) * state["z_T"]
             out = denoise(x + delta, sigma, **kw)
             s_next = grid[step + 1]
             # a call between steps (second-order samplers) sees the shifted input only

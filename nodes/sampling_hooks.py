@@ -17,6 +17,7 @@ import logging
 from typing import Optional
 
 import comfy.model_patcher
+import comfy.model_sampling
 import comfy.patcher_extension
 import torch
 
@@ -69,7 +70,7 @@ class MorseSettings:
                              "Pick reuse or extrapolate") from None
         sync = torch.cuda.synchronize if device.type == "cuda" else None
         # sigma -> timestep, so encoder propagation can decode the steps up to the next key step in one call
-        timestep_of = model_patcher.model.model_sampling.timestep if decodes_spans_at_once(device) else None
+        timestep_of = model_patcher.get_model_object("model_sampling").timestep if decodes_spans_at_once(device) else None
         return MorseRouter(self.spec, filler, measure=True, sync=sync, timestep_of=timestep_of)
 
     def _dot_for(self, model_patcher, backbone, device, dtype):
@@ -148,8 +149,9 @@ def prior_noise_wrapper(executor, guider, sigmas, *args, **kwargs):
     settings = guider.model_options.get("transformer_options", {}).get(KEY)
     if settings is None or settings.prior_noise is None:
         return executor(guider, sigmas, *args, **kwargs)
-    timestep_of = guider.model_patcher.model.model_sampling.timestep
-    denoise = settings.prior_noise.denoiser(guider, sigmas.tolist(), timestep_of)
+    model_sampling = guider.model_patcher.get_model_object("model_sampling")  # as ModelSamplingFlux & co. patch it
+    flow = isinstance(model_sampling, comfy.model_sampling.CONST)
+    denoise = settings.prior_noise.denoiser(guider, sigmas.tolist(), model_sampling.timestep, flow=flow)
     return executor(_InjectedGuider(guider, denoise), sigmas, *args, **kwargs)
 
 

@@ -211,3 +211,33 @@ def test_a_controlnet_input_on_a_dit_runs_dash_on_every_step(host, models, caplo
     assert torch.equal(out, sample(host, model, family, pos=pos, neg=neg))
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Morse: ")]
     assert lines and "0 forecast_k1 calls, 2 fell back to Dash" in lines[-1], lines
+
+
+@pytest.mark.parametrize("name", ["flux", "sd3"])
+def test_prior_noise_on_a_flow_model_injects_the_first_latent_in_the_second_half(host, models, name):
+    """Faster Diffusion's prior noise on CONST models: every step on Dash, the injection alone changes the run, by
+    alpha times the first latent on the steps below sigma 0.5 (Flux's timestep is sigma, SD3's 1000 sigma)."""
+    family, model = td.FAMILIES[name], models[name]
+    hooks, engine = host.hooks, host.engine
+
+    def run(m):  # 8 steps: the shifted flow schedules keep 4 steps above sigma 0.5
+        latent = td.latent(family)
+        noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(1))
+        return host.comfy.sample.sample(m, noise, 8, 2.0, "euler", "simple", td.conditioning(family, 1),
+                                        td.conditioning(family, 2), latent, seed=1, disable_pbar=True)
+
+    def recorded(m):  # the model's input x and sigma at each call
+        calls, m = [], m.clone()
+
+        def record(executor, x, t, *args, **kwargs):
+            calls.append((x.clone(), float(t.reshape(-1)[0])))
+            return executor(x, t, *args, **kwargs)
+
+        m.add_wrapper_with_key(host.comfy.patcher_extension.WrappersMP.APPLY_MODEL, "record", record)
+        return run(m), calls
+
+    plain, plain_calls = recorded(model)
+    injected, calls = recorded(hooks.apply_morse(model, hooks.MorseSettings(schedule=engine.EveryK(1), prior_noise=0.003)))
+    assert torch.isfinite(injected).all() and not torch.equal(injected, plain)
+    first = next(i for i, ((x, _), (y, _)) in enumerate(zip(plain_calls, calls)) if not torch.equal(x, y))
+    assert calls[first][1] < 0.5 <= calls[first - 1][1]  # the first shifted input is the first step below 0.5
