@@ -20,6 +20,8 @@ BLOCK_LISTS = (
     ("joint_blocks", None),  # SD3 / SD3.5 (MMDiT)
     ("transformer_blocks", None),  # Qwen-Image, LTXV
     ("blocks", None),  # Wan 2.1 / 2.2
+    # not Kandinsky 5's visual_transformer_blocks: ComfyUI 0.8.0's block_wrap calls them with x= / context=, which
+    # their forward does not take, so a patch that runs one raises (its output-space fills work)
 )
 
 

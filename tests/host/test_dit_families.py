@@ -83,6 +83,7 @@ def test_cfg_one_sends_one_cond_a_step_and_is_served(host, models, name):
 @pytest.mark.parametrize("name,fill,says", [
     ("lumina2", "inherit_k1", "needs an SD1.x, SD2.x or SDXL UNet or a DiT whose blocks"),
     ("hidream", "forecast_k1", "needs an SD1.x, SD2.x or SDXL UNet or a DiT whose blocks"),
+    ("kandinsky5_image", "propagate", "needs an SD1.x, SD2.x or SDXL UNet or a DiT whose blocks"),
 ])
 def test_a_block_fill_the_model_cannot_take_is_refused_before_the_first_model_call(host, models, name, fill, says):
     family, model = td.FAMILIES[name], models[name].clone()

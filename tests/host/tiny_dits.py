@@ -79,6 +79,15 @@ FAMILIES = {f.name: f for f in [
     TinyFamily("aura_flow", "AuraFlow", {"in_channels": 4, "out_channels": 4, "patch_size": 2, "dim": 64, "n_layers": 5,
                                          "n_double_layers": 2, "n_heads": 2, "global_conddim": 64, "cond_seq_dim": TEXT,
                                          "max_seq": 256}, (4, 16, 16), {}, ("double_block", "single_block")),
+    TinyFamily("kandinsky5_image", "Kandinsky5Image", {"image_model": "kandinsky5", "in_visual_dim": 16,
+                                                       "out_visual_dim": 16, "in_text_dim": TEXT, "in_text_dim2": TEXT,
+                                                       "time_dim": 32, "model_dim": 64, "ff_dim": 128,
+                                                       "visual_embed_dim": 64, "patch_size": (1, 2, 2),
+                                                       "num_text_blocks": 1, "num_visual_blocks": 5,
+                                                       "axes_dims": (8, 12, 12), "rope_scale_factor": (1.0, 1.0, 1.0)},
+               # ComfyUI 0.8.0's block_wrap calls these blocks with x= / context=, which their forward does not take:
+               # a block-replace patch that runs a block raises, so the pack offers no block fill here
+               (16, 16, 16), {"pooled_output": (TEXT,)}),
     TinyFamily("wan21", "WAN21_T2V", WAN21, (16, 3, 8, 8), {}, ("double_block",)),
     TinyFamily("wan22", "WAN22_T2V", {**WAN21, "in_dim": 48, "out_dim": 48}, (48, 3, 8, 8), {}, ("double_block",)),
     TinyFamily("hunyuan_video", "HunyuanVideo", {"image_model": "hunyuan_video", "in_channels": 16, "out_channels": 16,
