@@ -1,6 +1,6 @@
 """The reference DiT (a flow-matching miniature of ComfyUI's Flux), the flow parameterisation, and the DiT block fills
 run on it through the block-replace patches; the evaluation tools on a DiT Dash. (Its agreement with ComfyUI's own
-Flux class: tests/host/test_reference_dit.py.)"""
+Flux class: tests/host/test_reference_dit_in_comfyui.py.)"""
 import math
 
 import pytest
