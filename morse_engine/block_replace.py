@@ -50,6 +50,7 @@ class PatchedDiTBlocks:
         self.n_blocks = len(keys)
         self.n_double = sum(kind == DOUBLE for kind, _ in keys)
         self.text_first: Optional[bool] = None  # where single-stream blocks begin: text tokens before the image's?
+        self.exit_has_text = True  # whether the block where a skip ends returns a text stream (learnt when recording)
 
     def accepts(self, kwargs: dict) -> bool:
         # ControlNet residuals are added after blocks a fill skips; another patch on one of the blocks is the
@@ -73,8 +74,9 @@ class PatchedDiTBlocks:
                 options["patches_replace"] = saved
 
     @contextmanager
-    def recording(self, kwargs: dict, first: int, last: int, state: bool = False):
+    def recording(self, kwargs: dict, first: int, last: int, state: bool = False, entry: bool = False):
         seen, result = {}, {}
+        exit_kind = self.keys[last][0]
 
         def record(index):
             def block(args, extra):
@@ -89,50 +91,71 @@ class PatchedDiTBlocks:
                     if "joined_from" in seen and self.text_first is None:
                         self.text_first = _text_first(seen["joined"], *seen["joined_from"])
                     if state:  # the streams leaving the block, laid out as a residual is
-                        img, txt = _streams(out)
-                        result["state"] = img.clone() if txt is None else torch.cat((img, txt), dim=1)
+                        result["state"] = _out_layout(_streams(out), exit_kind).clone()
                     else:
-                        result["residual"] = self._residual(seen["entry"], _streams(out), self.keys[last][0])
+                        self.exit_has_text = _streams(out)[1] is not None  # Wan's blocks take the text, return none
+                        start = self.entry_layout(seen["entry"], exit_kind)
+                        result["residual"] = _out_layout(_streams(out), exit_kind) - start
+                        if entry:
+                            result["entry"] = start
                 return out
 
             return block
 
         watched = {last} if state else {first, last}
-        if not state and self.keys[first][0] == DOUBLE and self.keys[last][0] == SINGLE:  # how the streams are joined
+        if not state and self.keys[first][0] == DOUBLE and exit_kind == SINGLE:  # how the streams are joined
             watched |= {self.n_double - 1, self.n_double}
         with self._patched(kwargs, {self.keys[i]: record(i) for i in watched}):
             yield result
 
-    def _residual(self, entry, out, exit_kind: str) -> torch.Tensor:
-        """What the state leaving the exit block holds beyond the entry's, carried as skipping would carry it."""
-        img, txt = out
+    def entry_layout(self, entry, exit_kind: str) -> torch.Tensor:
+        """The streams entering the skipped blocks as one tensor, token for token as the residual is laid out
+        (where the skip ends in single-stream blocks: joined as the model joins them)."""
         entry_img, entry_txt = entry
-        if exit_kind == SINGLE and entry_txt is not None and img.shape[1] != entry_img.shape[1]:
-            joined = (entry_txt, entry_img) if self.text_first else (entry_img, entry_txt)
-            return img - torch.cat(joined, dim=1)
-        if txt is None or entry_txt is None:
-            return img - entry_img
-        return torch.cat((img - entry_img, txt - entry_txt), dim=1)
+        if entry_txt is None:
+            return entry_img
+        if exit_kind == SINGLE:
+            return torch.cat((entry_txt, entry_img) if self.text_first else (entry_img, entry_txt), dim=1)
+        return torch.cat((entry_img, entry_txt), dim=1) if self.exit_has_text else entry_img
 
     @contextmanager
-    def skipping(self, kwargs: dict, first: int, last: int, residual: torch.Tensor, replace: bool = False):
+    def skipping(self, kwargs: dict, first: int, last: int, residual, replace: bool = False):
+        """``residual``: a tensor, or a function of the entering streams (``entry_layout``) that gives it, called
+        when the skip begins (a learned change that reads the current state)."""
+        exit_kind = self.keys[last][0]
+        held = {"residual": residual}
+
         def skip(args, extra):
             return {name: args[name] for name in ("img", "txt") if name in args}
+
+        def begin(args, extra):
+            held["residual"] = residual(self.entry_layout(_streams(args), exit_kind))
+            return skip(args, extra)
 
         def add(current, part):
             return part.to(current.dtype) if replace else current + part.to(current.dtype)
 
         def end(args, extra):
+            if callable(held["residual"]) and first == last:
+                begin(args, extra)
+            r = held["residual"]
             img, txt = args["img"], args.get("txt")
-            if self.keys[last][0] == SINGLE or txt is None or residual.shape[1] == img.shape[1]:
-                return {**skip(args, extra), "img": add(img, residual)}
+            if exit_kind == SINGLE or txt is None or r.shape[1] == img.shape[1]:
+                return {**skip(args, extra), "img": add(img, r)}
             n = img.shape[1]
-            return {"img": add(img, residual[:, :n]), "txt": add(txt, residual[:, n:])}
+            return {"img": add(img, r[:, :n]), "txt": add(txt, r[:, n:])}
 
         patches = {self.keys[i]: skip for i in range(first, last)}
+        if callable(residual) and first < last:
+            patches[self.keys[first]] = begin
         patches[self.keys[last]] = end
         with self._patched(kwargs, patches):
             yield
+
+
+def _out_layout(out, exit_kind: str) -> torch.Tensor:
+    img, txt = out
+    return img if exit_kind == SINGLE or txt is None else torch.cat((img, txt), dim=1)
 
 
 def _text_first(joined: torch.Tensor, img: torch.Tensor, txt: Optional[torch.Tensor]) -> bool:

@@ -42,10 +42,7 @@ def make_fill(name: str, *, blocks: Optional[Union[UNetBlocks, DiTBlocks]] = Non
     if name in FEATURE_FILLS:
         if blocks is None:
             raise MorseError(f"the fill '{name}' reruns Dash's own blocks and needs the host's description of them")
-        if hasattr(blocks, "recording"):  # a DiT's blocks
-            if name not in DIT_FILLS:
-                raise MorseError(f"the fill '{name}' is not offered on transformer backbones; pick one of "
-                                 f"{', '.join((*TRAINING_FREE_FILLS, *DIT_FILLS))}")
+        if hasattr(blocks, "recording"):  # a DiT's blocks: every block fill has its DiT form
             return DIT_FILLS[name](blocks)
         return FEATURE_FILLS[name](blocks)
     raise MorseError(f"unknown fill {name!r}; choose from {', '.join((*FILLS_WITHOUT_DOT, DOT))}")

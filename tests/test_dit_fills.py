@@ -57,9 +57,8 @@ def test_forecasts_move_the_residual_along_the_line_and_the_parabola():
     assert torch.allclose(blocks.skipped[-1][2], torch.full((1, 3), 9.0))
 
 
-def test_a_k_that_skips_nothing_and_encoder_propagation_are_refused():
+def test_a_k_that_skips_nothing_is_refused_and_propagate_splits_at_faster_diffusions_share():
     with pytest.raises(MorseError, match="would skip none"):
         DiTBlockFiller(FakeBlocks(4), k=2)
-    with pytest.raises(MorseError, match="not offered on transformer backbones"):
-        make_fill("propagate", blocks=FakeBlocks(8))
+    assert make_fill("propagate", blocks=FakeBlocks(28)).last == 17  # DiT-XL: the first 18 of 28 blocks encode
     assert not make_fill("inherit_k1", blocks=FakeBlocks(4)).accepts({"control": {"input": []}})

@@ -86,6 +86,8 @@ def test_the_verdict_says_plainly_whether_the_trained_dot_beats_its_start():
     _, mixed = gap_lines([0.5, 0.1], [0.3, 0.2], "forecast_k1", (6, 12), "test")
     assert "on average, by +0.05, but is better at 1 of 2 step counts only" in mixed
     _, worse = gap_lines([0.1, 0.1], [0.3, 0.2], "forecast_k1", (6, 12), "test")
+    _, level = gap_lines([0.30001, 0.2], [0.3, 0.2], "forecast_k1", (6, 12), "test")  # equal as printed
+    assert "does NOT beat" in level and "better at 0 of 2" in level
     assert "does NOT beat" in worse and "-0.15" in worse and "--steps" in worse
 
 

@@ -166,3 +166,34 @@ def test_the_committed_reference_dit_loads_with_its_quality_check():
     assert meta["kind"] == "reference_dit" and meta["prediction"] == "flow"
     assert meta["quality_check"]["class_accuracy"] > 0.5
     assert not any(p.requires_grad for p in dit.parameters())
+
+
+def test_an_untrained_dit_feature_dot_is_the_forecast_fill_bit_for_bit(dit):
+    """The DiT feature Dot starts as forecast_k1: its change's output layer is zero, so a routed run with it gives
+    the training-free fill's samples exactly; once the change is not zero, they differ."""
+    from morse_engine import FeatureDot, FeatureDotConfig, MorseRouter, Pattern
+    from morse_engine.dot_layouts.feature import fill_for
+    from training.evaluation.samplers import GuidedDenoiser, normal_sigmas, sample
+
+    blocks = PatchedDiTBlocks(dit)
+    dot = FeatureDot.build(dit, FeatureDotConfig().bound_to(dit, "flow")).eval()
+    assert dot.config.backbone == "dit" and dot.config.deep_channels == SMALL.hidden_size
+    ms = FlowSchedule.flux(0.5)
+    x, _, ctx = inputs(2)
+    sigmas = normal_sigmas(ms, 6)
+
+    def run(filler):
+        router = MorseRouter(Pattern("D."), filler, measure=True)
+        with router.run(sigmas) as r:
+            den = GuidedDenoiser(dit, ms, ctx, torch.zeros_like(ctx), 2.0, run=r)
+            out = sample("euler", den, x, sigmas, ms)
+        return out, router.last_summary
+
+    dotted, summary = run(fill_for(dot, dit, blocks))
+    forecast, _ = run(make_fill("forecast_k1", blocks=blocks))
+    assert summary.dot_calls == 3 and torch.equal(dotted, forecast)
+    with torch.no_grad():
+        dot.change.out.weight.normal_(std=0.1)
+    assert not torch.equal(run(fill_for(dot, dit, blocks))[0], forecast)
+    with pytest.raises(Exception, match="trained for a DiT"):
+        fill_for(dot, dit, object())

@@ -66,7 +66,7 @@ def open_dash(source: DashSource, run_dir: Path, device="cpu") -> DashSetup:
 
 
 def is_reference_weights(path: Path) -> bool:
-    """The project's own reference-Dash format (safetensors whose metadata holds its UNet config)."""
+    """The project's own reference-Dash format (safetensors whose metadata holds its UNet's or DiT's config)."""
     if path.suffix != ".safetensors" or not path.is_file():
         return False
     from safetensors import SafetensorError, safe_open
@@ -76,4 +76,4 @@ def is_reference_weights(path: Path) -> bool:
             meta = f.metadata() or {}
     except (SafetensorError, OSError, ValueError):
         return False
-    return '"unet"' in meta.get("config", "")
+    return '"unet"' in meta.get("config", "") or '"dit"' in meta.get("config", "")

@@ -13,6 +13,11 @@ anchor's, where inheriting is exact). The change network's output conv starts at
 Dot is the training-free ``forecast_k`` fill exactly and training can only add. ``trajectory=False`` is the
 paper's Table 4 ablation: the change sees neither the anchor's first-block output nor its time.
 
+On a DiT (``backbone="dit"``) the same Dot changes the residual the DiT block fill forecasts across the middle
+blocks (``dit_fills``): residual_i = forecast + g * change(residual_i, h_i - h_s, h_i, t_i, t_s), h the state
+entering block k laid out token for token as the residual (``block_replace.PatchedDiTBlocks.entry_layout``), the
+change a per-token network (linear layers over the hidden width, FiLM by the times), its output layer at zero.
+
 Measured on the reference model (reports/2026-12-05-feature-rollout.md): trained on where whole sampling runs end
 (``training.trainer.rollout``) it closes 0.53-0.57/0.64-0.68/0.69-0.73/0.69-0.72 of the reuse-to-Dash gap at
 6/12/20/40 euler steps against forecast_k1's 0.38/0.42/0.56/0.58, at N ~6; the paper's layout closed
@@ -29,6 +34,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbone_shape import latent_channels_of, output_channels
+from ..block_replace import block_keys
+from ..dit_fills import RESIDUAL, DiTBlockFiller
+from ..feature_fills import feature_at
 from ..errors import DotInputError, DotMismatchError
 from ..feature_fills import FeatureInheritFiller, UNetBlocks
 from ..parameterization import PREDICTIONS
@@ -55,6 +63,9 @@ class FeatureDotConfig:
     shallow_channels: Optional[int] = None
     prediction: str = "eps"
     layout: str = LAYOUT
+    backbone: str = "unet"  # "dit": the change of a DiT's forecast residual (its hidden width in deep_channels)
+    time_scale: float = 1.0  # the times the change sees are the model's timesteps times this (1000 for a flow
+    # model whose timestep is sigma itself, so that their features span the same range as a 0..1000 timestep's)
 
     def __post_init__(self):
         if self.layout != LAYOUT:
@@ -65,8 +76,10 @@ class FeatureDotConfig:
             raise ValueError(f"forecast order {self.forecast!r} must be 0 (inherit), 1 (line) or 2 (parabola)")
         if self.width < 8 or self.width % 8:
             raise ValueError(f"width {self.width} must be a multiple of 8 (its group norm has 8 groups)")
-        if self.prediction not in PREDICTIONS:
-            raise ValueError(f"prediction {self.prediction!r} is not one of {PREDICTIONS}")
+        if self.prediction not in (*PREDICTIONS, "flow"):
+            raise ValueError(f"prediction {self.prediction!r} is not one of {(*PREDICTIONS, 'flow')}")
+        if self.backbone not in ("unet", "dit"):
+            raise ValueError(f"backbone {self.backbone!r} is not 'unet' or 'dit'")
 
     @property
     def bound(self) -> bool:
@@ -80,8 +93,10 @@ class FeatureDotConfig:
         return cls(**d)
 
     def bound_to(self, backbone: nn.Module, prediction: Optional[str] = None) -> "FeatureDotConfig":
-        """This config for ``backbone`` (an SD-style UNet): its latent channels and the channels of the two
-        features the change reads, from the blocks that make them."""
+        """This config for ``backbone`` (an SD-style UNet, or a DiT with block-replace patches): its latent channels
+        and the channels of the two features the change reads, from the blocks that make them."""
+        if not hasattr(backbone, "output_blocks") and block_keys(backbone) is not None:
+            return self._bound_to_dit(backbone, prediction)
         n = len(getattr(backbone, "output_blocks", ()))
         if not n or not hasattr(backbone, "input_blocks") or len(backbone.input_blocks) != n:
             raise DotInputError("the feature Dot needs a UNet with as many input_blocks as output_blocks and a "
@@ -94,6 +109,59 @@ class FeatureDotConfig:
         return replace(self, latent_channels=latent_channels_of(backbone), prediction=prediction or self.prediction,
                        deep_channels=output_channels(deep_module),
                        shallow_channels=output_channels(backbone.input_blocks[self.k - 1]))
+
+
+    def _bound_to_dit(self, backbone: nn.Module, prediction: Optional[str]) -> "FeatureDotConfig":
+        n = len(block_keys(backbone))
+        if 2 * self.k >= n:
+            raise DotInputError(f"k={self.k} reruns {2 * self.k} of the DiT's {n} blocks and would skip none")
+        width = hidden_width(backbone)
+        try:
+            latent = latent_channels_of(backbone)
+        except DotInputError:  # a DiT that embeds its patches with a linear layer (Qwen-Image): its input width
+            latent = next(m.in_features for m in backbone.modules() if isinstance(m, nn.Linear))
+        return replace(self, backbone="dit", latent_channels=latent,
+                       prediction=prediction or self.prediction, deep_channels=width, shallow_channels=width)
+
+
+def hidden_width(backbone: nn.Module) -> int:
+    """A DiT's hidden width (the residual's last dimension), as its class names it."""
+    for owner in (backbone, getattr(backbone, "config", None), getattr(backbone, "params", None)):
+        for name in ("hidden_size", "dim", "inner_dim"):
+            value = getattr(owner, name, None)
+            if isinstance(value, int):
+                return value
+    raise DotInputError(f"cannot tell the hidden width of {type(backbone).__name__}; the DiT feature Dot needs it")
+
+
+class TokenChange(nn.Module):
+    """A DiT's change of the forecast residual, token by token, from it, the state entering the skipped blocks now
+    and at the anchor, and both times."""
+
+    def __init__(self, config: FeatureDotConfig):
+        super().__init__()
+        c, w, d = config, config.width, config.deep_channels
+        self.t_dim, self.trajectory, self.time_scale = c.time_dim, c.trajectory, c.time_scale
+        n_times, n_in = (2, 3) if c.trajectory else (1, 2)
+        self.time = nn.Sequential(nn.Linear(n_times * c.time_dim, 4 * w), nn.SiLU(), nn.Linear(4 * w, 2 * w))
+        self.inp = nn.Linear(n_in * d, w)
+        self.norm = nn.LayerNorm(w)
+        self.mid = nn.Linear(w, w)
+        self.out = nn.Linear(w, d)
+        nn.init.zeros_(self.out.weight)  # untrained: no change, the training-free forecast exactly
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, residual, h, anchor_h, t, t_s):
+        dtype = self.out.weight.dtype
+        if self.trajectory:
+            emb = torch.cat([timestep_features(t * self.time_scale, self.t_dim),
+                             timestep_features(t_s * self.time_scale, self.t_dim)], dim=-1)
+            x = torch.cat([residual, h - anchor_h, h], dim=-1)
+        else:
+            emb, x = timestep_features(t * self.time_scale, self.t_dim), torch.cat([residual, h], dim=-1)
+        scale, shift = self.time(emb.to(dtype))[:, None, :].chunk(2, dim=-1)
+        x = F.silu(self.norm(self.inp(x.to(dtype))) * (1 + scale) + shift)
+        return self.out(F.silu(self.mid(x)))
 
 
 class DeepChange(nn.Module):
@@ -136,7 +204,7 @@ class FeatureDot(nn.Module):
         if not config.bound:
             raise ValueError("the feature Dot's config is not bound to a backbone yet; build it with FeatureDot.build")
         self.config = config
-        self.change = DeepChange(config)
+        self.change = TokenChange(config) if config.backbone == "dit" else DeepChange(config)
 
     @classmethod
     def build(cls, backbone: nn.Module, config: FeatureDotConfig) -> "FeatureDot":
@@ -189,6 +257,9 @@ def build_checked(config: FeatureDotConfig, backbone: nn.Module, file_name: str)
     """The Dot of ``config`` for ``backbone``, refused in one sentence where Dash's blocks make other channels than
     the two feature maps the change network reads."""
     here = replace(config, deep_channels=None, shallow_channels=None).bound_to(backbone, config.prediction)
+    if here.backbone != config.backbone:
+        raise DotMismatchError(f"'{file_name}' was trained for a {config.backbone.upper()} and this model is a "
+                               f"{here.backbone.upper()}; use a Dot trained for this model")
     if (here.deep_channels, here.shallow_channels) != (config.deep_channels, config.shallow_channels):
         raise DotMismatchError(
             f"'{file_name}' reads features of {config.deep_channels} and {config.shallow_channels} channels but this "
@@ -196,10 +267,54 @@ def build_checked(config: FeatureDotConfig, backbone: nn.Module, file_name: str)
     return FeatureDot.build(backbone, config)
 
 
-def fill_for(dot: FeatureDot, backbone: nn.Module, blocks: Optional[UNetBlocks] = None) -> FeatureDotFiller:
+def fill_for(dot: FeatureDot, backbone: nn.Module, blocks: Optional[UNetBlocks] = None):
     if blocks is None:
         raise DotInputError("a feature Dot runs Dash's own blocks and needs the host's UNetBlocks adapter")
+    if dot.config.backbone == "dit":
+        if not hasattr(blocks, "recording"):
+            raise DotInputError("this feature Dot was trained for a DiT; load it on that DiT")
+        return DiTFeatureDotFiller(blocks, dot)
+    if hasattr(blocks, "recording"):
+        raise DotInputError("this feature Dot was trained for a UNet; a DiT needs a Dot trained for it")
     return FeatureDotFiller(blocks, dot)
+
+
+class DiTFeatureDotFiller(DiTBlockFiller):
+    """Serves non-Dash steps with a DiT feature Dot: the DiT block fill's forecast residual plus the Dot's change,
+    computed when the skip begins from the state entering it. Runs under no_grad unless the Dot trains."""
+
+    def __init__(self, blocks, dot: FeatureDot):
+        super().__init__(blocks, k=dot.config.k, forecast=dot.config.forecast)
+        self.dot, self.name = dot, "dot"
+
+    def capture_modules(self) -> dict:
+        return {RESIDUAL: None, "entry": None}
+
+    def capturing(self, kwargs: dict):
+        return self.blocks.recording(kwargs, self.first, self.last, entry=True)
+
+    def __call__(self, backbone_call, x, t, anchor, context, kwargs, sigma=None):
+        cfg = self.dot.config
+        if cfg.gate and (sigma is None or anchor.sigma is None):
+            raise DotInputError("the feature Dot scales its change by the sigma step and needs the sigmas of the call "
+                                "and of the anchor; the Morse router passes them")
+        residual = feature_at(t, anchor, RESIDUAL, self.forecast)
+        b = residual.shape[0]
+        t_now = t.reshape(-1).expand(b) if t.numel() in (1, b) else t
+        t_s = anchor.t.reshape(-1).expand(b) if anchor.t.numel() in (1, b) else anchor.t
+
+        def with_change(h):
+            change = self.dot.change(residual, h, anchor.features["entry"], t_now.to(h.device), t_s.to(h.device))
+            if cfg.gate:
+                ratio = torch.as_tensor(sigma, device=h.device).float().reshape(-1, 1, 1) \
+                    / anchor.sigma.to(h.device).float().reshape(-1, 1, 1).clamp(min=1e-8)
+                change = change * (1 - ratio).clamp(0, 1)
+            return residual + change.to(residual.dtype)
+
+        training = any(p.requires_grad for p in self.dot.parameters()) and torch.is_grad_enabled()
+        with nullcontext() if training else torch.no_grad(), \
+                self.blocks.skipping(kwargs, self.first, self.last, with_change):
+            return backbone_call(x, t, context=context, **kwargs)
 
 
 def describe(config: FeatureDotConfig, base_family: str, n: str) -> str:

@@ -242,3 +242,38 @@ def test_prior_noise_on_a_flow_model_injects_the_first_latent_in_the_second_half
     assert torch.isfinite(injected).all() and not torch.equal(injected, plain)
     first = next(i for i, ((x, _), (y, _)) in enumerate(zip(plain_calls, calls)) if not torch.equal(x, y))
     assert calls[first][1] < 0.5 <= calls[first - 1][1]  # the first shifted input is the first step below 0.5
+
+
+DOT_FAMILIES = ["flux", "wan21", "sd3", "qwen_image"]
+
+
+@pytest.mark.parametrize("name", DOT_FAMILIES)
+def test_a_dit_feature_dot_loads_from_its_file_and_serves_the_fill_steps(host, models, name, tmp_path, caplog):
+    """The feature Dot on a ComfyUI DiT, from a Dot file as Load Dot Model reads it: untrained it samples exactly as
+    the training-free forecast_k1 fill (its change starts at zero); with a change it samples otherwise, each fill
+    step served by the Dot."""
+    engine, hooks = host.engine, host.hooks
+    family, model = td.FAMILIES[name], models[name]
+    backbone = model.model.diffusion_model
+    if name == "sd3":  # the first SD3 run in a process learns where to route it (see the block-fill test)
+        sample(host, morse(host, model, fill="forecast_k1"), family)
+    torch.manual_seed(0)
+    dot = engine.FeatureDot.build(backbone, engine.FeatureDotConfig().bound_to(backbone, "flow"))
+    assert dot.config.backbone == "dit"
+
+    def dot_run(path):
+        settings = hooks.MorseSettings(schedule=engine.EveryK(2), dot=engine.DotFile(path))
+        return sample(host, hooks.apply_morse(model, settings), family)
+
+    untrained = engine.save_dot(tmp_path / "untrained.safetensors", dot, base_family=f"tiny-{name}",
+                                fingerprint=engine.fingerprint_module(backbone), measured_n=10.0)
+    assert torch.equal(dot_run(untrained), sample(host, morse(host, model, fill="forecast_k1"), family))
+    with torch.no_grad():
+        dot.change.out.weight.normal_(0, 0.02)
+    changed = engine.save_dot(tmp_path / "changed.safetensors", dot, base_family=f"tiny-{name}",
+                              fingerprint=engine.fingerprint_module(backbone), measured_n=10.0)
+    with caplog.at_level(logging.INFO, logger="morse"):
+        out = dot_run(changed)
+    assert torch.isfinite(out).all() and not torch.equal(out, sample(host, morse(host, model, fill="forecast_k1"), family))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Morse: ")]
+    assert any(f"2 Dash steps, 2 dot steps of {STEPS}" in line for line in lines), lines

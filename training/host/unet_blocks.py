@@ -7,8 +7,12 @@ from pathlib import Path
 
 def blocks_of(backbone, on_comfy: bool):
     """The nodes' adapter for ComfyUI's UNetModel (loaded from its file: ComfyUI's own ``nodes`` module owns that
-    name), or the reference adapter for the project's UNet."""
+    name), or the reference adapter for the project's UNet, or the block-replace one for the reference DiT."""
     if not on_comfy:
+        if getattr(backbone, "takes_block_patches", False):  # the reference DiT
+            from morse_engine.block_replace import PatchedDiTBlocks
+
+            return PatchedDiTBlocks(backbone)
         from ..reference.blocks import ReferenceBlocks
 
         return ReferenceBlocks(backbone)

@@ -51,14 +51,18 @@ def _translate(images: torch.Tensor, generator: torch.Generator, max_shift: int 
 
 
 def reference_setup(path=None, device="cpu") -> DashSetup:
-    """The embedded default: the project's digits UNet and the digits training split.
+    """The embedded default: the project's digits UNet (or the reference DiT at ``path``) and the digits training split.
 
     ``device``: where the UNet and the label embedding live; the data stay on the CPU, where
     the trainer draws every batch (so the data do not depend on the device)."""
-    from ..reference.digits import load_digits_split
-    from ..reference.unet import NULL_CLASS, load_reference_dash, sd_alphas_cumprod
+    from morse_engine.parameterization import schedule_from_dict
 
-    unet, conditioner, _ = load_reference_dash(path, device)
+    from ..evaluation.workload import is_dit, load_reference_backbone
+    from ..reference.digits import load_digits_split
+    from ..reference.unet import NULL_CLASS, sd_alphas_cumprod
+
+    unet, conditioner, meta = load_reference_backbone(path, device)
+    dit = is_dit(meta)
     images, labels = load_digits_split("train")
 
     def batches(batch_size: int, generator: torch.Generator):
@@ -69,11 +73,12 @@ def reference_setup(path=None, device="cpu") -> DashSetup:
 
     return DashSetup(
         unet=unet,
-        sampling=DiscreteSchedule.from_alphas_cumprod(sd_alphas_cumprod()),
+        sampling=schedule_from_dict(meta["schedule"]) if dit else DiscreteSchedule.from_alphas_cumprod(sd_alphas_cumprod()),
         encode=lambda cond: conditioner(cond),
         null_condition=lambda b: torch.full((b,), NULL_CLASS, dtype=torch.long),
         batches=batches,
-        base_family="reference-digits-unet",
+        base_family="reference-digits-dit" if dit else "reference-digits-unet",
         fingerprint=fingerprint_module(unet),
         latent_shape=tuple(images.shape[1:]),
+        prediction="flow" if dit else "eps",
     )

@@ -6,7 +6,7 @@ training-free ``forecast_k`` fill (``verdict``).
 """
 from __future__ import annotations
 
-from morse_engine import FeatureDotFiller
+from morse_engine.dot_layouts.feature import fill_for
 
 from ..dash_source import open_dash
 from ..dot_record import write_dot
@@ -32,7 +32,7 @@ def train(request: TrainRequest) -> None:
           f"{config.steps} steps on {rt.describe()}; checkpoints in {files.state}")
     result = train_feature_dot(setup, blocks, config, files.state, resume=request.resume, runtime=rt)
     with rt.autocast():
-        speed = rollout_n(setup, FeatureDotFiller(blocks, result.dot), max(1, request.measure.n_batch // 2), rt.device)
+        speed = rollout_n(setup, fill_for(result.dot, setup.unet, blocks), max(1, request.measure.n_batch // 2), rt.device)
     dot_params, dash_params = write_dot(request, result, setup, speed, layout="feature", loss=LOSS)
     print(f"Wrote {files.dot}\n"
           f"  Dot adds {dot_params / 1e6:.4f}M params to Dash's {dash_params / 1e6:.3f}M ({dot_params / dash_params:.2%})\n"

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -23,7 +23,8 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from morse_engine import FeatureDot, FeatureDotConfig, FeatureDotFiller, MorseRouter, Pattern
+from morse_engine import FeatureDot, FeatureDotConfig, MorseRouter, Pattern
+from morse_engine.dot_layouts.feature import fill_for
 from morse_engine.adapter_file import save_file_atomic
 from morse_engine.fillers import ReuseFiller
 
@@ -207,13 +208,17 @@ def held_out_error(rollouts: Rollouts, runs: list[dict], filler) -> float:
 
 def train_feature_dot(setup: DashSetup, blocks, config: RolloutConfig, state_path: Path, resume: bool = False,
                       runtime: Optional[Runtime] = None, log=print) -> RolloutResult:
-    """Train a feature Dot for ``setup`` (its UNet's ``blocks`` as the fills run them) with the rollout loss."""
+    """Train a feature Dot for ``setup`` (its UNet's or DiT's ``blocks`` as the fills run them) with the rollout
+    loss. A flow model whose timestep is sigma itself (ModelSamplingFlux) gets its times scaled to 0..1000."""
     rt = runtime or Runtime(next(setup.unet.parameters()).device)
     setup.unet.eval().requires_grad_(False)
     torch.manual_seed(config.seed)
-    dot = FeatureDot.build(setup.unet, config.dot.bound_to(setup.unet, setup.prediction)).to(rt.device)
+    dot_config = config.dot
+    if getattr(setup.sampling, "multiplier", 1000.0) == 1.0:
+        dot_config = replace(dot_config, time_scale=1000.0)
+    dot = FeatureDot.build(setup.unet, dot_config.bound_to(setup.unet, setup.prediction)).to(rt.device)
     dot.train().requires_grad_(True)
-    filler = FeatureDotFiller(blocks, dot)
+    filler = fill_for(dot, setup.unet, blocks)
     rollouts = Rollouts(setup, rt.device)
     with rt.autocast():
         runs = targets_for(setup, config, rollouts, state_path.parent / "rollout-targets.safetensors", log)

@@ -73,20 +73,21 @@ def fixed_step_gaps(request: TrainRequest, start: str) -> tuple[list[float], lis
     try:
         fills += collect_fills(models, [start])
     except ValueError:  # a start the engine offers no fill for by name: the untrained Dot itself
-        from morse_engine import FeatureDotFiller
+        from morse_engine.dot_layouts.feature import fill_for
 
-        from ..reference.blocks import ReferenceBlocks
+        from ..host.unet_blocks import blocks_of
 
         with torch.random.fork_rng():
             untrained = type(models.dot)(models.dot.config).eval()
-        fills.append(EvalFill(start, FeatureDotFiller(ReferenceBlocks(models.unet), untrained)))
+        fills.append(EvalFill(start, fill_for(untrained, models.unet, blocks_of(models.unet, False))))
     rows = compare(work, fills, SAMPLER, list(m.compare_steps), PATTERN, REFERENCE_STEPS)
     return ([r["fills"]["dot"]["gap_closed"] for r in rows], [r["fills"][start]["gap_closed"] for r in rows])
 
 
 def gap_lines(dot_gaps: list[float], start_gaps: list[float], start: str, steps, source: str) -> list[str]:
     """The gaps at each step count, and the sentence: better at how many step counts, by how much on average."""
-    diffs = [d - s for d, s in zip(dot_gaps, start_gaps)]
+    # compared as printed (two decimals): a difference in the fourth decimal is rounding, not training
+    diffs = [round(d, 2) - round(s, 2) for d, s in zip(dot_gaps, start_gaps)]
     better, mean = sum(d > 0 for d in diffs), sum(diffs) / len(diffs)
     slash = lambda values: "/".join(f"{v:.2f}" for v in values)  # noqa: E731
     counts = f"better at {better} of {len(diffs)} step counts"
