@@ -138,3 +138,18 @@ def test_the_held_out_score_is_a_ratio_of_summed_errors_not_a_mean_of_ratios():
     runs = [{"plain": torch.zeros(4), "end": torch.full((4,), 0.5 ** 0.5), "reuse_err": 1.0},
             {"plain": torch.zeros(4), "end": torch.full((4,), 0.02 ** 0.5), "reuse_err": 0.01}]
     assert held_out_error(Ends(), runs, None) == pytest.approx((0.5 + 0.02) / (1.0 + 0.01))  # a mean of ratios: 1.25
+
+
+def test_rollout_targets_are_kept_for_their_own_dash_only(setup, tmp_path):
+    """The cached targets are one Dash's runs: the same settings with another Dash (or other weights) under the
+    same run folder make them again rather than train on the first Dash's ends."""
+    from dataclasses import replace
+
+    config = RolloutConfig(steps=1, **{**TINY, "runs": 1, "fixed_runs": 1})
+    cache, logged = tmp_path / "rollout-targets.safetensors", []
+    targets_for(setup, config, Rollouts(setup, "cpu"), cache, log=logged.append)
+    targets_for(setup, config, Rollouts(setup, "cpu"), cache, log=logged.append)
+    assert len(logged) == 1 and "from" in logged[0]  # the second call read the cache
+    other = replace(setup, fingerprint=replace(setup.fingerprint, architecture="another-backbone"))
+    targets_for(other, config, Rollouts(other, "cpu"), cache, log=logged.append)
+    assert len(logged) == 1  # made again (a cache hit would have logged)

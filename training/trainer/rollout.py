@@ -173,7 +173,8 @@ def _load_runs(path: Path, key: dict) -> Optional[dict[str, list[dict]]]:
 def targets_for(setup: DashSetup, config: RolloutConfig, rollouts: Rollouts, cache: Path, log=print) -> dict:
     """The training and held-out runs with their plain ends and reuse errors, from ``cache`` where it was made
     with the same settings, else made (and written there)."""
-    key = config.target_key()
+    # the targets are this Dash's runs: another Dash (or weights) under the same run name makes them again
+    key = {**config.target_key(), "dash": [setup.base_family, setup.fingerprint.architecture, setup.fingerprint.weights_id]}
     found = _load_runs(cache, key)
     if found is not None:
         log(f"rollout targets: {len(found['train'])} + {len(found['fixed'])} runs from {cache}")
