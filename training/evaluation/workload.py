@@ -187,10 +187,13 @@ def load_models(dash_path=None, dot_path=None, ablation_path=None, device="cpu")
     from ..reference.unet import DEFAULT_DASH_PATH
 
     unet, conditioner, dash_meta = load_reference_backbone(dash_path, device=device)
-    if is_dit(dash_meta) and dot_path is None:
-        models = Models(unet, conditioner, dash_meta, None, None, dash_path=Path(dash_path))
-        models.notes.append(f"{Path(dash_path).name} is a DiT: no Dot is compared (the committed Dots are the UNet's)")
-        return models
+    if is_dit(dash_meta):
+        if dot_path is None:
+            models = Models(unet, conditioner, dash_meta, None, None, dash_path=Path(dash_path))
+            models.notes.append(f"{Path(dash_path).name} is a DiT: no Dot is compared (give one with --dot)")
+            return models
+        if ablation_path == DEFAULT_ABLATION_DOT:  # the committed ablation Dot is the UNet's
+            ablation_path = None
     dot_path = dot_path or DEFAULT_DOT
     if not Path(dot_path).is_file():
         raise FileNotFoundError(f"no Dot at {dot_path}; train one with `python -m training.train_dot` or pass --dot PATH")
