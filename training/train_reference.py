@@ -162,26 +162,45 @@ def train_classifier(out_path: Path, steps: int, batch_size: int, lr: float, see
 # --------------------------------------------------------------------------- UNet
 def train_unet(out_path: Path, steps: int, batch_size: int, lr: float, seed: int,
                classifier_path: Path | None = None) -> dict:
-    torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
-    x_train, y_train = load_digits_split("train")
+    torch.manual_seed(seed)  # the start weights
     unet, cond = ReferenceUNet(REFERENCE_UNET_CONFIG), ClassConditioner(**REFERENCE_CONDITIONER)
-    params = list(unet.parameters()) + list(cond.parameters())
-    ema = [p.detach().clone() for p in params]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sqrt_ac = sd_alphas_cumprod().float().sqrt()
     sqrt_1m_ac = (1 - sd_alphas_cumprod()).float().sqrt()
-    t0, bar, losses = time.time(), tqdm(range(steps), desc="reference unet", dynamic_ncols=True), []
+
+    def noised(x0, g):  # DDPM: a discrete timestep, eps the target
+        t = torch.randint(0, 1000, (x0.shape[0],), generator=g)
+        noise = torch.randn(x0.shape, generator=g)
+        return sqrt_ac[t].view(-1, 1, 1, 1) * x0 + sqrt_1m_ac[t].view(-1, 1, 1, 1) * noise, t.float(), noise
+
+    summary = fit(unet, cond, noised, steps, batch_size, lr, seed, "reference unet")
+    meta = {"format_version": FORMAT_VERSION, "kind": "reference_dash",
+            "config": {"unet": REFERENCE_UNET_CONFIG.to_dict(), "conditioner": REFERENCE_CONDITIONER},
+            "prediction": "eps", "schedule": {"beta_schedule": "scaled_linear", "linear_start": 0.00085,
+                                              "linear_end": 0.012, "timesteps": 1000},
+            "null_class": NULL_CLASS, "image_size": [1, 32, 32], "data_split": SPLIT_DESCRIPTION + "; train split",
+            "training": summary}
+    return check_and_save(unet, cond, meta, classifier_path, out_path, "reference unet")
+
+
+def fit(model, cond, noised, steps: int, batch_size: int, lr: float, seed: int, desc: str) -> dict:
+    """The reference models' training loop: AdamW with warm-up and cosine decay, 10% condition dropout, shifts of
+    up to 1 pixel, gradient clipping, EMA weights (copied into the model at the end, which is then frozen).
+    ``noised(x0, generator)`` -> (the model's input, its timestep, the target) is the model's own objective; every
+    draw comes from one generator seeded with ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    x_train, y_train = load_digits_split("train")
+    params = list(model.parameters()) + list(cond.parameters())
+    ema = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    t0, bar, losses = time.time(), tqdm(range(steps), desc=desc, dynamic_ncols=True), []
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = lr * cosine_lr(step, steps, warmup=100)
         idx = torch.randint(0, len(x_train), (batch_size,), generator=g)
         x0 = random_shift(x_train[idx], 1, g)
         labels = torch.where(torch.rand(batch_size, generator=g) < 0.1, NULL_CLASS, y_train[idx])
-        t = torch.randint(0, 1000, (batch_size,), generator=g)
-        noise = torch.randn(x0.shape, generator=g)
-        xt = sqrt_ac[t].view(-1, 1, 1, 1) * x0 + sqrt_1m_ac[t].view(-1, 1, 1, 1) * noise
-        loss = F.mse_loss(unet(xt, t.float(), cond(labels)), noise)
+        xt, t, target = noised(x0, g)
+        loss = F.mse_loss(model(xt, t, cond(labels)), target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -196,30 +215,28 @@ def train_unet(out_path: Path, steps: int, batch_size: int, lr: float, seed: int
     with torch.no_grad():
         for e, p in zip(ema, params):
             p.copy_(e)
-    unet.eval().requires_grad_(False)
+    model.eval().requires_grad_(False)
     cond.eval().requires_grad_(False)
-    summary = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "optimizer": "AdamW",
-               "ema_decay": 0.999, "cond_dropout": 0.1, "augmentation": "random shift <= 1 px",
-               "final_loss_mean_last50": round(sum(losses[-50:]) / len(losses[-50:]), 5), "wall_time_s": round(wall, 1),
-               "torch": torch.__version__, "threads": torch.get_num_threads()}
-    meta = {"format_version": FORMAT_VERSION, "kind": "reference_dash",
-            "config": {"unet": REFERENCE_UNET_CONFIG.to_dict(), "conditioner": REFERENCE_CONDITIONER},
-            "prediction": "eps", "schedule": {"beta_schedule": "scaled_linear", "linear_start": 0.00085,
-                                              "linear_end": 0.012, "timesteps": 1000},
-            "null_class": NULL_CLASS, "image_size": [1, 32, 32], "data_split": SPLIT_DESCRIPTION + "; train split",
-            "training": summary}
+    return {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "optimizer": "AdamW",
+            "ema_decay": 0.999, "cond_dropout": 0.1, "augmentation": "random shift <= 1 px",
+            "final_loss_mean_last50": round(sum(losses[-50:]) / len(losses[-50:]), 5), "wall_time_s": round(wall, 1),
+            "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
+def check_and_save(model, cond, meta: dict, classifier_path, out_path: Path, desc: str, ms=None) -> dict:
+    """The quality check (where a classifier is found) into the metadata, then the weights and metadata saved."""
     classifier = None
     for candidate in (classifier_path, DEFAULT_CLASSIFIER_PATH):
         if candidate is not None and Path(candidate).is_file():
             classifier, _ = load_feature_classifier(candidate)
             break
     if classifier is not None:
-        meta["quality_check"] = quality_check(unet, cond, classifier)
+        meta["quality_check"] = quality_check(model, cond, classifier, ms=ms)
         print("quality check:", meta["quality_check"])
-    tensors = {f"diffusion_model.{k}": v for k, v in unet.state_dict().items()}
+    tensors = {f"diffusion_model.{k}": v for k, v in model.state_dict().items()}
     tensors.update({f"conditioner.{k}": v for k, v in cond.state_dict().items()})
     atomic_save(tensors, out_path, meta)
-    print(f"reference unet: loss {summary['final_loss_mean_last50']}, wall {wall:.0f} s -> {out_path}")
+    print(f"{desc}: loss {meta['training']['final_loss_mean_last50']}, wall {meta['training']['wall_time_s']:.0f} s -> {out_path}")
     return meta
 
 
@@ -238,66 +255,25 @@ def train_dit(out_path: Path, steps: int, batch_size: int, lr: float, seed: int,
               classifier_path: Path | None = None) -> dict:
     """Rectified flow as Flux and SD3 are trained: x_t = (1 - t) x0 + t noise, the target the velocity noise - x0,
     t drawn logit-normal (SD3's choice); EMA weights as the UNet's."""
-    torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
-    x_train, y_train = load_digits_split("train")
+    torch.manual_seed(seed)  # the start weights
     dit, cond = ReferenceFlux(REFERENCE_DIT_CONFIG), ClassConditioner(**REFERENCE_CONDITIONER)
     adaln_zero(dit)
-    params = list(dit.parameters()) + list(cond.parameters())
-    ema = [p.detach().clone() for p in params]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    t0, bar, losses = time.time(), tqdm(range(steps), desc="reference dit", dynamic_ncols=True), []
-    for step in bar:
-        for group in opt.param_groups:
-            group["lr"] = lr * cosine_lr(step, steps, warmup=100)
-        idx = torch.randint(0, len(x_train), (batch_size,), generator=g)
-        x0 = random_shift(x_train[idx], 1, g)
-        labels = torch.where(torch.rand(batch_size, generator=g) < 0.1, NULL_CLASS, y_train[idx])
-        t = torch.sigmoid(torch.randn(batch_size, generator=g))
+
+    def noised(x0, g):  # rectified flow: t logit-normal, the velocity the target
+        t = torch.sigmoid(torch.randn(x0.shape[0], generator=g))
         noise = torch.randn(x0.shape, generator=g)
-        xt = (1 - t).view(-1, 1, 1, 1) * x0 + t.view(-1, 1, 1, 1) * noise
-        loss = F.mse_loss(dit(xt, t, cond(labels)), noise - x0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        decay = min(0.999, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for e, p in zip(ema, params):
-                e.lerp_(p, 1 - decay)
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
-    wall = time.time() - t0
-    with torch.no_grad():
-        for e, p in zip(ema, params):
-            p.copy_(e)
-    dit.eval().requires_grad_(False)
-    cond.eval().requires_grad_(False)
+        return (1 - t).view(-1, 1, 1, 1) * x0 + t.view(-1, 1, 1, 1) * noise, t, noise - x0
+
+    summary = fit(dit, cond, noised, steps, batch_size, lr, seed, "reference dit")
+    summary.update({"time_sampling": "logit-normal (0, 1)", "init": "adaLN-Zero"})
     ms = FlowSchedule.flux(REFERENCE_DIT_MU)
-    summary = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "optimizer": "AdamW",
-               "ema_decay": 0.999, "cond_dropout": 0.1, "augmentation": "random shift <= 1 px",
-               "time_sampling": "logit-normal (0, 1)", "init": "adaLN-Zero",
-               "final_loss_mean_last50": round(sum(losses[-50:]) / len(losses[-50:]), 5), "wall_time_s": round(wall, 1),
-               "torch": torch.__version__, "threads": torch.get_num_threads()}
     meta = {"format_version": FORMAT_VERSION, "kind": "reference_dit", "arch": "dit",
             "config": {"dit": REFERENCE_DIT_CONFIG.to_dict(), "conditioner": REFERENCE_CONDITIONER},
             "prediction": "flow", "schedule": {**ms.to_dict(), "model_sampling": "ModelSamplingFlux",
                                                "mu": REFERENCE_DIT_MU},
             "null_class": NULL_CLASS, "image_size": [1, 32, 32], "data_split": SPLIT_DESCRIPTION + "; train split",
             "training": summary}
-    classifier = None
-    for candidate in (classifier_path, DEFAULT_CLASSIFIER_PATH):
-        if candidate is not None and Path(candidate).is_file():
-            classifier, _ = load_feature_classifier(candidate)
-            break
-    if classifier is not None:
-        meta["quality_check"] = quality_check(dit, cond, classifier, ms=ms)
-        print("quality check:", meta["quality_check"])
-    tensors = {f"diffusion_model.{k}": v for k, v in dit.state_dict().items()}
-    tensors.update({f"conditioner.{k}": v for k, v in cond.state_dict().items()})
-    atomic_save(tensors, out_path, meta)
-    print(f"reference dit: loss {summary['final_loss_mean_last50']}, wall {wall:.0f} s -> {out_path}")
-    return meta
+    return check_and_save(dit, cond, meta, classifier_path, out_path, "reference dit", ms=ms)
 
 
 def main(argv=None) -> None:
