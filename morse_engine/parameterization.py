@@ -79,7 +79,21 @@ def cfg_combine(z: torch.Tensor, scale) -> torch.Tensor:
     return guidance(cond, uncond, scale)
 
 
-class DiscreteSchedule:
+class _SigmaTable:
+    """A schedule's ascending ``sigmas`` table, as ComfyUI's model_sampling registers it."""
+
+    sigmas: torch.Tensor
+
+    @property
+    def sigma_min(self) -> float:
+        return float(self.sigmas[0])
+
+    @property
+    def sigma_max(self) -> float:
+        return float(self.sigmas[-1])
+
+
+class DiscreteSchedule(_SigmaTable):
     """ComfyUI's ``ModelSamplingDiscrete``: the sigma of each of a discrete model's timesteps.
 
     ``sigmas[t]`` for t = 0..T-1 ascend; :meth:`timestep` is the nearest discrete timestep of a
@@ -96,14 +110,6 @@ class DiscreteSchedule:
     @classmethod
     def from_alphas_cumprod(cls, alphas_cumprod: torch.Tensor, prediction: str = "eps") -> "DiscreteSchedule":
         return cls((((1 - alphas_cumprod) / alphas_cumprod) ** 0.5).float(), prediction)
-
-    @property
-    def sigma_min(self) -> float:
-        return float(self.sigmas[0])
-
-    @property
-    def sigma_max(self) -> float:
-        return float(self.sigmas[-1])
 
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
         """Nearest discrete timestep of ``sigma`` (as ComfyUI does)."""
@@ -137,7 +143,7 @@ def shifted_time(shift: float, t):
     return shift * t / (1 + (shift - 1) * t)
 
 
-class FlowSchedule:
+class FlowSchedule(_SigmaTable):
     """ComfyUI's flow sampling (``CONST`` with ``ModelSamplingDiscreteFlow`` / ``ModelSamplingFlux``): the sampler
     holds x = (1 - sigma) x0 + sigma noise, the backbone sees x itself at timestep sigma * multiplier and returns
     the velocity v = noise - x0, so denoised = x - sigma v. ``sigmas`` are the schedule's ``timesteps`` sigmas,
@@ -156,14 +162,6 @@ class FlowSchedule:
 
     def to_dict(self) -> dict:
         return {"kind": "flow", "shift": self.shift, "multiplier": self.multiplier, "timesteps": len(self.sigmas)}
-
-    @property
-    def sigma_min(self) -> float:
-        return float(self.sigmas[0])
-
-    @property
-    def sigma_max(self) -> float:
-        return float(self.sigmas[-1])
 
     def timestep(self, sigma):
         return torch.as_tensor(sigma, dtype=torch.float32) * self.multiplier

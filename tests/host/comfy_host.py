@@ -124,3 +124,19 @@ def save_test_dot(host, model, folder, name="tiny.safetensors", m=1, seed=3):
     engine.save_dot(folder / name, dot, base_family="tiny-sd15", fingerprint=engine.fingerprint_module(unet), measured_n=4.0)
     host.folder_paths.filename_list_cache.pop("dot_models", None)
     return name
+
+
+def null_control(host):
+    """A ControlNet stand-in whose residuals are empty: it reaches the model as a ``control`` input."""
+    base = host.comfy.controlnet.ControlBase
+
+    class NullControl(base):
+        def get_control(self, x_noisy, t, cond, batched_number, transformer_options):
+            return {"input": [], "middle": [], "output": []}
+
+        def copy(self):
+            c = NullControl()
+            self.copy_to(c)
+            return c
+
+    return NullControl()

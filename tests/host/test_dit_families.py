@@ -192,19 +192,10 @@ def test_a_lora_patched_dit_fills_with_the_patched_weights(host, models, fill):
 def test_a_controlnet_input_on_a_dit_runs_dash_on_every_step(host, models, caplog):
     """ControlNet residuals are added after blocks a fill skips: such a call runs Dash, and the run is plain
     sampling's exactly."""
-    base = host.comfy.controlnet.ControlBase
-
-    class NullControl(base):  # residuals that reach the model as a ``control`` input and add nothing
-        def get_control(self, x_noisy, t, cond, batched_number, transformer_options):
-            return {"input": [], "middle": [], "output": []}
-
-        def copy(self):
-            c = NullControl()
-            self.copy_to(c)
-            return c
+    from comfy_host import null_control
 
     family, model = td.FAMILIES["flux"], models["flux"]
-    control = NullControl()
+    control = null_control(host)
     pos, neg = td.conditioning(family, 1), td.conditioning(family, 2)
     pos[0][1]["control"], neg[0][1]["control"] = control, control
     with caplog.at_level(logging.INFO, logger="morse"):

@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from comfy_host import conditioning
+from comfy_host import conditioning, null_control
 from test_morse_ksampler import ksampler, morse
 
 FILLS = ["inherit_k1", "inherit_k2", "forecast_k2", "forecast2_k2", "propagate"]
@@ -104,27 +104,11 @@ def test_a_lora_patched_model_fills_with_the_patched_weights(host, tiny, fill):
                        ksampler(host, lora, steps=6))
 
 
-def _null_control(host):
-    """A ControlNet stand-in whose residuals are empty: it reaches the UNet as a ``control`` input."""
-    base = host.comfy.controlnet.ControlBase
-
-    class NullControl(base):
-        def get_control(self, x_noisy, t, cond, batched_number, transformer_options):
-            return {"input": [], "middle": [], "output": []}
-
-        def copy(self):
-            c = NullControl()
-            self.copy_to(c)
-            return c
-
-    return NullControl()
-
-
 @pytest.mark.parametrize("fill", FILLS)
 def test_a_control_input_runs_dash_on_every_step(host, tiny, fill, caplog):
     """ControlNet residuals are not cached with the features, so a call with a control input falls back to
     Dash: the run is KSampler's exactly."""
-    control = _null_control(host)
+    control = null_control(host)
     pos = [[conditioning(1)[0][0], {"control": control}]]
     neg = [[conditioning(2)[0][0], {"control": control}]]
     out, calls, _ = logged(caplog, lambda: morse(host, tiny, steps=6, pos=pos, neg=neg, schedule=pattern(host),
