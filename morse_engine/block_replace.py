@@ -35,6 +35,12 @@ def block_keys(diffusion_model) -> Optional[list]:
     return None
 
 
+def takes_block_patches(diffusion_model) -> bool:
+    """Whether ``diffusion_model`` is a DiT whose blocks ComfyUI's block-replace patches reach (such a model takes a
+    ``transformer_options`` per call, where the block fills put their patches)."""
+    return block_keys(diffusion_model) is not None
+
+
 def _streams(out: dict):
     return out["img"], out.get("txt")
 

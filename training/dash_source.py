@@ -38,6 +38,7 @@ class CheckpointDash:
     comfyui: Optional[str] = None  # the ComfyUI folder (None: $COMFYUI_PATH, else the one this pack is in)
     resolution: Optional[int] = None  # pixels (None: the family's own)
     trajectory: TrajectorySettings = field(default_factory=TrajectorySettings)  # the data-free runs
+    frames: int = 33  # a video family's clip length (ComfyUI's Wan templates' 33 frames); image families ignore it
 
     is_checkpoint = True
 
@@ -61,7 +62,8 @@ def open_dash(source: DashSource, run_dir: Path, device="cpu") -> DashSetup:
     if not source.is_checkpoint:
         return reference_setup(source.weights, device)
     return comfy_setup(Path(source.checkpoint), run_dir, prompts=source.prompts, images=source.images,
-                       resolution=source.resolution, comfyui=source.comfyui, trajectory=source.trajectory,
+                       resolution=source.resolution, frames=source.frames, comfyui=source.comfyui,
+                       trajectory=source.trajectory,
                        device=str(device))
 
 

@@ -49,6 +49,7 @@ class TrainRequest:
     runtime: Runtime  # device, precision, gradient checkpointing
     measure: Measurements
     resume: bool = False
+    cfg_given: bool = True  # the runs' CFG range was asked for (else a guidance-distilled Dash trains at CFG 1)
 
     def __post_init__(self):
         want = RolloutConfig if self.layout == "feature" else DotTrainConfig

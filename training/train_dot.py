@@ -129,7 +129,9 @@ def _checkpoint_arguments(p) -> None:
     g.add_argument("--prompts", type=Path, default=None,
                    help="data-free: a text file with one prompt per line; anchors are taken on the checkpoint's own sampling runs")
     g.add_argument("--images", type=Path, default=None, help="a folder of images with name.txt captions, encoded with the checkpoint's VAE")
-    g.add_argument("--resolution", type=int, default=None, help="image size in pixels (default: 512 SD1.x, 768 SD2.x-v, 1024 SDXL)")
+    g.add_argument("--resolution", type=int, default=None,
+                   help="image size in pixels (default: 512 SD1.x, 768 SD2.x-v, 1024 SDXL and flow image models, 640 video)")
+    g.add_argument("--frames", type=int, default=33, help="clip length of a video family's runs (Wan: 1 + 4k; default 33)")
     g.add_argument("--trajectory-sampler", default=d.sampler, help="ComfyUI sampler of the data-free runs (default: euler)")
     g.add_argument("--trajectory-scheduler", default=d.scheduler, help="ComfyUI scheduler of the data-free runs (default: normal)")
     g.add_argument("--trajectory-steps", type=min_max(int), default=d.steps, help="MIN,MAX steps of a data-free run, drawn per batch")
@@ -155,7 +157,8 @@ def dash_source(args) -> CheckpointDash | ReferenceDash:
         raise ValueError("--prompts/--images train a Dot for your checkpoint: give it with --checkpoint PATH")
     trajectory = TrajectorySettings(args.trajectory_sampler, args.trajectory_scheduler, args.trajectory_steps,
                                     args.trajectory_cfg)
-    return CheckpointDash(Path(args.checkpoint), args.prompts, args.images, args.comfyui, args.resolution, trajectory)
+    return CheckpointDash(Path(args.checkpoint), args.prompts, args.images, args.comfyui, args.resolution, trajectory,
+                          frames=args.frames)
 
 
 def options_given(args) -> dict:
@@ -191,7 +194,7 @@ def runtime_for(args, layout: str) -> runtimes.Runtime:
     if args.grad_checkpointing:
         raise ValueError("--grad-checkpointing recomputes the paper's Dot's backbone call; the feature Dot has "
                          "none (add --layout paper, or leave it out)")
-    return runtimes.resolve(args.device, args.precision, False)
+    return runtimes.resolve(args.device, args.precision, False, local_rank=distributed.local_rank())
 
 
 def request_from_args(args) -> TrainRequest:
@@ -202,7 +205,9 @@ def request_from_args(args) -> TrainRequest:
     files = run_files(dash, settings.dot.trajectory, args.runs, DOT_DIR, args.name, args.out)
     measure = Measurements(n_batch=args.n_batch or (2 if dash.is_checkpoint else 512),
                            compare_samples=args.compare_samples)
-    return TrainRequest(args.layout, dash, settings, files, runtime_for(args, args.layout), measure, args.resume)
+    cfg_given = args.rollout_cfg is not None or tuple(args.trajectory_cfg) != TrajectorySettings().cfg
+    return TrainRequest(args.layout, dash, settings, files, runtime_for(args, args.layout), measure, args.resume,
+                        cfg_given)
 
 
 def trainer_for(layout: str):

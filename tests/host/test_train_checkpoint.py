@@ -247,3 +247,75 @@ def test_an_inpainting_checkpoint_is_refused_with_nothing_written(host, families
                            "--comfyui", COMFYUI_PATH, "--runs", str(runs), "--out", str(tmp_path / "dot.safetensors")]) == 2
     assert "inpainting" in capsys.readouterr().err
     assert not runs.exists() and not (tmp_path / "dot.safetensors").exists()
+
+
+def test_train_dot_on_a_flux_checkpoint_then_sample_with_it(host, families, dot_folder, tmp_path, capsys, caplog):
+    """A flow DiT checkpoint (Flux, guidance-distilled): train_dot trains the DiT feature Dot from prompts on
+    ComfyUI's own Flux class, its runs at CFG 1 as Flux is sampled; Load Dot Model + Morse KSampler then serve the
+    fill steps with it on the checkpoint as ComfyUI loads it (CLIPTextEncode's T5 + pooled CLIP, Flux's guidance)."""
+    import logging
+
+    import comfy.sd
+
+    checkpoint = write_tiny_checkpoint(host, families, "flux", tmp_path / "tiny_flux.safetensors")
+    dot_name = train(tmp_path, checkpoint, "flux_prompts", ["--prompts", str(write_prompts(tmp_path))], dot_folder,
+                     layout="feature")
+    assert "sampled at CFG 1" in capsys.readouterr().out
+    info = host.engine.read_dot_info(dot_folder / dot_name)
+    assert (info.config.backbone, info.config.prediction, info.base_family) == ("dit", "flow", "TinyFlux")
+    assert info.config.time_scale == 1000.0  # ModelSamplingFlux's timestep is sigma itself
+    assert info.config.deep_channels == 64  # the tiny Flux's hidden width
+    assert (info.training["config"]["cfg_min"], info.training["config"]["cfg_max"]) == (1.0, 1.0)
+    assert info.measured_n and info.measured_n > 0
+
+    model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(str(checkpoint))
+    positive = host.nodes.CLIPTextEncode().encode(clip, "a red cube")[0]
+    dot = node(host, "MorseLoadDotModel").execute(dot_name).result[0]
+    with caplog.at_level(logging.INFO, logger="morse"):
+        out = node(host, "MorseKSampler").execute(
+            model, 7, 4, 1.0, "euler", "simple", positive, positive, {"samples": torch.zeros(1, 16, 8, 8)}, 1.0,
+            dot=dot, schedule=host.engine.Pattern("D."),
+        ).result[0]["samples"]
+    assert out.shape == (1, 16, 8, 8) and torch.isfinite(out).all()
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Morse: ")]
+    assert any("2 Dash steps, 2 dot steps of 4" in line for line in lines), lines
+
+
+def test_the_papers_layout_on_a_flow_checkpoint_is_refused_in_one_sentence(host, families, tmp_path, capsys):
+    from training import train_dot
+
+    checkpoint = write_tiny_checkpoint(host, families, "flux", tmp_path / "tiny_flux.safetensors")
+    argv = ["--checkpoint", str(checkpoint), "--prompts", str(write_prompts(tmp_path)), "--comfyui", COMFYUI_PATH,
+            "--runs", str(tmp_path / "runs"), "--layout", "paper", "--resolution", str(RESOLUTION), "--steps", "1"]
+    assert train_dot.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "--layout feature" in err and err.count("\n") == 1, err
+
+
+def test_train_dot_on_a_wan_checkpoint_then_sample_a_video_with_it(host, families, dot_folder, tmp_path, caplog):
+    """A video flow DiT (Wan 2.1 t2v, UMT5 text encoder): the Dot trains on 5-frame clips (2 latent frames) at CFG
+    from the prompts and the empty prompt, then serves Morse KSampler's fill steps on a Wan video latent."""
+    import logging
+
+    import comfy.sd
+
+    checkpoint = write_tiny_checkpoint(host, families, "wan21", tmp_path / "tiny_wan.safetensors")
+    dot_name = train(tmp_path, checkpoint, "wan_prompts", ["--prompts", str(write_prompts(tmp_path)), "--frames", "5"],
+                     dot_folder, layout="feature")
+    info = host.engine.read_dot_info(dot_folder / dot_name)
+    assert (info.config.backbone, info.config.prediction, info.base_family) == ("dit", "flow", "TinyWan21")
+    assert info.config.time_scale == 1.0  # ModelSamplingDiscreteFlow's timestep is sigma x 1000 already
+    assert info.training["config"]["cfg_min"] > 1.0  # Wan samples with CFG
+
+    model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(str(checkpoint))
+    encode = host.nodes.CLIPTextEncode()
+    positive, negative = encode.encode(clip, "a red cube")[0], encode.encode(clip, "")[0]
+    dot = node(host, "MorseLoadDotModel").execute(dot_name).result[0]
+    with caplog.at_level(logging.INFO, logger="morse"):
+        out = node(host, "MorseKSampler").execute(
+            model, 7, 4, 5.0, "euler", "simple", positive, negative, {"samples": torch.zeros(1, 16, 2, 8, 8)}, 1.0,
+            dot=dot, schedule=host.engine.Pattern("D."),
+        ).result[0]["samples"]
+    assert out.shape == (1, 16, 2, 8, 8) and torch.isfinite(out).all()
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Morse: ")]
+    assert any("2 Dash steps, 2 dot steps of 4" in line for line in lines), lines

@@ -1,4 +1,4 @@
-"""Tiny SD1.x / SD2.x-v / SDXL / Flux-family checkpoints, written to disk with ComfyUI's own saver.
+"""Tiny SD1.x / SD2.x-v / SDXL / Flux / Wan 2.1 checkpoints, written to disk with ComfyUI's own saver.
 
 ComfyUI tells a checkpoint's family by the widths of its weights (``comfy/model_detection.py``),
 so a UNet with small widths is not detected as SD1.x. These helpers register, for the length
@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 TINY_T5 = {"d_model": 32, "d_ff": 64, "d_kv": 16, "num_heads": 2, "num_layers": 2}
+TINY_SPIECE_VOCAB = 64  # UMT5's tokenizer ships inside a Wan checkpoint; the tiny one is trained by _tiny_spiece
 TINY_CLIP = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 3, "projection_dim": 32}  # 3: SD2/SDXL read layer -2
 
 UNET_COMMON = {
@@ -26,18 +27,36 @@ UNET_COMMON = {
 }
 
 
-def _tiny_clip(base, names, t5=False):
-    """A ComfyUI text-encoder class with every named CLIP shrunk to TINY_CLIP (and its T5-XXL to TINY_T5)."""
+def _tiny_clip(base, names, t5=False, umt5=False):
+    """A ComfyUI text-encoder class with every named CLIP shrunk to TINY_CLIP (and its T5-XXL or UMT5-XXL to TINY_T5)."""
 
     class Tiny(base):
         def __init__(self, device="cpu", dtype=None, model_options={}, **kwargs):
             model_options = {**model_options, **{f"{n}_model_config": dict(TINY_CLIP) for n in names}}
             if t5:
                 model_options["t5xxl_model_config"] = dict(TINY_T5)
+            if umt5:
+                model_options["umt5xxl_model_config"] = {**TINY_T5, "vocab_size": TINY_SPIECE_VOCAB}
             super().__init__(device=device, dtype=dtype, model_options=model_options, **kwargs)
 
     Tiny.__name__ = f"Tiny{base.__name__}"
     return Tiny
+
+
+def _tiny_spiece() -> torch.Tensor:
+    """A small SentencePiece model (UMT5's tokenizer kind; ComfyUI ships none, a Wan checkpoint carries its own),
+    as the ``spiece_model`` bytes ComfyUI's tokenizer reads."""
+    import io
+
+    import sentencepiece
+
+    text = ["a red cube on a table", "a watercolour fox", "a city at night, rain", "a photo number one",
+            "the quick brown fox jumps over the lazy dog"] * 20
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(text), model_writer=model,
+                                             vocab_size=TINY_SPIECE_VOCAB - 16, pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+                                             minloglevel=2, hard_vocab_limit=False)
+    return torch.ByteTensor(list(model.getvalue()))
 
 
 def tiny_families(host):
@@ -93,12 +112,28 @@ def tiny_families(host):
             return ClipTarget(comfy.text_encoders.flux.FluxTokenizer,
                               _tiny_clip(comfy.text_encoders.flux.FluxClipModel, ["clip_l"], t5=True))
 
+    import comfy.text_encoders.wan
+
+    class TinyWan21(comfy.supported_models.WAN21_T2V):
+        # a full checkpoint (UMT5 text encoder inside, no VAE: data-free training needs none)
+        unet_config = {"image_model": "wan2.1", "model_type": "t2v", "dim": 64}
+        unet_extra_config = {"num_heads": 2, "text_dim": TINY_T5["d_model"]}  # detection fixes dim // 128 heads, 4096
+
+        def clip_target(self, state_dict={}):
+            return ClipTarget(comfy.text_encoders.wan.WanT5Tokenizer,
+                              _tiny_clip(comfy.text_encoders.wan.WanT5Model, [], umt5=True))
+
+    wan21 = {"image_model": "wan2.1", "model_type": "t2v", "patch_size": (1, 2, 2), "in_dim": 16, "dim": 64,
+             "ffn_dim": 128, "freq_dim": 256, "text_dim": TINY_T5["d_model"], "out_dim": 16, "num_heads": 2,
+             "num_layers": 5, "window_size": (-1, -1), "qk_norm": True, "cross_attn_norm": True, "eps": 1e-6}
+
     flux = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 32, "context_in_dim": 32,
             "hidden_size": 64, "mlp_ratio": 4.0, "num_heads": 2, "depth": 2, "depth_single_blocks": 3,
             "axes_dim": [8, 12, 12], "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": True,
             "txt_ids_dims": []}
     return {
         "flux": (TinyFlux, flux),
+        "wan21": (TinyWan21, wan21),
         "sd15": (TinySD15, {**UNET_COMMON, "context_dim": 32, "use_linear_in_transformer": False, "adm_in_channels": None}),
         "sd20v": (TinySD20V, {**UNET_COMMON, "context_dim": 32, "use_linear_in_transformer": True, "adm_in_channels": None}),
         "sdxl": (TinySDXL, {**UNET_COMMON, "context_dim": 64, "use_linear_in_transformer": True,
@@ -151,16 +186,21 @@ def write_tiny_checkpoint(host, families, family: str, path: Path, seed: int = 0
     import comfy.taesd.taesd
 
     cls, unet_config = families[family]
-    latent_channels = unet_config["in_channels"] if family == "flux" else 4
-    config = cls(unet_config if family == "flux" else {**unet_config, "in_channels": in_channels})
+    dit = family in ("flux", "wan21")
+    latent_channels = {"flux": 16, "wan21": 16}.get(family, 4)
+    config = cls(unet_config if dit else {**unet_config, "in_channels": in_channels})
     model = config.get_model({"v_pred": torch.tensor([])} if v_prediction else {}, device=torch.device("cpu"))
     g = torch.Generator().manual_seed(seed)
     _randomise(model.diffusion_model, g)
     mm = comfy.model_management
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
 
-    clip = comfy.sd.CLIP(config.clip_target(), embedding_directory=None)
+    tokenizer_data = {"spiece_model": _tiny_spiece()} if family == "wan21" else {}
+    clip = comfy.sd.CLIP(config.clip_target(), embedding_directory=None, tokenizer_data=tokenizer_data)
     _randomise(clip.cond_stage_model, g)
+    if family == "wan21":  # Wan's VAE is a video VAE, TAESD is not; prompts-only training needs no VAE
+        comfy.sd.save_checkpoint(str(path), patcher, clip, None)
+        return path
     taesd = comfy.taesd.taesd.TAESD(latent_channels=latent_channels)
     _randomise(taesd, g, std=0.05)
     with torch.no_grad():

@@ -47,14 +47,14 @@ def collect_fills(models, names=None) -> list[EvalFill]:
     """The fills called ``names`` (default: the Dot, the ablation Dot where there is one, and the reuse and
     extrapolation fills) from every fill there is: the Dots and each fill the engine offers by name (those that
     rerun Dash's blocks on the reference UNet's, or on the reference DiT's through its block-replace patches)."""
-    from morse_engine.block_replace import PatchedDiTBlocks
+    from morse_engine.block_replace import PatchedDiTBlocks, takes_block_patches
     from morse_engine.dit_fills import DIT_FILLS
     from morse_engine.fillers import TRAINING_FREE_FILLS
 
     from ..reference.blocks import ReferenceBlocks
 
     unet = models.unet
-    dit = getattr(unet, "takes_block_patches", False)
+    dit = takes_block_patches(unet)
     blocks = PatchedDiTBlocks(unet) if dit else ReferenceBlocks(unet)
     fills = []
     if models.dot is not None:

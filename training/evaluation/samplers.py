@@ -14,6 +14,7 @@ from typing import Callable, Optional
 import torch
 
 from morse_engine import MorseRun
+from morse_engine.block_replace import takes_block_patches
 from morse_engine.parameterization import DiscreteSchedule, cfg_combine
 from morse_engine.solver_steps import ancestral_step, dpmpp_2m_step, euler_step, to_d
 
@@ -41,7 +42,7 @@ class GuidedDenoiser:
     Cond and uncond go through the model in one batch, keyed so the router keeps an anchor
     for each; with cfg == 1 only the cond is evaluated, as ComfyUI does. ``prediction``: the model's native
     output ("eps", "v" or "x0"; default: the schedule's own); ``kwargs``: what else it takes for the [cond, uncond]
-    batch (SDXL's ``y``). A backbone with ``patches_replace`` (a DiT: its block fills patch one call's options)
+    batch (SDXL's ``y``). A DiT (its block fills patch one call's options)
     gets a fresh ``transformer_options`` each call, as ComfyUI gives one.
     """
 
@@ -49,7 +50,7 @@ class GuidedDenoiser:
                  prediction: Optional[str] = None, kwargs: Optional[dict] = None):
         self.unet, self.ms, self.cond, self.uncond, self.cfg, self.run = unet, ms, cond_ctx, uncond_ctx, cfg, run
         self.prediction, self.kwargs = prediction, kwargs or {}
-        self.fresh_options = bool(getattr(unet, "takes_block_patches", False))
+        self.fresh_options = takes_block_patches(unet)
 
     def _model(self, x, t, sigma, keys, ctx, kwargs):
         if self.fresh_options:

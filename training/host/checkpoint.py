@@ -9,12 +9,16 @@ from typing import Optional
 
 import torch
 
+from morse_engine.parameterization import DiscreteSchedule, FlowSchedule
+
 from .comfyui import find_comfyui, import_comfy
 from .data import TensorCache, cache_key, load_image
+from .rope_gradients import register_rope_gradients
 
 
 def prediction_of(model_sampling) -> str:
-    """"eps" or "v" for a discrete-time SD-style schedule; a clear refusal for anything else."""
+    """"eps" or "v" for a discrete-time SD-style schedule, "flow" for ComfyUI's flow sampling (CONST with
+    ModelSamplingDiscreteFlow or ModelSamplingFlux: SD3, Flux, Chroma, Qwen-Image, Wan, ...); a clear refusal else."""
     import comfy.model_sampling as ms
 
     kind = type(model_sampling)
@@ -25,10 +29,34 @@ def prediction_of(model_sampling) -> str:
             return "v"
         if kind.calculate_denoised is ms.EPS.calculate_denoised:
             return "eps"
+    flow = (ms.ModelSamplingDiscreteFlow, ms.ModelSamplingFlux)
+    if isinstance(model_sampling, flow) and kind.calculate_denoised is ms.CONST.calculate_denoised and \
+            kind.calculate_input is ms.CONST.calculate_input and kind.sigma in (f.sigma for f in flow):
+        return "flow"
     raise ValueError(
         f"this checkpoint samples with {kind.__name__}; Dot training supports discrete-time eps and v-prediction "
-        "models (SD1.x, SD2.x, SDXL and their fine-tunes). Use a checkpoint of one of those families"
+        "models (SD1.x, SD2.x, SDXL and their fine-tunes) and flow models (SD3, Flux, Chroma, Qwen-Image, Wan and the "
+        "other CONST families). Use a checkpoint of one of those families"
     )
+
+
+def schedule_of(model_sampling, prediction: str):
+    """The engine's schedule of ComfyUI's ``model_sampling``: the discrete sigmas as ComfyUI has them, or the flow
+    schedule's shift and multiplier, checked against ComfyUI's own sigmas (a mismatch would train the Dot on
+    another noise schedule than sampling uses)."""
+    import comfy.model_sampling as ms
+
+    if prediction != "flow":
+        return DiscreteSchedule(model_sampling.sigmas, prediction)
+    sigmas = model_sampling.sigmas.float().cpu()
+    if isinstance(model_sampling, ms.ModelSamplingFlux):  # its shift is Flux's mu; timestep = sigma
+        schedule = FlowSchedule(math.exp(float(model_sampling.shift)), 1.0, len(sigmas))
+    else:
+        schedule = FlowSchedule(float(model_sampling.shift), float(model_sampling.multiplier), len(sigmas))
+    if not torch.allclose(schedule.sigmas, sigmas, rtol=1e-4, atol=1e-6):
+        raise ValueError(f"{type(model_sampling).__name__}'s sigmas are not the flow schedule of its shift "
+                         f"{float(model_sampling.shift):g}; Dot training cannot mirror this model's sampling")
+    return schedule
 
 
 def checkpoint_id(path: Path) -> str:
@@ -66,6 +94,7 @@ class ComfyCheckpoint:
             raise FileNotFoundError(f"--checkpoint {self.path} does not exist; give the path of a checkpoint file ComfyUI can load")
         self.comfy_path = find_comfyui(comfyui)
         comfy = import_comfy(self.comfy_path, device)
+        register_rope_gradients()  # the rollout loss backpropagates through a DiT's later Dash calls
         import folder_paths
 
         self.comfy = comfy
@@ -80,7 +109,7 @@ class ComfyCheckpoint:
         except Exception as exc:  # ComfyUI says RuntimeError for an undetected model, other errors for broken files
             raise ValueError(
                 f"ComfyUI cannot load --checkpoint {self.path} ({str(exc).strip().splitlines()[0]}); give a checkpoint that "
-                "ComfyUI's Load Checkpoint node loads (a full SD1.x, SD2.x or SDXL checkpoint with its text encoder)"
+                "ComfyUI's Load Checkpoint node loads (a full SD1.x, SD2.x, SDXL, SD3, Flux or other checkpoint with its text encoder)"
             ) from exc
         if patcher is None:
             raise ValueError(f"ComfyUI found no diffusion model in --checkpoint {self.path}; give a full checkpoint")
@@ -91,20 +120,55 @@ class ComfyCheckpoint:
         self.family = type(self.model.model_config).__name__  # ComfyUI's detected family: SD15, SD20, SDXL, ...
         self.latent_format = self.model.latent_format
         self.latent_channels = int(self.latent_format.latent_channels)
-        if getattr(self.model, "concat_keys", ()) or int(getattr(self.unet, "in_channels", self.latent_channels)) != self.latent_channels:
+        # a DiT's in_channels counts patch pixels (Flux: 16 x 2 x 2); its image inputs show as c_concat (model_conds)
+        unet_inputs = int(getattr(self.unet, "in_channels", self.latent_channels)) if hasattr(self.unet, "input_blocks") \
+            else self.latent_channels
+        if getattr(self.model, "concat_keys", ()) or unet_inputs != self.latent_channels:
             raise ValueError(
                 f"{self.path.name} is an inpainting or image-conditioned model (its UNet takes {self.unet.in_channels} "
                 f"channels, the latent has {self.latent_channels}); Dot training supports text-to-image checkpoints"
             )
         self.id = checkpoint_id(self.path)
 
-    def default_resolution(self) -> int:
-        """The resolution the family was trained at (SDXL 1024, SD2.x-v 768, SD1.x 512)."""
+    @property
+    def video(self) -> bool:
+        """A video family (Wan, HunyuanVideo, LTXV, ...): its latents have a frame axis."""
+        return int(getattr(self.latent_format, "latent_dimensions", 2)) == 3
+
+    @property
+    def guidance_distilled(self) -> bool:
+        """Flux dev / schnell / Kontext / Flux 2: sampled at CFG 1 (dev's guidance input stands for CFG), as
+        ComfyUI's Flux templates do; Chroma, also a Flux class, samples with real CFG."""
         import comfy.model_base
 
+        return isinstance(self.model, comfy.model_base.Flux) and not isinstance(self.model, comfy.model_base.Chroma)
+
+    def default_resolution(self) -> int:
+        """The resolution the family was trained at (SDXL and the flow image models 1024, SD2.x-v 768, SD1.x 512; a
+        video family 640 square, the pixel count of Wan's 832x480)."""
+        import comfy.model_base
+
+        if self.prediction == "flow":
+            return 640 if self.video else 1024
         if isinstance(self.model, comfy.model_base.SDXL):
             return 1024
         return 768 if self.prediction == "v" else 512
+
+    def downscale(self) -> int:
+        """Pixels per latent cell along a side: the VAE's, 8 where the checkpoint holds none."""
+        if self.vae is None or getattr(self.vae, "first_stage_model", None) is None:  # no VAE weights in the file
+            return 8
+        return int(self.vae.spacial_compression_encode())
+
+    def latent_shape(self, resolution: int, frames: int) -> tuple:
+        """(channels, [latent frames,] height, width) of an empty latent at ``resolution`` (and ``frames`` for video:
+        the first frame alone, then one latent frame per 4, as ComfyUI's EmptyHunyuanLatentVideo / Wan latents)."""
+        side = resolution // self.downscale()
+        if not self.video:
+            return (self.latent_channels, side, side)
+        if frames < 1 or (frames - 1) % 4:
+            raise ValueError(f"--frames {frames}: a video latent holds 1 + 4k frames; use e.g. {max(1, frames - (frames - 1) % 4)}")
+        return (self.latent_channels, 1 + (frames - 1) // 4, side, side)
 
     def encode_text(self, prompts: list[str], cache: TensorCache) -> tuple[list[torch.Tensor], list[Optional[torch.Tensor]]]:
         """CLIPTextEncode's (cond, pooled_output) for each prompt, from the cache where present."""
@@ -131,10 +195,11 @@ class ComfyCheckpoint:
         """(context, extra kwargs) of one prompt as the diffusion model gets them at sampling time."""
         import comfy.conds
 
-        c, h, w = latent_shape
+        h, w = latent_shape[-2:]
+        scale = self.downscale()
         params = {
-            "cross_attn": cond, "device": torch.device("cpu"), "noise": torch.zeros(1, c, h, w),
-            "width": w * 8, "height": h * 8, "prompt_type": "negative" if negative else "positive",
+            "cross_attn": cond, "device": torch.device("cpu"), "noise": torch.zeros(1, *latent_shape),
+            "width": w * scale, "height": h * scale, "prompt_type": "negative" if negative else "positive",
         }
         if pooled is not None:
             params["pooled_output"] = pooled
@@ -153,7 +218,7 @@ class ComfyCheckpoint:
             else:
                 raise ValueError(f"{self.path.name} needs the conditioning '{name}' ({type(value).__name__}), which Dot training does not build")
         if context is None:
-            raise ValueError(f"{self.path.name} takes no cross-attention text context; Dot training supports text-conditioned UNets")
+            raise ValueError(f"{self.path.name} takes no cross-attention text context; Dot training supports text-conditioned models")
         return context.float(), {k: v.float() for k, v in kwargs.items()}
 
     def encode_images(self, images: list[Path], resolution: int, cache: TensorCache) -> torch.Tensor:

@@ -27,10 +27,11 @@ from typing import Optional
 import torch
 
 from morse_engine import fingerprint_module
-from morse_engine.parameterization import DiscreteSchedule, guidance
+from morse_engine.block_replace import takes_block_patches
+from morse_engine.parameterization import guidance
 
 from ..trainer.dash_setup import DashSetup
-from .checkpoint import ComfyCheckpoint, TrajectorySettings, common_length
+from .checkpoint import ComfyCheckpoint, TrajectorySettings, common_length, schedule_of
 
 from .data import TensorCache, find_images, read_prompts
 
@@ -42,19 +43,22 @@ def comfy_setup(
     prompts: Optional[Path] = None,
     images: Optional[Path] = None,
     resolution: Optional[int] = None,
+    frames: int = 33,
     comfyui: Optional[str] = None,
     trajectory: Optional[TrajectorySettings] = None,
     device: str = "cpu",
     log=print,
 ) -> DashSetup:
-    """A DashSetup for ``checkpoint`` with prompts (data-free, on Dash's own trajectories) or captioned images."""
+    """A DashSetup for ``checkpoint`` with prompts (data-free, on Dash's own trajectories) or captioned images;
+    ``frames``: the clip length of a video family's runs (ignored for image families)."""
     if (prompts is None) == (images is None):
         raise ValueError("give exactly one data source for a checkpoint: --prompts FILE (data-free) or --images DIR")
     ck = ComfyCheckpoint(checkpoint, comfyui, device)
-    res = resolution or ck.default_resolution()
-    if res % 8:
-        raise ValueError(f"--resolution {res} is not a multiple of 8 (the VAE's downscale); use e.g. {res - res % 8 or 8}")
-    latent_shape = (ck.latent_channels, res // 8, res // 8)
+    res, scale = resolution or ck.default_resolution(), ck.downscale()
+    if res % scale:
+        raise ValueError(f"--resolution {res} is not a multiple of {scale} (the VAE's downscale); use e.g. "
+                         f"{res - res % scale or scale}")
+    latent_shape = ck.latent_shape(res, frames)
     cache_dir = run_dir / "cache" / ck.id
     texts, x0_all, latent_shape, latent_cache = _training_data(ck, prompts, images, res, latent_shape, cache_dir, log)
     text_cache = TensorCache(cache_dir / "text.safetensors")
@@ -96,7 +100,7 @@ def comfy_setup(
 
     return DashSetup(
         unet=ck.unet,
-        sampling=DiscreteSchedule(ck.model.model_sampling.sigmas, ck.prediction),  # the sigmas as ComfyUI has them
+        sampling=schedule_of(ck.model.model_sampling, ck.prediction),  # as ComfyUI samples it
         encode=encode,
         null_condition=null_condition,
         batches=batches,
@@ -106,6 +110,8 @@ def comfy_setup(
         prediction=ck.prediction,
         extra_kwargs=extra_kwargs if kw_table else None,
         trajectory=trajectory_fn,
+        guidance_distilled=ck.guidance_distilled,
+        inplace_forward=takes_block_patches(ck.unet),
     )
 
 

@@ -1,4 +1,4 @@
-"""A Dash UNet's blocks as the engine's feature fills and feature Dots run them, for the tools."""
+"""A Dash's blocks (UNet or DiT) as the engine's feature fills and feature Dots run them, for the tools."""
 from __future__ import annotations
 
 import importlib.util
@@ -6,13 +6,14 @@ from pathlib import Path
 
 
 def blocks_of(backbone, on_comfy: bool):
-    """The nodes' adapter for ComfyUI's UNetModel (loaded from its file: ComfyUI's own ``nodes`` module owns that
-    name), or the reference adapter for the project's UNet, or the block-replace one for the reference DiT."""
-    if not on_comfy:
-        if getattr(backbone, "takes_block_patches", False):  # the reference DiT
-            from morse_engine.block_replace import PatchedDiTBlocks
+    """The block-replace adapter for a DiT (the reference DiT or one of ComfyUI's), else the nodes' adapter for
+    ComfyUI's UNetModel (loaded from its file: ComfyUI's own ``nodes`` module owns that name), or the reference
+    adapter for the project's UNet."""
+    from morse_engine.block_replace import PatchedDiTBlocks, takes_block_patches
 
-            return PatchedDiTBlocks(backbone)
+    if takes_block_patches(backbone):
+        return PatchedDiTBlocks(backbone)
+    if not on_comfy:
         from ..reference.blocks import ReferenceBlocks
 
         return ReferenceBlocks(backbone)

@@ -209,9 +209,9 @@ class LastLayer(nn.Module):
 
 class ReferenceFlux(nn.Module):
     """``forward(x, timestep, context, transformer_options=...)`` as ComfyUI's ``Flux`` is called: x [B, C, H, W],
-    timestep the flow sigma [B], context [B, T, context_in_dim]; returns the velocity, shaped as x."""
+    timestep the flow sigma [B], context [B, T, context_in_dim]; returns the velocity, shaped as x. It honours ``transformer_options["patches_replace"]["dit"]`` as
+    ComfyUI's DiTs do."""
 
-    takes_block_patches = True  # honours transformer_options["patches_replace"]["dit"], as ComfyUI's DiTs do
 
     def __init__(self, config: FluxConfig):
         super().__init__()

@@ -16,13 +16,13 @@ from torch import nn
 
 from morse_engine import BackboneFingerprint, fingerprint_module
 
-from morse_engine.parameterization import DiscreteSchedule
+from morse_engine.parameterization import DiscreteSchedule, FlowSchedule
 
 
 @dataclass
 class DashSetup:
     unet: nn.Module
-    sampling: DiscreteSchedule
+    sampling: DiscreteSchedule | FlowSchedule
     encode: Callable[[torch.Tensor], torch.Tensor]  # conditions [B] -> context [B, T, D]
     null_condition: Callable[[int], torch.Tensor]  # batch size -> conditions of the empty prompt
     batches: Callable[[int, torch.Generator], Iterator[tuple[torch.Tensor, torch.Tensor]]]  # (latents, conditions)
@@ -39,6 +39,10 @@ class DashSetup:
     # (not clean latents), and training_tuple calls this as (noise, conditions, generator) ->
     # (x_s, sigma_s [B]) to run Dash's own sampler with CFG to the anchor (under no_grad, LoRA off).
     trajectory: Optional[Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple]] = None
+    # sampled at CFG 1 (Flux dev / schnell: one cond a step); training runs do the same unless told otherwise
+    guidance_distilled: bool = False
+    # the backbone's forward adds to activations in place (ComfyUI's DiTs): training saves copies of them for backward
+    inplace_forward: bool = False
 
 
 def _translate(images: torch.Tensor, generator: torch.Generator, max_shift: int = 2) -> torch.Tensor:

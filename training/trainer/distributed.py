@@ -140,6 +140,15 @@ class DataParallel:
         dist.all_reduce(out, op=dist.ReduceOp.SUM)
         return out / self.world_size
 
+    def share_rows(self, rows: list[dict], fields: tuple) -> None:
+        """Fill ``fields`` of every row from the rank that made it (row i by rank i % world_size), in place."""
+        mine = {i: {f: rows[i][f] for f in fields} for i in range(self.rank, len(rows), self.world_size)}
+        everyone: list = [None] * self.world_size
+        dist.all_gather_object(everyone, mine)
+        for made in everyone:
+            for i, values in made.items():
+                rows[i].update(values)
+
     def gather_generator_states(self, generator: torch.Generator) -> list[torch.Tensor]:
         """Every rank's data-generator state, in rank order (for rank 0's checkpoint)."""
         state = generator.get_state()
@@ -203,3 +212,10 @@ def from_env(use_cuda: Optional[bool] = None) -> Optional[DataParallel]:
         dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=n)
         owns = True
     return DataParallel(rank=rank, world_size=n, local_rank=local_rank, device=device, owns_group=owns)
+
+
+def join(parallel: Optional[DataParallel], device: torch.device) -> tuple[Optional[DataParallel], bool]:
+    """(the process group, whether this call joined it): ``parallel``, else the launcher's where there is one."""
+    if parallel is None and world_size() > 1:
+        return from_env(use_cuda=device.type == "cuda"), True
+    return parallel, False

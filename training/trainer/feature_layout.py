@@ -6,6 +6,8 @@ training-free ``forecast_k`` fill (``verdict``).
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 from morse_engine.dot_layouts.feature import fill_for
 
 from ..dash_source import open_dash
@@ -21,16 +23,31 @@ LOSS = "squared distance of a run's end to Dash's at every step, over reuse's (p
 
 def train(request: TrainRequest) -> None:
     """Train, write and judge the feature Dot ``request`` asks for; ValueError, FileNotFoundError,
-    ComfyUINotFound or TrainingDiverged where that cannot be done."""
-    if distributed.world_size() > 1:
-        raise ValueError("the feature Dot trains in one process (one run a step); start it without torchrun")
+    ComfyUINotFound or TrainingDiverged where that cannot be done. Under torchrun / accelerate launch every rank
+    trains (``rollout.train_feature_dot``) and rank 0 alone measures N, writes the Dot and judges it."""
     config, files, rt = request.settings, request.files, request.runtime
-    setup = open_dash(request.dash, files.run_dir, rt.device)
-    blocks = blocks_of(setup.unet, request.dash.is_checkpoint)
-    print(f"Training a feature Dot for {setup.base_family} ({sum(p.numel() for p in setup.unet.parameters()) / 1e6:.2f}M "
-          f"params): {config.runs} runs of {config.batch} samples ({config.min_steps}-{config.max_steps} steps), "
-          f"{config.steps} steps on {rt.describe()}; checkpoints in {files.state}")
-    result = train_feature_dot(setup, blocks, config, files.state, resume=request.resume, runtime=rt)
+    # joined before any model is built, so that each rank's models land on its own GPU
+    dp = distributed.from_env(use_cuda=rt.device.type == "cuda")
+    try:
+        setup = open_dash(request.dash, files.run_dir, rt.device)
+        if setup.guidance_distilled and not request.cfg_given and (config.cfg_min, config.cfg_max) != (1.0, 1.0):
+            config = replace(config, cfg_min=1.0, cfg_max=1.0)
+            request = replace(request, settings=config)
+            if dp is None or dp.is_main:
+                print(f"{setup.base_family} is sampled at CFG 1 (one cond a step, as ComfyUI's templates run it): the "
+                      "training runs are too (--rollout-cfg MIN,MAX trains at another)")
+        blocks = blocks_of(setup.unet, request.dash.is_checkpoint)
+        if dp is None or dp.is_main:
+            ranks = f", one run a step on each of {dp.world_size} processes" if dp else ""
+            print(f"Training a feature Dot for {setup.base_family} ({sum(p.numel() for p in setup.unet.parameters()) / 1e6:.2f}M "
+                  f"params): {config.runs} runs of {config.batch} samples ({config.min_steps}-{config.max_steps} steps), "
+                  f"{config.steps} steps{ranks} on {rt.describe()}; checkpoints in {files.state}")
+        result = train_feature_dot(setup, blocks, config, files.state, resume=request.resume, runtime=rt, parallel=dp)
+    finally:
+        if dp:
+            dp.close()
+    if dp is not None and not dp.is_main:
+        return  # every rank holds the same Dot; rank 0 alone measures N and writes it
     with rt.autocast():
         speed = rollout_n(setup, fill_for(result.dot, setup.unet, blocks), max(1, request.measure.n_batch // 2), rt.device)
     dot_params, dash_params = write_dot(request, result, setup, speed, layout="feature", loss=LOSS)

@@ -291,13 +291,6 @@ class PaperTraining:
             save_state(self.state_path, self.dot, self.optimizer, done, self.gen, extra, rank_generators=rank_gens)
 
 
-def _join_group(parallel: Optional[distributed.DataParallel], device: torch.device):
-    """(the process group, whether this call joined it): ``parallel``, else the launcher's where there is one."""
-    if parallel is None and distributed.world_size() > 1:
-        return distributed.from_env(use_cuda=device.type == "cuda"), True
-    return parallel, False
-
-
 def train_dot(
     setup: DashSetup,
     config: DotTrainConfig,
@@ -320,7 +313,7 @@ def train_dot(
     """
     runtime = _runtime_of(setup, runtime)
     torch.manual_seed(config.seed)  # same on every rank: the same start weights
-    dp, own_group = _join_group(parallel, runtime.device)
+    dp, own_group = distributed.join(parallel, runtime.device)
     run = PaperTraining(setup, config, state_path, runtime, dp)
     start, curves = run.resume() if resume else (0, Curves())
     if dp:

@@ -23,6 +23,9 @@ def train(request: TrainRequest) -> None:
     dp = distributed.from_env(use_cuda=rt.device.type == "cuda")  # None in a plain single-process run
     try:
         setup = open_dash(request.dash, files.run_dir, rt.device)
+        if setup.prediction not in ("eps", "v"):
+            raise ValueError(f"the paper's layout trains eps and v-prediction UNets and {setup.base_family} is a "
+                             f"{setup.prediction} model; train its feature Dot (--layout feature, the default)")
         if dp is None or dp.is_main:
             accum = f" x {config.grad_accum} accumulated" if config.grad_accum > 1 else ""
             ranks = f" on {dp.world_size} processes (batch {config.batch_size}{accum} each)" if dp else ""

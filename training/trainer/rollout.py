@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional
@@ -29,6 +30,7 @@ from morse_engine.adapter_file import save_file_atomic
 from morse_engine.fillers import ReuseFiller
 
 from ..evaluation.samplers import GuidedDenoiser, normal_sigmas, sample
+from . import distributed
 from .dash_setup import DashSetup
 from .optim import TrainingDiverged, backward, optimizer_step, set_lr
 from .runtime import Runtime
@@ -93,6 +95,18 @@ class RolloutResult:
     summary: dict = field(default_factory=dict)
 
 
+def _copy_activation(t: torch.Tensor) -> torch.Tensor:
+    return t if isinstance(t, torch.nn.Parameter) else t.clone()
+
+
+def _copies_of_saved_activations(wanted: bool):
+    """Autograd keeps copies of the activations it saves (the frozen weights as they are), so that a backbone whose
+    forward adds to tensors in place (ComfyUI's DiTs: ``x += gate * out``) can be backpropagated through."""
+    if not wanted or not torch.is_grad_enabled():
+        return nullcontext()
+    return torch.autograd.graph.saved_tensors_hooks(_copy_activation, lambda t: t)
+
+
 class Rollouts:
     """Sampling runs of a setup, with or without a fill on pattern D. (the gradient kept where the fill has one)."""
 
@@ -113,7 +127,7 @@ class Rollouts:
             return sample(run["sampler"], GuidedDenoiser(*den_args, prediction=s.prediction, kwargs=kwargs), noise,
                           sigmas, s.sampling)
         router = MorseRouter(Pattern("D."), filler, measure=False, timestep_of=s.sampling.timestep)
-        with router.run(sigmas) as r:
+        with router.run(sigmas) as r, _copies_of_saved_activations(s.inplace_forward):
             return sample(run["sampler"], GuidedDenoiser(*den_args, run=r, prediction=s.prediction, kwargs=kwargs),
                           noise, sigmas, s.sampling)
 
@@ -134,8 +148,8 @@ def draw_runs(setup: DashSetup, n: int, config: RolloutConfig, gen: torch.Genera
     return out
 
 
-def make_targets(rollouts: Rollouts, runs: list[dict], desc: str) -> list[dict]:
-    for run in tqdm(runs, desc=desc, unit="run", mininterval=10):
+def make_targets(rollouts: Rollouts, runs: list[dict], desc: str, quiet: bool = False) -> list[dict]:
+    for run in tqdm(runs, desc=desc, unit="run", mininterval=10, disable=quiet):
         with torch.no_grad():
             plain = rollouts.end(run).float()
             reuse = rollouts.end(run, ReuseFiller()).float()
@@ -170,20 +184,30 @@ def _load_runs(path: Path, key: dict) -> Optional[dict[str, list[dict]]]:
     return out
 
 
-def targets_for(setup: DashSetup, config: RolloutConfig, rollouts: Rollouts, cache: Path, log=print) -> dict:
+def targets_for(setup: DashSetup, config: RolloutConfig, rollouts: Rollouts, cache: Path, log=print,
+                dp: Optional[distributed.DataParallel] = None) -> dict:
     """The training and held-out runs with their plain ends and reuse errors, from ``cache`` where it was made
-    with the same settings, else made (and written there)."""
+    with the same settings, else made (and written there). Data-parallel, every rank draws the same runs, makes
+    the targets of every world_size-th one and gets the others' from the ranks that made them; rank 0 writes."""
     # the targets are this Dash's runs: another Dash (or weights) under the same run name makes them again
     key = {**config.target_key(), "dash": [setup.base_family, setup.fingerprint.architecture, setup.fingerprint.weights_id]}
     found = _load_runs(cache, key)
+    if dp is not None:  # one answer for all ranks: a rank that found the cache must not wait for the others' targets
+        found = found if int(dp.mean(torch.tensor(float(found is not None))) == 1.0) else None
     if found is not None:
         log(f"rollout targets: {len(found['train'])} + {len(found['fixed'])} runs from {cache}")
         return found
     gen = torch.Generator().manual_seed(config.seed)
     runs = {"train": draw_runs(setup, config.runs, config, gen), "fixed": draw_runs(setup, config.fixed_runs, config, gen)}
     for part, rows in runs.items():
-        make_targets(rollouts, rows, f"rollout targets ({part})")
-    _save_runs(cache, runs, key)
+        mine = rows if dp is None else rows[dp.rank::dp.world_size]
+        make_targets(rollouts, mine, f"rollout targets ({part})", quiet=dp is not None and not dp.is_main)
+        if dp is not None:
+            dp.share_rows(rows, ("plain", "reuse_err"))
+    if dp is None or dp.is_main:
+        _save_runs(cache, runs, key)
+    if dp is not None:
+        dp.barrier()
     return runs
 
 
@@ -198,70 +222,100 @@ def relative_end_error(rollouts: Rollouts, run: dict, filler) -> torch.Tensor:
     return end_error(rollouts, run, filler) / max(run["reuse_err"], 1e-12)
 
 
-def held_out_error(rollouts: Rollouts, runs: list[dict], filler) -> float:
+def held_out_error(rollouts: Rollouts, runs: list[dict], filler, dp: Optional[distributed.DataParallel] = None) -> float:
     """The runs' summed end error with ``filler`` over reuse's summed end error: the held-out score (1: no better
     than reusing the anchor). A ratio of sums, so that each run weighs by its error rather than a run whose reuse
-    error is tiny by its luck."""
+    error is tiny by its luck. Data-parallel, each rank scores every world_size-th run and the sums are shared."""
+    mine = runs if dp is None else runs[dp.rank::dp.world_size]
     with torch.no_grad():
-        errors = sum(float(end_error(rollouts, r, filler)) for r in runs)
+        errors = sum(float(end_error(rollouts, r, filler)) for r in mine)
+    if dp is not None:
+        errors = float(dp.mean(torch.tensor(errors, dtype=torch.float64))) * dp.world_size
     return errors / max(sum(r["reuse_err"] for r in runs), 1e-12)
 
 
 def train_feature_dot(setup: DashSetup, blocks, config: RolloutConfig, state_path: Path, resume: bool = False,
-                      runtime: Optional[Runtime] = None, log=print) -> RolloutResult:
+                      runtime: Optional[Runtime] = None, log=print,
+                      parallel: Optional[distributed.DataParallel] = None) -> RolloutResult:
     """Train a feature Dot for ``setup`` (its UNet's or DiT's ``blocks`` as the fills run them) with the rollout
-    loss. A flow model whose timestep is sigma itself (ModelSamplingFlux) gets its times scaled to 0..1000."""
+    loss. A flow model whose timestep is sigma itself (ModelSamplingFlux) gets its times scaled to 0..1000.
+
+    Under a launcher (``torchrun``, ``accelerate launch``; ``training/trainer/distributed.py``) every rank trains on
+    a run of its own each step (its own stream of run indices; rank 0's is the single-process run's), the
+    gradients are averaged before clipping, so every rank holds the same Dot, the targets and the held-out score
+    are split over the ranks, and rank 0 alone logs and writes. ``parallel``: a group the caller already joined."""
     rt = runtime or Runtime(next(setup.unet.parameters()).device)
+    dp, own_group = distributed.join(parallel, rt.device)
+    quiet = dp is not None and not dp.is_main
+    say = (lambda *a, **k: None) if quiet else log
     setup.unet.eval().requires_grad_(False)
-    torch.manual_seed(config.seed)
+    torch.manual_seed(config.seed)  # the same start weights on every rank
     dot_config = config.dot
     if getattr(setup.sampling, "multiplier", 1000.0) == 1.0:
         dot_config = replace(dot_config, time_scale=1000.0)
     dot = FeatureDot.build(setup.unet, dot_config.bound_to(setup.unet, setup.prediction)).to(rt.device)
     dot.train().requires_grad_(True)
+    if dp:
+        dp.broadcast_(list(dot.state_dict(keep_vars=True).values()))
     filler = fill_for(dot, setup.unet, blocks)
     rollouts = Rollouts(setup, rt.device)
     with rt.autocast():
-        runs = targets_for(setup, config, rollouts, state_path.parent / "rollout-targets.safetensors", log)
+        runs = targets_for(setup, config, rollouts, state_path.parent / "rollout-targets.safetensors", say, dp)
     opt = torch.optim.AdamW(dot.parameters(), lr=config.lr, weight_decay=0.0)
     scaler = rt.grad_scaler()
-    gen = torch.Generator().manual_seed(config.seed + 1)
+    gen = torch.Generator().manual_seed(dp.stream_seed(config.seed + 1) if dp else config.seed + 1)
     history, fixed_history, start = [], [], 0
+    world = dp.world_size if dp else 1
     if resume:
-        start, extra = resume_state(state_path, dot, opt, gen)
+        start, extra = resume_state(state_path, dot, opt, gen, rank=dp.rank if dp else None)
         check_same_settings(state_path, extra.get("config"), config.flat())
+        if extra.get("world_size", 1) != world:
+            raise ValueError(f"the checkpoint at {state_path} was written by a run of {extra.get('world_size', 1)} "
+                             f"process(es), this one has {world}; resume with as many or start a new run")
         history, fixed_history = extra["history"], extra["fixed_history"]
-        log(f"resumed at step {start} from {state_path}")
+        say(f"resumed at step {start} from {state_path}")
     t0 = time.time()
 
     def score_fixed(step: int) -> None:
         with rt.autocast():
-            fixed_history.append([step, held_out_error(rollouts, runs["fixed"], filler), 1.0])  # [step, loss, reuse's]
+            fixed_history.append([step, held_out_error(rollouts, runs["fixed"], filler, dp), 1.0])  # [step, loss, reuse's]
 
     if not fixed_history:
         score_fixed(0)  # the untrained Dot: the training-free forecast_k fill
     bar = tqdm(range(start, config.steps), desc="rollout training", unit="step", initial=start, total=config.steps,
-               mininterval=10)
+               mininterval=10, disable=quiet)
     for step in bar:
         set_lr(opt, step, config)
         run = runs["train"][int(torch.randint(0, len(runs["train"]), (), generator=gen))]
         with rt.autocast():
             ratio = relative_end_error(rollouts, run, filler)
-        if not torch.isfinite(ratio):
-            raise TrainingDiverged(f"the rollout loss is {float(ratio)} at step {step}; lower --lr (the last checkpoint "
+        value = dp.mean(ratio) if dp else ratio.detach()  # a NaN on one rank stops every rank at this step
+        if not torch.isfinite(value):
+            raise TrainingDiverged(f"the rollout loss is {float(value)} at step {step}; lower --lr (the last checkpoint "
                                    f"at {state_path} is kept)")
         opt.zero_grad()
         if ratio.requires_grad:  # a run with no fill call has nothing to learn from
             backward(ratio, scaler)
+        if dp:  # every rank steps on the same mean gradient (a rank without one counts zeros)
+            dp.average_gradients(dot.parameters())
+        if ratio.requires_grad or dp:
             optimizer_step(opt, dot.parameters(), scaler)
-        history.append(float(ratio.detach()))
+        history.append(float(value))
         done = step + 1
         if done % config.fixed_every == 0 or done == config.steps:
             score_fixed(done)
             bar.set_postfix(fixed=f"{fixed_history[-1][1]:.3f}")
         if done % config.checkpoint_every == 0 or done == config.steps:
-            save_state(state_path, dot, opt, done, gen,
-                       {"config": config.flat(), "history": history, "fixed_history": fixed_history})
+            extra = {"config": config.flat(), "history": history, "fixed_history": fixed_history}
+            if dp:
+                extra["world_size"] = world
+            rank_gens = dp.gather_generator_states(gen) if dp else None
+            if not quiet:
+                save_state(state_path, dot, opt, done, gen, extra, rank_generators=rank_gens)
+    if dp:
+        dp.barrier()  # no rank leaves before the last checkpoint is written
+        if own_group:
+            dp.close()
     dot.eval().requires_grad_(False)
     return _result(dot, config, history, fixed_history, time.time() - t0, start)
 
