@@ -35,6 +35,12 @@ SPECS = {
     "PreviewAny": ([("source", "*")], []),
     "VAEDecode": ([("samples", "LATENT"), ("vae", "VAE")], [("IMAGE", "IMAGE")]),
     "SaveImage": ([("images", "IMAGE")], []),
+    "UNETLoader": ([], [("MODEL", "MODEL")]),
+    "CLIPLoader": ([], [("CLIP", "CLIP")]),
+    "VAELoader": ([], [("VAE", "VAE")]),
+    "ModelSamplingSD3": ([("model", "MODEL")], [("MODEL", "MODEL")]),
+    "EmptyHunyuanLatentVideo": ([], [("LATENT", "LATENT")]),
+    "SaveAnimatedWEBP": ([("images", "IMAGE")], []),
     "Note": ([], []),
 }
 # width, height as the frontend draws them (at least its computed minimum for the widgets)
@@ -44,6 +50,8 @@ SIZES = {
     "LoadImage": (320, 330), "VAEEncode": (210, 50), "KSampler": (320, 270), "MorseKSampler": (340, 400),
     "MorseLoadDotModel": (340, 60), "MorseDashDotSchedule": (340, 290), "PreviewAny": (340, 160),
     "VAEDecode": (210, 50), "SaveImage": (320, 300), "Note": (400, 220),
+    "UNETLoader": (320, 100), "CLIPLoader": (320, 130), "VAELoader": (320, 60), "ModelSamplingSD3": (320, 60),
+    "EmptyHunyuanLatentVideo": (320, 150), "SaveAnimatedWEBP": (320, 380),
 }
 COLUMNS = (40, 480, 940, 1340, 1620)  # x of each column: loaders, prompts/Morse inputs, samplers, decode, save
 GAP = 50  # vertical space between nodes (the title bar is drawn above a node's position)
@@ -57,6 +65,14 @@ SDXL = {"name": "sd_xl_base_1.0.safetensors", "directory": "checkpoints",
 # Comfy-Org's single-file Flux checkpoints (model, both text encoders and the VAE), which Load Checkpoint reads
 FLUX_DEV = {"name": "flux1-dev-fp8.safetensors", "directory": "checkpoints",
             "url": "https://huggingface.co/Comfy-Org/flux1-dev/resolve/main/flux1-dev-fp8.safetensors"}
+
+# Comfy-Org's repackaged Wan 2.1 files, as ComfyUI's own Wan template loads them (model, UMT5 text encoder, VAE apart)
+WAN_REPO = "https://huggingface.co/Comfy-Org/Wan_2.1_ComfyUI_repackaged/resolve/main/split_files"
+WAN_T2V_13B = {"name": "wan2.1_t2v_1.3B_fp16.safetensors", "directory": "diffusion_models",
+               "url": f"{WAN_REPO}/diffusion_models/wan2.1_t2v_1.3B_fp16.safetensors"}
+WAN_UMT5 = {"name": "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "directory": "text_encoders",
+            "url": f"{WAN_REPO}/text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors"}
+WAN_VAE = {"name": "wan_2.1_vae.safetensors", "directory": "vae", "url": f"{WAN_REPO}/vae/wan_2.1_vae.safetensors"}
 
 
 class Workflow:
@@ -156,11 +172,15 @@ def plain_sampler(wf, ckpt, pos, neg, latent, steps, cfg, sampler, scheduler, de
     return ks
 
 
-def decode_save(wf, ckpt, sampler_node, prefix):
+def decode_save(wf, ckpt, sampler_node, prefix, video_fps=None):
+    """VAEDecode and SaveImage (``video_fps``: SaveAnimatedWEBP at that frame rate) beside ``sampler_node``."""
     wf.skip_to(3, sampler_node["pos"][1])
     wf.skip_to(4, sampler_node["pos"][1])
     dec = wf.add("VAEDecode", 3, [])
-    save = wf.add("SaveImage", 4, [prefix])
+    if video_fps is None:
+        save = wf.add("SaveImage", 4, [prefix])
+    else:
+        save = wf.add("SaveAnimatedWEBP", 4, [prefix, video_fps, False, 90, "default"])
     wf.skip_to(3, save["pos"][1] + save["size"][1] + GAP)  # the next pair starts below this one
     wf.link(sampler_node, "LATENT", dec, "samples")
     wf.link(ckpt, "VAE", dec, "vae")
@@ -205,6 +225,28 @@ def flux_txt2img(name, model, steps, fill, note, guidance=3.5, pattern="D."):
     wf.skip_to(2, wf.next_y[COLUMNS[3]])
     plain = plain_sampler(wf, ckpt, guided, neg, latent, steps, 1.0, "euler", "simple", 1.0)
     decode_save(wf, ckpt, plain, "ksampler_flux")
+    wf.dump(name, note)
+
+
+def wan_t2v(name, steps, fill, note, pattern="D."):
+    """Wan 2.1 t2v 1.3B as ComfyUI's own Wan template runs it: the model, UMT5 and the VAE from their own loaders,
+    shift 8 (ModelSamplingSD3), 832x480 and 33 frames, uni_pc / simple, CFG 6, a 16 fps animated WebP."""
+    wf = Workflow()
+    wf.add("Note", 0, [note], "About this template", height=300)
+    unet = wf.add("UNETLoader", 0, [WAN_T2V_13B["name"], "default"], properties={"models": [WAN_T2V_13B]})
+    clip = wf.add("CLIPLoader", 0, [WAN_UMT5["name"], "wan", "default"], properties={"models": [WAN_UMT5]})
+    vae = wf.add("VAELoader", 0, [WAN_VAE["name"]], properties={"models": [WAN_VAE]})
+    model = wf.add("ModelSamplingSD3", 0, [8.0])
+    wf.link(unet, "MODEL", model, "model")
+    latent = wf.add("EmptyHunyuanLatentVideo", 0, [832, 480, 33, 1])
+    pos, neg = prompts(wf, clip, "a red fox running through fresh snow in a forest, morning light, cinematic",
+                       "blurry, static, low quality, distorted")
+    sched = schedule(wf, "pattern", steps, pattern)
+    morse = morse_sampler(wf, model, pos, neg, latent, sched, steps, 6.0, "uni_pc", "simple", 1.0, fill)
+    decode_save(wf, vae, morse, "morse_wan", video_fps=16.0)
+    wf.skip_to(2, wf.next_y[COLUMNS[3]])
+    plain = plain_sampler(wf, model, pos, neg, latent, steps, 6.0, "uni_pc", "simple", 1.0)
+    decode_save(wf, vae, plain, "ksampler_wan", video_fps=16.0)
     wf.dump(name, note)
 
 
@@ -276,5 +318,14 @@ if __name__ == "__main__":
         "(forecast_k1, through ComfyUI's block-replace patches; a k=1 step costs 1/28 of a full one at this size on "
         "a CPU, reports/2026-12-07-dit-latency). CFG 1 as Flux-dev is meant to run, guidance 3.5. Below: KSampler "
         "with the same 20 steps. The console prints a 'Morse:' line with the steps and LSD spent.",
+    )
+    wan_t2v(
+        "morse_block_forecast_wan_t2v.json", 30, "forecast_k1",
+        "Wan 2.1 text-to-video (1.3B, 832x480, 33 frames) with Morse KSampler (top), training-free: every other step "
+        "runs only the first and last of Wan's 30 blocks and forecasts the residual across the 28 between from the "
+        "last two full steps (forecast_k1, through ComfyUI's block-replace patches; a k=1 step costs 1/15 of a full "
+        "one at this size on a CPU, reports/2026-12-07-dit-latency). uni_pc, CFG 6, shift 8 as ComfyUI's own Wan "
+        "template. Below: KSampler with the same 30 steps. The console prints a 'Morse:' line with the steps and LSD "
+        "spent.",
     )
     print("wrote", sorted(p.name for p in OUT.glob("*.json")))

@@ -24,7 +24,7 @@ def overlaps(rects):
 def test_there_is_a_template_per_fill_and_a_thumbnail_for_each():
     names = {p.stem for p in TEMPLATES}
     assert {"morse_faster_diffusion_sd15", "morse_feature_inheritance_sd15", "morse_dot_sd15", "morse_img2img_sd15",
-            "morse_faster_diffusion_sdxl", "morse_block_forecast_flux"} <= names
+            "morse_faster_diffusion_sdxl", "morse_block_forecast_flux", "morse_block_forecast_wan_t2v"} <= names
     fills = {n["widgets_values"][7] for p in TEMPLATES for n in json.loads(p.read_text())["nodes"] if n["type"] == "MorseKSampler"}
     assert {"propagate", "inherit_k2", "extrapolate", "forecast_k1"} <= fills
     for p in TEMPLATES:
@@ -57,5 +57,7 @@ def test_links_are_consistent_and_nothing_active_needs_a_file_the_pack_lacks(pat
         if n["type"] == "MorseLoadDotModel":
             assert n["mode"] == 2, "an active Load Dot Model needs a Dot a fresh install does not have"
     assert any(n["type"] == "Note" for n in nodes.values())
-    loaders = [n for n in nodes.values() if n["type"] == "CheckpointLoaderSimple"]
+    # every model file the template loads says where to download it (ComfyUI offers the download when it is missing)
+    loaders = [n for n in nodes.values() if n["type"] in ("CheckpointLoaderSimple", "UNETLoader", "CLIPLoader", "VAELoader")]
     assert loaders and all(n["properties"]["models"][0]["url"].startswith("https://") for n in loaders)
+    assert all(n["properties"]["models"][0]["name"] == n["widgets_values"][0] for n in loaders)

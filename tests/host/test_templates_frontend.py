@@ -1,6 +1,7 @@
 """Every template in the real frontend (headless Chromium through playwright), as a new user meets it: loaded
 from the template list with no missing node, laid out with no two nodes overlapping as drawn, and queued with
-Run on substitute checkpoints (tiny SD1.5, SDXL and Flux-family models saved under the names the templates ask for)
+Run on substitute models (tiny SD1.5, SDXL and Flux checkpoints, and Wan 2.1's three files, saved under the names the
+templates ask for)
 until the server finishes it with no red node."""
 import sys
 import textwrap
@@ -10,28 +11,33 @@ import pytest
 
 from comfy_host import COMFYUI_PATH, REPO
 from host_required import host_missing
-from tiny_checkpoints import tiny_families, write_tiny_checkpoint
+from tiny_checkpoints import tiny_families, write_tiny_checkpoint, write_tiny_wan_files
 
 sys.path.insert(0, str(REPO / "scripts"))
 import comfy_frontend  # noqa: E402
 
-def _small_latents(page, px=128):
-    """Empty latents of ``px`` pixels, set in the loaded graph's widgets as a user would: the substitute checkpoints
-    are tiny, but at 512 or 1024 px a CPU would still take minutes per template."""
-    page.evaluate("""(px) => {
+def _small_latents(page, px=128, frames=5):
+    """Empty latents of ``px`` pixels (and ``frames`` for video), set in the loaded graph's widgets as a user would:
+    the substitute models are tiny, but at 512 or 1024 px (or 33 frames) a CPU would still take minutes a template."""
+    page.evaluate("""([px, frames]) => {
         const g = window.app.graph;
+        const empty = ["EmptyLatentImage", "EmptySD3LatentImage", "EmptyHunyuanLatentVideo"];
         for (const n of (g.nodes ?? g._nodes)) {
-            if (n.type !== "EmptyLatentImage" && n.type !== "EmptySD3LatentImage") continue;
-            for (const w of n.widgets) if (w.name === "width" || w.name === "height") w.value = px;
+            if (!empty.includes(n.type)) continue;
+            for (const w of n.widgets) {
+                if (w.name === "width" || w.name === "height") w.value = px;
+                if (w.name === "length") w.value = frames;
+            }
         }
-    }""", px)
+    }""", [px, frames])
 
 
 TEMPLATES = sorted(p.stem for p in (REPO / "example_workflows").glob("*.json"))
 
 
 def _registers_tiny_families(base: Path) -> None:
-    """A custom node for the server process that teaches ComfyUI's detection the tiny families (first in its list)."""
+    """A custom node for the server process that teaches ComfyUI's detection the tiny families (first in its list),
+    and its Wan text-encoder loader the tiny UMT5's sizes."""
     node = base / "custom_nodes" / "tiny_families_for_tests"
     node.mkdir(parents=True)
     (node / "__init__.py").write_text(textwrap.dedent(f"""
@@ -39,12 +45,14 @@ def _registers_tiny_families(base: Path) -> None:
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         import comfy
         import comfy.supported_models
-        from tiny_checkpoints import tiny_families
+        from tiny_checkpoints import tiny_families, tiny_umt5_loadable
 
         class _Host:
             comfy = comfy
 
         comfy.supported_models.models[:0] = [cls for cls, _ in tiny_families(_Host).values()]
+        UMT5_SIZES = tiny_umt5_loadable()  # kept: entered for the server's life (CLIPLoader builds the tiny UMT5)
+        UMT5_SIZES.__enter__()
         NODE_CLASS_MAPPINGS = {{}}
     """))
 
@@ -63,12 +71,19 @@ def page_and_url(host, tmp_path_factory):
     families = tiny_families(host)
     checkpoints = base / "models" / "checkpoints"
     checkpoints.mkdir(parents=True)
+    wan_files = {}  # the Wan template's three loaders: diffusion model, text encoder, VAE
     for path in (REPO / "example_workflows").glob("*.json"):
         for n in json.loads(path.read_text())["nodes"]:
             if n["type"] == "CheckpointLoaderSimple" and not (checkpoints / n["widgets_values"][0]).exists():
                 name = n["widgets_values"][0]
                 family = "flux" if "flux" in name else "sdxl" if "xl" in name else "sd15"
                 write_tiny_checkpoint(host, families, family, checkpoints / n["widgets_values"][0])
+            folder = {"UNETLoader": "diffusion_models", "CLIPLoader": "text_encoders", "VAELoader": "vae"}.get(n["type"])
+            if folder:
+                (base / "models" / folder).mkdir(parents=True, exist_ok=True)
+                wan_files[n["type"]] = base / "models" / folder / n["widgets_values"][0]
+    if wan_files:
+        write_tiny_wan_files(host, families, wan_files["UNETLoader"], wan_files["CLIPLoader"], wan_files["VAELoader"])
     (base / "input").mkdir()
     from PIL import Image  # ComfyUI's own dependency
 

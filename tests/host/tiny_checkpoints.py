@@ -209,3 +209,56 @@ def write_tiny_checkpoint(host, families, family: str, path: Path, seed: int = 0
     vae = comfy.sd.VAE(sd=taesd.state_dict())
     comfy.sd.save_checkpoint(str(path), patcher, clip, vae)  # marks V_PREDICTION models with a "v_pred" key
     return path
+
+
+# What ComfyUI's text-encoder detection reads to call a file UMT5-XXL / T5-XXL (comfy.sd.detect_te_model): the 24th
+# block's feed-forward, 4096 wide. The tiny UMT5 carries this one entry with its real width (1 x 4096, ignored on
+# loading: the tiny model has no 24th block) so that CLIPLoader's own detection picks Wan's text encoder for it.
+UMT5_DETECTION_KEY = "encoder.block.23.layer.1.DenseReluDense.wi_1.weight"
+
+
+@contextmanager
+def tiny_umt5_loadable():
+    """Inside the block, CLIPLoader(type "wan") builds Wan's UMT5 with TINY_T5's sizes: the one part of loading a
+    Wan text encoder a tiny file cannot steer (the XXL config ships with ComfyUI). Detection, tokenizer (the file's
+    own SentencePiece model), loading and encoding stay ComfyUI's."""
+    import comfy.text_encoders.wan as wan
+
+    real = wan.te
+
+    def tiny_te(*args, **kwargs):
+        return _tiny_clip(real(*args, **kwargs), [], umt5=True)
+
+    wan.te = tiny_te
+    try:
+        yield
+    finally:
+        wan.te = real
+
+
+def write_tiny_wan_files(host, families, unet_path: Path, text_encoder_path: Path, vae_path: Path, seed: int = 0):
+    """Wan 2.1 t2v as users have it, three files: the diffusion model (UNETLoader), UMT5 with its tokenizer
+    (CLIPLoader, type wan) and the VAE (VAELoader), each tiny; ComfyUI's savers' formats."""
+    comfy = host.comfy
+    import comfy.ldm.wan.vae
+    import comfy.utils
+
+    cls, unet_config = families["wan21"]
+    config = cls(dict(unet_config))
+    model = config.get_model({}, device=torch.device("cpu"))
+    g = torch.Generator().manual_seed(seed)
+    _randomise(model.diffusion_model, g)
+    comfy.utils.save_torch_file(model.diffusion_model.state_dict(), str(unet_path))
+
+    clip = comfy.sd.CLIP(config.clip_target(), embedding_directory=None, tokenizer_data={"spiece_model": _tiny_spiece()})
+    _randomise(clip.cond_stage_model, g)
+    prefix = "umt5xxl.transformer."
+    te = {k[len(prefix):]: v for k, v in clip.cond_stage_model.state_dict().items() if k.startswith(prefix)}
+    te["spiece_model"] = clip.tokenizer.state_dict()["spiece_model"]
+    te[UMT5_DETECTION_KEY] = torch.zeros(1, 4096)
+    comfy.utils.save_torch_file(te, str(text_encoder_path))
+
+    vae = comfy.ldm.wan.vae.WanVAE(dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                                   temperal_downsample=[False, True, True], image_channels=3, dropout=0.0)
+    _randomise(vae, g, std=0.05)
+    comfy.utils.save_torch_file(vae.state_dict(), str(vae_path))
