@@ -39,6 +39,10 @@ class CheckpointDash:
     resolution: Optional[int] = None  # pixels (None: the family's own)
     trajectory: TrajectorySettings = field(default_factory=TrajectorySettings)  # the data-free runs
     frames: int = 33  # a video family's clip length (ComfyUI's Wan templates' 33 frames); image families ignore it
+    # a diffusion model alone (UNETLoader's file) is read with its text encoders, as CLIPLoader / DualCLIPLoader
+    text_encoders: tuple = ()
+    clip_type: Optional[str] = None  # CLIPLoader's "type" (None: the family's)
+    vae: Optional[Path] = None  # VAELoader's file, for --images
 
     is_checkpoint = True
 
@@ -62,7 +66,8 @@ def open_dash(source: DashSource, run_dir: Path, device="cpu") -> DashSetup:
     if not source.is_checkpoint:
         return reference_setup(source.weights, device)
     return comfy_setup(Path(source.checkpoint), run_dir, prompts=source.prompts, images=source.images,
-                       resolution=source.resolution, frames=source.frames, comfyui=source.comfyui,
+                       resolution=source.resolution, frames=source.frames, text_encoders=source.text_encoders,
+                       clip_type=source.clip_type, vae=source.vae, comfyui=source.comfyui,
                        trajectory=source.trajectory,
                        device=str(device))
 

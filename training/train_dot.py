@@ -132,6 +132,11 @@ def _checkpoint_arguments(p) -> None:
     g.add_argument("--resolution", type=int, default=None,
                    help="image size in pixels (default: 512 SD1.x, 768 SD2.x-v, 1024 SDXL and flow image models, 640 video)")
     g.add_argument("--frames", type=int, default=33, help="clip length of a video family's runs (Wan: 1 + 4k; default 33)")
+    g.add_argument("--text-encoder", type=Path, action="append", default=[], metavar="FILE",
+                   help="--checkpoint is a diffusion model alone (models/diffusion_models); its text encoder file(s), "
+                        "as CLIPLoader (once) or DualCLIPLoader (twice) reads them")
+    g.add_argument("--clip-type", default=None, help="CLIPLoader's type for --text-encoder (default: the model family's)")
+    g.add_argument("--vae", type=Path, default=None, help="the VAE file of a diffusion model alone (for --images)")
     g.add_argument("--trajectory-sampler", default=d.sampler, help="ComfyUI sampler of the data-free runs (default: euler)")
     g.add_argument("--trajectory-scheduler", default=d.scheduler, help="ComfyUI scheduler of the data-free runs (default: normal)")
     g.add_argument("--trajectory-steps", type=min_max(int), default=d.steps, help="MIN,MAX steps of a data-free run, drawn per batch")
@@ -143,7 +148,7 @@ def _checkpoint_arguments(p) -> None:
 
 def wants_comfy(args) -> bool:
     """A ComfyUI checkpoint run: a data source for it was given, or --checkpoint is not a reference-Dash file."""
-    if args.prompts is not None or args.images is not None:
+    if args.prompts is not None or args.images is not None or args.text_encoder:
         return True
     return args.checkpoint is not None and not is_reference_weights(Path(args.checkpoint))
 
@@ -158,7 +163,8 @@ def dash_source(args) -> CheckpointDash | ReferenceDash:
     trajectory = TrajectorySettings(args.trajectory_sampler, args.trajectory_scheduler, args.trajectory_steps,
                                     args.trajectory_cfg)
     return CheckpointDash(Path(args.checkpoint), args.prompts, args.images, args.comfyui, args.resolution, trajectory,
-                          frames=args.frames)
+                          frames=args.frames, text_encoders=tuple(args.text_encoder), clip_type=args.clip_type,
+                          vae=args.vae)
 
 
 def options_given(args) -> dict:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from comfy_host import COMFYUI_PATH
-from tiny_checkpoints import tiny_families_registered, write_tiny_checkpoint
+from tiny_checkpoints import tiny_families_registered, tiny_umt5_loadable, write_tiny_checkpoint, write_tiny_wan_files
 
 RESOLUTION = 64  # 8x8 latents: seconds per run on one CPU thread
 FAMILIES = [("sd15", False, "eps"), ("sd20v", True, "v"), ("sdxl", False, "eps")]
@@ -319,3 +319,44 @@ def test_train_dot_on_a_wan_checkpoint_then_sample_a_video_with_it(host, familie
     assert out.shape == (1, 16, 2, 8, 8) and torch.isfinite(out).all()
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Morse: ")]
     assert any("2 Dash steps, 2 dot steps of 4" in line for line in lines), lines
+
+
+def test_train_dot_on_a_diffusion_model_with_its_text_encoder_file_as_wan_users_have_them(host, families, dot_folder,
+                                                                                          tmp_path, capsys):
+    """Wan as its users have it: the diffusion model (UNETLoader's file) with --text-encoder (CLIPLoader's; the type
+    the family's, "wan"); the Dot's fingerprint is the diffusion model's, so it loads on that file."""
+    import comfy.sd
+
+    files = [tmp_path / f"{n}.safetensors" for n in ("wan_unet", "umt5", "wan_vae")]
+    with tiny_umt5_loadable():
+        write_tiny_wan_files(host, families, *files)
+        dot_name = train(tmp_path, files[0], "wan_split", ["--text-encoder", str(files[1]), "--prompts",
+                                                           str(write_prompts(tmp_path)), "--frames", "5"],
+                         dot_folder, layout="feature")
+        model = comfy.sd.load_diffusion_model(str(files[0]))
+        clip = comfy.sd.load_clip([str(files[1])], clip_type=comfy.sd.CLIPType.WAN)
+    info = host.engine.read_dot_info(dot_folder / dot_name)
+    assert (info.config.backbone, info.base_family) == ("dit", "TinyWan21")
+    assert info.fingerprint == host.engine.fingerprint_module(model.model.diffusion_model)
+    encode = host.nodes.CLIPTextEncode()
+    positive, negative = encode.encode(clip, "a red cube")[0], encode.encode(clip, "")[0]
+    dot = node(host, "MorseLoadDotModel").execute(dot_name).result[0]
+    out = node(host, "MorseKSampler").execute(
+        model, 7, 4, 5.0, "euler", "simple", positive, negative, {"samples": torch.zeros(1, 16, 2, 8, 8)}, 1.0,
+        dot=dot, schedule=host.engine.Pattern("D."),
+    ).result[0]["samples"]
+    assert torch.isfinite(out).all()
+
+
+def test_a_text_encoder_type_the_model_cannot_take_is_refused_by_name(host, families, tmp_path, capsys):
+    from training import train_dot
+
+    files = [tmp_path / f"{n}.safetensors" for n in ("wan_unet", "umt5", "wan_vae")]
+    with tiny_umt5_loadable():
+        write_tiny_wan_files(host, families, *files)
+    base = ["--checkpoint", str(files[0]), "--prompts", str(write_prompts(tmp_path)), "--comfyui", COMFYUI_PATH,
+            "--runs", str(tmp_path / "runs"), "--resolution", str(RESOLUTION), "--steps", "1"]
+    assert train_dot.main(base + ["--text-encoder", str(files[1]), "--clip-type", "no_such_type"]) == 2
+    assert "--clip-type 'no_such_type'" in capsys.readouterr().err
+    assert train_dot.main(base + ["--text-encoder", str(tmp_path / "missing.safetensors")]) == 2
+    assert "--text-encoder" in capsys.readouterr().err

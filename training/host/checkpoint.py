@@ -59,11 +59,32 @@ def schedule_of(model_sampling, prediction: str):
     return schedule
 
 
-def checkpoint_id(path: Path) -> str:
-    """Cache key of a checkpoint file: its name, size and modification time (hashing GBs would cost minutes)."""
-    st = path.stat()
-    digest = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
+def checkpoint_id(path: Path, text_encoders=()) -> str:
+    """Cache key of a checkpoint file (and the text-encoder files it is read with): names, sizes and modification
+    times (hashing GBs would cost minutes)."""
+    stamps = []
+    for p in (path, *text_encoders):
+        st = p.stat()
+        stamps.append(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}")
+    digest = hashlib.sha256("||".join(stamps).encode()).hexdigest()[:12]
     return f"{path.stem}-{digest}"
+
+
+# CLIPLoader's "type" of each family's text encoders (ComfyUI 0.8.0's model_base classes; subclasses first)
+FAMILY_CLIP_TYPES = (("Chroma", "chroma"), ("Flux2", "flux2"), ("Flux", "flux"), ("SD3", "sd3"), ("WAN21", "wan"),
+                     ("QwenImage", "qwen_image"), ("HiDream", "hidream"), ("Lumina2", "lumina2"),
+                     ("HunyuanVideo", "hunyuan_video"), ("LTXV", "ltxv"), ("SDXL", "stable_diffusion"))
+
+
+def family_clip_type(model) -> Optional[str]:
+    """The text-encoder type CLIPLoader takes for ``model`` (a comfy.model_base.BaseModel), None where unknown."""
+    import comfy.model_base
+
+    for name, kind in FAMILY_CLIP_TYPES:
+        cls = getattr(comfy.model_base, name, None)
+        if cls is not None and isinstance(model, cls):
+            return kind
+    return None
 
 
 def common_length(contexts: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -88,10 +109,20 @@ class TrajectorySettings:
 class ComfyCheckpoint:
     """A checkpoint loaded the way CheckpointLoaderSimple loads it, and what Dot training takes from it."""
 
-    def __init__(self, path: Path, comfyui: Optional[str] = None, device: str = "cpu"):
+    def __init__(self, path: Path, comfyui: Optional[str] = None, device: str = "cpu", text_encoders=(),
+                 clip_type: Optional[str] = None, vae: Optional[Path] = None):
+        """``text_encoders`` given: ``path`` is a diffusion model alone, as UNETLoader reads it, and its text
+        encoders are read as CLIPLoader / DualCLIPLoader read them (``clip_type``: their "type", by default the
+        family's), its VAE (needed for --images only) as VAELoader reads ``vae``."""
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"--checkpoint {self.path} does not exist; give the path of a checkpoint file ComfyUI can load")
+        self.text_encoders = tuple(Path(p) for p in text_encoders)
+        for flag, file in [("--text-encoder", p) for p in self.text_encoders] + ([("--vae", Path(vae))] if vae else []):
+            if not file.is_file():
+                raise FileNotFoundError(f"{flag} {file} does not exist; give the path of the file ComfyUI's loader reads")
+        if vae and not self.text_encoders:
+            raise ValueError("--vae goes with --text-encoder (a diffusion model alone); a full checkpoint has its VAE")
         self.comfy_path = find_comfyui(comfyui)
         comfy = import_comfy(self.comfy_path, device)
         register_rope_gradients()  # the rollout loss backpropagates through a DiT's later Dash calls
@@ -99,20 +130,30 @@ class ComfyCheckpoint:
 
         self.comfy = comfy
         self.device = torch.device(device)
+        # Dot training keeps the frozen weights in float32: LoRA gradients in fp16 weights underflow
+        options = {"dtype": torch.float32}
         try:
-            patcher, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(
-                str(self.path), output_vae=True, output_clip=True,
-                embedding_directory=folder_paths.get_folder_paths("embeddings"),
-                # Dot training keeps the frozen weights in float32: LoRA gradients in fp16 weights underflow
-                model_options={"dtype": torch.float32},
-            )
+            if self.text_encoders:
+                patcher, vae_model = comfy.sd.load_diffusion_model(str(self.path), model_options=options), None
+                clip = None
+            else:
+                patcher, clip, vae_model, _ = comfy.sd.load_checkpoint_guess_config(
+                    str(self.path), output_vae=True, output_clip=True,
+                    embedding_directory=folder_paths.get_folder_paths("embeddings"), model_options=options)
         except Exception as exc:  # ComfyUI says RuntimeError for an undetected model, other errors for broken files
-            raise ValueError(
-                f"ComfyUI cannot load --checkpoint {self.path} ({str(exc).strip().splitlines()[0]}); give a checkpoint that "
-                "ComfyUI's Load Checkpoint node loads (a full SD1.x, SD2.x, SDXL, SD3, Flux or other checkpoint with its text encoder)"
-            ) from exc
+            what = ("a diffusion model that ComfyUI's Load Diffusion Model node loads" if self.text_encoders else
+                    "a checkpoint that ComfyUI's Load Checkpoint node loads (a full SD1.x, SD2.x, SDXL, SD3, Flux or "
+                    "other checkpoint with its text encoder; or a diffusion model with --text-encoder)")
+            raise ValueError(f"ComfyUI cannot load --checkpoint {self.path} ({str(exc).strip().splitlines()[0]}); "
+                             f"give {what}") from exc
         if patcher is None:
-            raise ValueError(f"ComfyUI found no diffusion model in --checkpoint {self.path}; give a full checkpoint")
+            raise ValueError(f"ComfyUI found no diffusion model in --checkpoint {self.path}; give a full checkpoint, or "
+                             "a diffusion model with its --text-encoder files")
+        if self.text_encoders:
+            clip = self._load_text_encoders(comfy, patcher.model, clip_type, folder_paths.get_folder_paths("embeddings"))
+            if vae:
+                vae_model = comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(vae)))
+        vae = vae_model
         self.patcher, self.clip, self.vae = patcher, clip, vae
         self.model = patcher.model  # comfy.model_base.BaseModel
         self.unet = self.model.diffusion_model.to(self.device).float().eval().requires_grad_(False)
@@ -128,7 +169,24 @@ class ComfyCheckpoint:
                 f"{self.path.name} is an inpainting or image-conditioned model (its UNet takes {self.unet.in_channels} "
                 f"channels, the latent has {self.latent_channels}); Dot training supports text-to-image checkpoints"
             )
-        self.id = checkpoint_id(self.path)
+        self.id = checkpoint_id(self.path, self.text_encoders)
+
+    def _load_text_encoders(self, comfy, model, clip_type: Optional[str], embeddings):
+        """The text encoders as CLIPLoader (one file) / DualCLIPLoader (two) load them, with the family's type."""
+        names = {t.name.lower(): t for t in comfy.sd.CLIPType}
+        kind = clip_type or family_clip_type(model)
+        if kind is None or kind.lower() not in names:
+            raise ValueError(f"--clip-type {kind!r}: give the type CLIPLoader would take for this "
+                             f"{type(model).__name__} model, one of {sorted(names)}" if kind else
+                             f"cannot tell which text-encoder type a {type(model).__name__} model takes; give "
+                             f"--clip-type (the 'type' of ComfyUI's CLIPLoader, e.g. {', '.join(sorted(names)[:6])})")
+        try:
+            return comfy.sd.load_clip([str(p) for p in self.text_encoders], embedding_directory=embeddings,
+                                      clip_type=names[kind.lower()])
+        except Exception as exc:
+            raise ValueError(f"ComfyUI cannot load --text-encoder {', '.join(map(str, self.text_encoders))} as "
+                             f"{kind} text encoders ({str(exc).strip().splitlines()[0]}); give the files CLIPLoader "
+                             "loads for this model") from exc
 
     @property
     def video(self) -> bool:
@@ -173,7 +231,8 @@ class ComfyCheckpoint:
     def encode_text(self, prompts: list[str], cache: TensorCache) -> tuple[list[torch.Tensor], list[Optional[torch.Tensor]]]:
         """CLIPTextEncode's (cond, pooled_output) for each prompt, from the cache where present."""
         if self.clip is None:
-            raise ValueError(f"{self.path.name} holds no text encoder; use a full checkpoint (UNet, CLIP and VAE in one file)")
+            raise ValueError(f"{self.path.name} holds no text encoder; use a full checkpoint (model, text encoder and VAE "
+                             "in one file) or give the text encoder files with --text-encoder")
         conds, pooled = [], []
         for text in prompts:
             k = cache_key(text)

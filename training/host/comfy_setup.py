@@ -44,16 +44,20 @@ def comfy_setup(
     images: Optional[Path] = None,
     resolution: Optional[int] = None,
     frames: int = 33,
+    text_encoders=(),
+    clip_type: Optional[str] = None,
+    vae: Optional[Path] = None,
     comfyui: Optional[str] = None,
     trajectory: Optional[TrajectorySettings] = None,
     device: str = "cpu",
     log=print,
 ) -> DashSetup:
     """A DashSetup for ``checkpoint`` with prompts (data-free, on Dash's own trajectories) or captioned images;
-    ``frames``: the clip length of a video family's runs (ignored for image families)."""
+    ``frames``: the clip length of a video family's runs (ignored for image families); ``text_encoders``
+    (``clip_type``, ``vae``): ``checkpoint`` is a diffusion model alone, read with these (``ComfyCheckpoint``)."""
     if (prompts is None) == (images is None):
         raise ValueError("give exactly one data source for a checkpoint: --prompts FILE (data-free) or --images DIR")
-    ck = ComfyCheckpoint(checkpoint, comfyui, device)
+    ck = ComfyCheckpoint(checkpoint, comfyui, device, text_encoders=text_encoders, clip_type=clip_type, vae=vae)
     res, scale = resolution or ck.default_resolution(), ck.downscale()
     if res % scale:
         raise ValueError(f"--resolution {res} is not a multiple of {scale} (the VAE's downscale); use e.g. "
