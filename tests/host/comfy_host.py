@@ -26,6 +26,9 @@ def _load_comfy():
         return None, f"COMFYUI_PATH={COMFYUI_PATH} has no comfy/ package: point it at a ComfyUI checkout"
     sys.path.insert(0, COMFYUI_PATH)
     try:
+        # ComfyUI's top-level utils package, imported first as main.py does: ComfyUI's nodes.py puts comfy/ (with
+        # its utils.py) first on sys.path, after which comfy_extras' nodes_images (its server import) finds that one
+        import utils.install_util  # noqa: F401
         import comfy.cli_args
 
         comfy.cli_args.args.cpu = True  # before comfy.model_management is imported
