@@ -94,5 +94,15 @@ class ExtrapolateFiller(Filler):
         return anchor.z + extrapolated_change(anchor.z, anchor.t, prev.z, prev.t, t)
 
 
+class ResidualFiller(Filler):
+    """Training-free: the anchor's output-minus-input residual on the current input, out = x + (z_a - x_a): what
+    EasyCache (ComfyUI's ``nodes_easycache.py``) serves a skipped step with, at the model's own input and output."""
+
+    name = "residual"
+
+    def __call__(self, backbone_call, x, t, anchor, context, kwargs, sigma=None):
+        return x + (anchor.z - anchor.x)
+
+
 #: The training-free fills by the name a user picks them with (nodes, evaluation).
-TRAINING_FREE_FILLS = {"reuse": ReuseFiller, "extrapolate": ExtrapolateFiller}
+TRAINING_FREE_FILLS = {"reuse": ReuseFiller, "extrapolate": ExtrapolateFiller, "residual": ResidualFiller}

@@ -124,6 +124,14 @@ class DiscreteSchedule(_SigmaTable):
         w = t.frac()
         return ((1 - w) * self.log_sigmas[low] + w * self.log_sigmas[high]).exp()
 
+    def percent_to_sigma(self, percent: float) -> float:
+        """ComfyUI's ``percent_to_sigma``: the sigma a fraction of the way down the timesteps (0: above the top)."""
+        if percent <= 0.0:
+            return 999999999.9
+        if percent >= 1.0:
+            return 0.0
+        return float(self.sigma(torch.tensor((1.0 - percent) * (len(self.sigmas) - 1))))
+
     def initial_latent(self, noise, sigma_max):
         # ComfyUI scales pure noise by sqrt(1 + sigma^2) when sampling from the top of the schedule
         return noise * (1 + sigma_max**2) ** 0.5
@@ -168,6 +176,14 @@ class FlowSchedule(_SigmaTable):
 
     def sigma(self, timestep):
         return shifted_time(self.shift, torch.as_tensor(timestep, dtype=torch.float32) / self.multiplier)
+
+    def percent_to_sigma(self, percent: float) -> float:
+        """ComfyUI's ``percent_to_sigma`` of the flow samplings: the shifted time 1 - percent."""
+        if percent <= 0.0:
+            return 1.0
+        if percent >= 1.0:
+            return 0.0
+        return float(shifted_time(self.shift, 1.0 - percent))
 
     def initial_latent(self, noise, sigma_max):
         # CONST's noise scaling of an empty latent: sigma * noise + (1 - sigma) * 0

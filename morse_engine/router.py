@@ -4,7 +4,8 @@ The router sits at the diffusion-model boundary: it sees the model's scaled inpu
 native timestep and the sigma of the call, and returns a native prediction. So any sampler
 and scheduler works unchanged. Per run it:
 
-* resolves the schedule for the run's step count (``sample_sigmas`` has steps + 1 entries);
+* resolves the schedule for the run's step count (``sample_sigmas`` has steps + 1 entries); an adaptive schedule
+  (``adaptive.AdaptiveDash``) is decided at each step's first call instead, from the gate entry's input;
 * maps each call to a step by its sigma: a call between two steps (second-order samplers)
   belongs to the step at or above it;
 * keeps one anchor per batch entry key (CFG cond and uncond may arrive in one call or in
@@ -56,6 +57,7 @@ class RunSummary:
     dash_seconds: float = 0.0
     dot_seconds: float = 0.0
     filler: str = ""
+    why: str = ""  # an adaptive schedule's Dash steps and why each ran Dash ("" for a fixed schedule)
 
     free_fill: bool = True  # the filler's cost: free, or 1/N LSD a call with N measured
 
@@ -91,6 +93,7 @@ class RunSummary:
             + (f" of which {self.decoded_ahead} decoded ahead in batched calls" if self.decoded_ahead else "")
             + f", {self.fallback_calls} fell back to Dash); "
             f"{self.lsd(n):.2f} LSD spent vs {ran} for the plain sampler; {self.filler} fill {cost}"
+            + (f"; Dash at {self.why}" if self.why else "")
         )
 
 
@@ -110,7 +113,10 @@ class MorseRun:
         self.measure = measure
         self.sync = sync
         # sigma -> the model's timestep, for steps decoded ahead of time; None: every fill call runs on its own
-        self.timestep_of = timestep_of if hasattr(filler, "decode_span") else None
+        # (always under an adaptive schedule: the steps ahead are not decided yet)
+        self.adaptive = getattr(schedule, "adaptive", False)
+        self.timestep_of = timestep_of if hasattr(filler, "decode_span") and not self.adaptive else None
+        self.gate_key: Optional[Hashable] = None  # the batch entry an adaptive schedule decides from (the first seen)
         self.decoded: dict[tuple, _Decoded] = {}  # (keys, step) -> an output decoded ahead with its span
         self.summary = RunSummary(steps=schedule.steps, schedule=schedule.pattern(), filler=filler.name, free_fill=filler.free)
 
@@ -164,7 +170,8 @@ class MorseRun:
         keys = keys if n_chunks == len(keys) else [tuple(keys)]
         s = self.summary
 
-        if not self.schedule.is_dash(step):
+        gate = self._gate_index(keys) if self.adaptive else None
+        if not self._runs_dash(step, sigma, x, n_chunks, gate):
             chunks = x.chunk(n_chunks) if n_chunks > 1 else (x,)
             # a fill that calls the model at this call's timestep cannot serve one the fills keep as sigmas
             servable = self.filler.accepts(kwargs) and (t is timestep or not self.filler.runs_backbone)
@@ -195,7 +202,22 @@ class MorseRun:
         s.dash_steps.add(step)
         if self.keep_anchors:
             self._store(keys, x, out, t, step, sigma, features)
+        if gate is not None:
+            self.schedule.observe(_chunk(x, n_chunks, gate), _chunk(out, n_chunks, gate), out)
         return out
+
+    def _gate_index(self, keys) -> Optional[int]:
+        """Where the adaptive gate's batch entry is in this call (the first key the run saw), None if absent."""
+        if self.gate_key is None:
+            self.gate_key = keys[0]
+        return keys.index(self.gate_key) if self.gate_key in keys else None
+
+    def _runs_dash(self, step: int, sigma: float, x, n_chunks: int, gate: Optional[int]) -> bool:
+        if not self.adaptive:
+            return self.schedule.is_dash(step)
+        if self.schedule.decided(step) or gate is None:  # a step is decided once, from the gate entry
+            return self.schedule.is_dash(step)
+        return self.schedule.decide(step, sigma, _chunk(x, n_chunks, gate))
 
     def _spans(self, step: int, sigma: float, kwargs) -> bool:
         """Whether this fill call is on the step grid (not a second-order sampler's call between steps) and may
@@ -251,6 +273,12 @@ class MorseRun:
     def close(self):
         self.anchors.clear()
         self.decoded.clear()
+        if self.adaptive:
+            self.summary.schedule, self.summary.why = self.schedule.pattern(), self.schedule.explain()
+
+
+def _chunk(t: torch.Tensor, n_chunks: int, index: int) -> torch.Tensor:
+    return t.chunk(n_chunks)[index] if n_chunks > 1 else t
 
 
 @dataclass
@@ -299,15 +327,20 @@ class MorseRouter:
     """Holds the schedule and filler; each sampling run gets fresh state from :meth:`run`."""
 
     def __init__(self, schedule: ScheduleSpec, filler: Optional[Filler] = None, measure: bool = True, sync=None,
-                 timestep_of: Optional[Callable] = None):
+                 timestep_of: Optional[Callable] = None, percent_to_sigma: Optional[Callable] = None):
+        """``percent_to_sigma``: the model's (ComfyUI's ``model_sampling.percent_to_sigma``), where an adaptive
+        schedule's window is placed; without it, on the run's own sigmas."""
         self.spec = schedule
         self.filler = filler or ReuseFiller()
         self.timestep_of = timestep_of
+        self.percent_to_sigma = percent_to_sigma
         self.measure = measure
         self.sync = sync
         self.last_summary: Optional[RunSummary] = None
 
     def resolve(self, sample_sigmas) -> DashSchedule:
+        if getattr(self.spec, "adaptive", False):  # decided during the run, on the model's noise range
+            return self.spec.resolve(len(sample_sigmas) - 1, self.percent_to_sigma, sample_sigmas)
         return self.spec.resolve(len(sample_sigmas) - 1)
 
     @contextmanager

@@ -70,8 +70,11 @@ class MorseSettings:
                              "Pick reuse or extrapolate") from None
         sync = torch.cuda.synchronize if device.type == "cuda" else None
         # sigma -> timestep, so encoder propagation can decode the steps up to the next key step in one call
-        timestep_of = model_patcher.get_model_object("model_sampling").timestep if decodes_spans_at_once(device) else None
-        return MorseRouter(self.spec, filler, measure=True, sync=sync, timestep_of=timestep_of)
+        model_sampling = model_patcher.get_model_object("model_sampling")
+        timestep_of = model_sampling.timestep if decodes_spans_at_once(device) else None
+        # an adaptive schedule's window, placed on the model's noise range as ComfyUI's EasyCache places its own
+        return MorseRouter(self.spec, filler, measure=True, sync=sync, timestep_of=timestep_of,
+                           percent_to_sigma=model_sampling.percent_to_sigma)
 
     def _dot_for(self, model_patcher, backbone, device, dtype):
         try:

@@ -1,10 +1,10 @@
 """Dash/Dot Schedule: which steps run the full model (Dash) and which the Dot."""
 from comfy_api.latest import io, ui
 
-from ..morse_engine import AutoPattern, BudgetSchedule, EveryK, FrontLoaded, KeySteps, MorseError, Pattern
+from ..morse_engine import AdaptiveDash, AutoPattern, BudgetSchedule, EveryK, FrontLoaded, KeySteps, MorseError, Pattern
 from .types import CATEGORY, ScheduleType
 
-KINDS = ["every_k", "front_loaded", "faster_diffusion", "pattern", "lsd_budget"]
+KINDS = ["every_k", "front_loaded", "faster_diffusion", "pattern", "lsd_budget", "adaptive"]
 AUTO = "auto"  # the pattern text that lets the budget planner choose the fills per Dash
 
 
@@ -13,7 +13,9 @@ def pattern_spec(pattern: str, final_dash: int):
     return AutoPattern(final_dash=final_dash) if text.lower() == AUTO else Pattern(text, final_dash=final_dash)
 
 
-def build_schedule(kind, k, dash_fraction, pattern, final_dash, budget_lsd, n_speed):
+def build_schedule(kind, k, dash_fraction, pattern, final_dash, budget_lsd, n_speed, threshold=0.2):
+    if kind == "adaptive":
+        return AdaptiveDash(threshold=threshold, final_dash=final_dash)
     if kind == "every_k":
         return EveryK(k, final_dash=final_dash)
     if kind == "front_loaded":
@@ -30,6 +32,9 @@ def build_schedule(kind, k, dash_fraction, pattern, final_dash, budget_lsd, n_sp
 
 def describe(schedule, preview_steps: int, n_speed: float) -> str:
     n = n_speed if n_speed > 0 else None
+    if isinstance(schedule, AdaptiveDash):
+        return (f"{schedule.describe()}: decided during the run from the input's change and the output's last "
+                "measured change rate (EasyCache's signal); the console's Morse line lists the Dash steps and why")
     if isinstance(schedule, BudgetSchedule):
         if schedule.n_speed is None and n is None:
             return f"{schedule.describe()}: steps are planned when the Dot's N is known"
@@ -60,7 +65,9 @@ class DashDotSchedule(io.ComfyNode):
                     "scaled for other step counts). "
                     "pattern: an explicit string such as D..D. repeated over the steps. "
                     "lsd_budget: the most steps that fit a budget, using the pattern (or every k-th if empty); "
-                    "pattern 'auto' also chooses how many fills per Dash the budget buys.")),
+                    "pattern 'auto' also chooses how many fills per Dash the budget buys. "
+                    "adaptive: decided during the run: Dash again once the output's predicted change since the last "
+                    "Dash step reaches threshold (EasyCache's signal), the fill in between.")),
                 io.Int.Input("k", default=2, min=1, max=100, tooltip="every_k / lsd_budget: Dash on every k-th step (1 = all Dash)."),
                 io.Float.Input("dash_fraction", default=0.5, min=0.01, max=1.0, step=0.01,
                                tooltip="front_loaded: the share of steps that run Dash."),
@@ -74,6 +81,9 @@ class DashDotSchedule(io.ComfyNode):
                 io.Float.Input("n_speed", default=0.0, min=0.0, max=100.0, step=0.1,
                                tooltip="How many times faster the Dot is than Dash. 0 = use the N measured in the Dot file."),
                 io.Int.Input("preview_steps", default=20, min=1, max=1000, tooltip="Step count used only for the preview text."),
+                io.Float.Input("threshold", default=0.2, min=0.0, max=3.0, step=0.01, tooltip=(
+                    "adaptive: how much predicted relative change of the output may add up before Dash runs again "
+                    "(lower: more Dash steps, closer to plain sampling; EasyCache's default 0.2).")),
             ],
             outputs=[
                 ScheduleType.Output(tooltip="The schedule, for Morse KSampler or Morse Model Patch."),
@@ -82,9 +92,10 @@ class DashDotSchedule(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, kind, k, dash_fraction, pattern, final_dash, budget_lsd, n_speed, preview_steps) -> io.NodeOutput:
+    def execute(cls, kind, k, dash_fraction, pattern, final_dash, budget_lsd, n_speed, preview_steps,
+                threshold=0.2) -> io.NodeOutput:
         try:
-            schedule = build_schedule(kind, k, dash_fraction, pattern, final_dash, budget_lsd, n_speed)
+            schedule = build_schedule(kind, k, dash_fraction, pattern, final_dash, budget_lsd, n_speed, threshold)
             text = describe(schedule, preview_steps, n_speed)
         except MorseError as exc:
             raise ValueError(f"Dash/Dot Schedule: {exc}") from None

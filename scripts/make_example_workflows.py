@@ -48,7 +48,7 @@ SIZES = {
     "CheckpointLoaderSimple": (320, 100), "CLIPTextEncode": (400, 200), "EmptyLatentImage": (320, 110),
     "EmptySD3LatentImage": (320, 110), "FluxGuidance": (320, 60),
     "LoadImage": (320, 330), "VAEEncode": (210, 50), "KSampler": (320, 270), "MorseKSampler": (340, 400),
-    "MorseLoadDotModel": (340, 60), "MorseDashDotSchedule": (340, 290), "PreviewAny": (340, 160),
+    "MorseLoadDotModel": (340, 60), "MorseDashDotSchedule": (340, 320), "PreviewAny": (340, 160),
     "VAEDecode": (210, 50), "SaveImage": (320, 300), "Note": (400, 220),
     "UNETLoader": (320, 100), "CLIPLoader": (320, 130), "VAELoader": (320, 60), "ModelSamplingSD3": (320, 60),
     "EmptyHunyuanLatentVideo": (320, 150), "SaveAnimatedWEBP": (320, 380),
@@ -145,7 +145,7 @@ def prompts(wf, ckpt, positive, negative):
 
 
 def schedule(wf, kind, steps, pattern="D.", k=2):
-    sched = wf.add("MorseDashDotSchedule", 1, [kind, k, 0.5, pattern, 0, 10.0, 0.0, steps])
+    sched = wf.add("MorseDashDotSchedule", 1, [kind, k, 0.5, pattern, 0, 10.0, 0.0, steps, 0.2])
     preview = wf.add("PreviewAny", 1, [], "Schedule preview")
     wf.link(sched, "description", preview, "source")
     return sched

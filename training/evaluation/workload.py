@@ -130,7 +130,8 @@ def sample_routed(sampler: str, work: Workload, steps: int, spec, filler) -> tup
     """Sample ``steps`` steps with every model call going through the Morse router under ``spec``;
     returns the samples and the router's call counts and times summed over the chunks."""
     sigmas = normal_sigmas(work.ms, steps)
-    router = MorseRouter(spec, filler, measure=True, sync=work.sync, timestep_of=work.ms.timestep)
+    router = MorseRouter(spec, filler, measure=True, sync=work.sync, timestep_of=work.ms.timestep,
+                         percent_to_sigma=work.ms.percent_to_sigma)
     gen = work.generator()
     out = []
     totals = dict(dash_calls=0, dot_calls=0, fallback_calls=0, dash_seconds=0.0, dot_seconds=0.0)
