@@ -136,5 +136,44 @@ def main():
     print(f"done in {out['seconds'] / 60:.1f} min")
 
 
+def plot(path_json: Path, path_png: Path) -> None:
+    """RMSE against LSD: the plain sampler, each fill's fixed and adaptive frontiers, EasyCache's runs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    data = json.loads(path_json.read_text())
+    names = list(data["fills"])
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.8), sharey=True)
+    plain = frontier([(r["lsd"], r["rmse"]) for r in data["plain"]])
+    peer = frontier([(r["lsd"], r["rmse"]) for r in data["easycache"]])
+    for ax, name in zip(axes, names):
+        rows = data["fills"][name]
+        ax.plot(*zip(*plain), "k-", label="plain")
+        ax.plot(*zip(*peer), "-", color="0.6", label="EasyCache (ComfyUI's)")
+        for kind, style in (("fixed", "o-"), ("adaptive", "s-")):
+            pts = [(r["lsd"], r["rmse"]) for r in rows[kind]]
+            ax.plot(*zip(*pts), style[0], alpha=0.25, ms=3)
+            ax.plot(*zip(*frontier(pts)), style, ms=4, label=f"{name} {kind}")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlim(2.5, 60)
+        ax.set_xticks([3, 4, 6, 8, 12, 16, 24, 32, 48])
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ratio = rows.get("adaptive_over_fixed")
+        ax.set_title(f"{name}: adaptive {ratio:.2f}x the fixed" if ratio else name, fontsize=9)
+        ax.set_xlabel("LSD (Dash calls + fill calls / N)")
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel(f"trajectory RMSE ({data['samples']} samples, {data['sampler']})")
+    fig.tight_layout()
+    fig.savefig(path_png, dpi=110)
+
+
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) == 4 and sys.argv[1] == "--plot":  # --plot RESULT.json OUT.png: the figure of a finished run
+        plot(Path(sys.argv[2]), Path(sys.argv[3]))
+    else:
+        main()
