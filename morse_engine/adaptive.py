@@ -145,8 +145,9 @@ class AdaptiveSchedule:
             return True, "first step"
         if step >= self.steps - spec.final_dash:
             return True, "final_dash"
-        if self.x_prev is not None and self._sub(x).shape == self.x_prev.shape:
-            self.input_change = (self._sub(x) - self.x_prev).flatten().abs().mean()
+        xs = self._sub(x) if self.x_prev is not None else None
+        if xs is not None and xs.shape == self.x_prev.shape:
+            self.input_change = (xs - self.x_prev).flatten().abs().mean()
         if self.input_change is None or self.rate is None or self.out_norm is None:
             return True, "no change rate yet"
         # EasyCache's arithmetic, in the tensors' own dtype (a bfloat16 model's signal rounds as the node's does)

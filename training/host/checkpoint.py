@@ -134,8 +134,7 @@ class ComfyCheckpoint:
         options = {"dtype": torch.float32}
         try:
             if self.text_encoders:
-                patcher, vae_model = comfy.sd.load_diffusion_model(str(self.path), model_options=options), None
-                clip = None
+                patcher, clip, vae_model = comfy.sd.load_diffusion_model(str(self.path), model_options=options), None, None
             else:
                 patcher, clip, vae_model, _ = comfy.sd.load_checkpoint_guess_config(
                     str(self.path), output_vae=True, output_clip=True,
@@ -153,8 +152,7 @@ class ComfyCheckpoint:
             clip = self._load_text_encoders(comfy, patcher.model, clip_type, folder_paths.get_folder_paths("embeddings"))
             if vae:
                 vae_model = comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(vae)))
-        vae = vae_model
-        self.patcher, self.clip, self.vae = patcher, clip, vae
+        self.patcher, self.clip, self.vae = patcher, clip, vae_model
         self.model = patcher.model  # comfy.model_base.BaseModel
         self.unet = self.model.diffusion_model.to(self.device).float().eval().requires_grad_(False)
         self.prediction = prediction_of(self.model.model_sampling)
