@@ -26,6 +26,8 @@ from .errors import ScheduleError
 from .schedules import DASH_CHAR, DOT_CHAR, ScheduleSpec, _check_steps, lsd_cost
 
 UNDECIDED_CHAR = "?"
+#: Morse's own window for adaptive Dash (EasyCache's 0.15-0.95 is for its residual fill on 50-step video runs)
+MORSE_WINDOW = {"start": 0.0, "end": 1.0}
 
 
 def _fraction(name: str, value) -> float:
@@ -49,6 +51,7 @@ class AdaptiveDash(ScheduleSpec):
     end: float = 0.95
     subsample: int = 1
     max_fills: Optional[int] = None
+    track_before_start: bool = False  # keep the gate's state from the Dash steps before start (LazyCache does)
 
     def __post_init__(self):
         super().__post_init__()
@@ -76,16 +79,107 @@ class AdaptiveDash(ScheduleSpec):
         return f"adaptive (threshold {self.threshold:g}, between {self.start:g} and {self.end:g}{cap}){tail}"
 
 
-class AdaptiveSchedule:
-    """One run's adaptive schedule: the decisions so far, why each was made, and the gate's state."""
+class DecidedSchedule:
+    """A run's schedule decided as it goes: the decisions so far and why each was made. The router asks
+    :meth:`decided` / :meth:`is_dash`, has each step decided once at its first call (:meth:`decide`, from the gate
+    entry's input) and reports every Dash call of the gate entry (:meth:`observe`). A schedule that ``probes``
+    decides a step only once the fill has run on it: :meth:`decide` returns False (run the fill) or True (a step
+    kept on Dash whatever the signal), and :meth:`confirm` gets the signal the fill computed on the way (TeaCache's
+    modulated input, First Block Cache's first-block residual) and makes the decision."""
 
     adaptive = True
     all_dash = False
+    probes = False
 
-    def __init__(self, spec: AdaptiveDash, steps: int, percent_to_sigma=None, sigmas=None):
-        self.spec, self.steps = spec, steps
+    def __init__(self, steps: int):
+        self.steps = steps
         self.decisions: list[Optional[bool]] = [None] * steps
         self.reasons: list[str] = [""] * steps
+
+    def _index(self, step: int) -> int:
+        return min(max(step, 0), self.steps - 1)
+
+    # -- what the router asks -------------------------------------------------------------------------------------
+
+    def is_dash(self, step: int) -> bool:
+        """The decision of ``step`` (an undecided step counts as Dash: nothing plans ahead on a guess)."""
+        decided = self.decisions[self._index(step)]
+        return True if decided is None else decided
+
+    def decided(self, step: int) -> bool:
+        return self.decisions[self._index(step)] is not None
+
+    def decide(self, step: int, sigma: float, x: torch.Tensor) -> bool:
+        """Dash (True) or the fill (False) for ``step``, decided at its first call from the gate entry's input."""
+        step = self._index(step)
+        if self.decisions[step] is None:
+            self._set(step, *self._gate(step, sigma, x))
+        return self.decisions[step]
+
+    def confirm(self, step: int, sigma: float, signal: torch.Tensor) -> bool:
+        """A probing schedule's decision of ``step`` from the fill's ``signal`` (the gate entry's); True: Dash."""
+        raise NotImplementedError
+
+    def force_dash(self, step: int, why: str) -> None:
+        """``step`` ran Dash whatever was decided (the router had no usable anchor for the fill)."""
+        self._set(self._index(step), True, why)
+
+    def observe(self, x: torch.Tensor, out: torch.Tensor, whole_out: Optional[torch.Tensor] = None,
+                features: Optional[dict] = None) -> None:
+        """A Dash call of the gate entry: its input, output, the call's whole output and what the fill captured."""
+
+    def _set(self, step: int, dash: bool, why: str) -> None:
+        self.decisions[step], self.reasons[step] = dash, why
+
+    def _gate(self, step: int, sigma: float, x: torch.Tensor) -> tuple[bool, str]:
+        raise NotImplementedError
+
+    # -- what the summary reads -------------------------------------------------------------------------------------
+
+    @property
+    def dash_steps(self) -> int:
+        return sum(1 for d in self.decisions if d)
+
+    @property
+    def dot_steps(self) -> int:
+        return sum(1 for d in self.decisions if d is False)
+
+    def lsd(self, n_speed: float) -> float:
+        return lsd_cost(self.dash_steps, self.dot_steps, n_speed)
+
+    def pattern(self) -> str:
+        return "".join(UNDECIDED_CHAR if d is None else DASH_CHAR if d else DOT_CHAR for d in self.decisions)
+
+    def explain(self) -> str:
+        """Which steps ran Dash and why, in runs of consecutive steps: "0 first step; 1-2 before start; 5 change
+        0.213 >= 0.2; ..." (fill steps are the ones not named)."""
+        parts, i = [], 0
+        while i < self.steps:
+            if not self.decisions[i]:
+                i += 1
+                continue
+            j, kind = i, self.reasons[i].split(" ")[0]
+            while j + 1 < self.steps and self.decisions[j + 1] and self.reasons[j + 1].split(" ")[0] == kind \
+                    and kind not in MEASURED_REASONS:
+                j += 1
+            parts.append(f"{i}{'-' + str(j) if j > i else ''} {self.reasons[i]}")
+            i = j + 1
+        return "; ".join(parts)
+
+    def __str__(self) -> str:
+        return f"{self.pattern()} ({self.dash_steps} Dash + {self.dot_steps} fill, adaptive)"
+
+
+#: reasons that carry a measured figure: each such Dash step is named on its own in :meth:`DecidedSchedule.explain`
+MEASURED_REASONS = ("change", "error")
+
+
+class AdaptiveSchedule(DecidedSchedule):
+    """One run's schedule under EasyCache's gate: the decisions so far, why each was made, and the gate's state."""
+
+    def __init__(self, spec: AdaptiveDash, steps: int, percent_to_sigma=None, sigmas=None):
+        super().__init__(steps)
+        self.spec = spec
         if percent_to_sigma is not None:
             # in float32, as EasyCache compares them with the float32 sigmas (a step can sit exactly on an end)
             self.start_sigma, self.end_sigma = (float(torch.tensor(float(percent_to_sigma(p)), dtype=torch.float32))
@@ -98,32 +192,18 @@ class AdaptiveSchedule:
         self.accumulated = 0.0
         self.fills_in_row = 0
         self.active = False  # the current step is inside the window (the gate keeps state only there)
+        self.before = False  # the current step is before the window's start
 
-    # -- what the router asks -------------------------------------------------------------------------------------
-
-    def is_dash(self, step: int) -> bool:
-        """The decision of ``step`` (an undecided step counts as Dash: nothing plans ahead on a guess)."""
-        decided = self.decisions[min(max(step, 0), self.steps - 1)]
-        return True if decided is None else decided
-
-    def decided(self, step: int) -> bool:
-        return self.decisions[min(max(step, 0), self.steps - 1)] is not None
-
-    def decide(self, step: int, sigma: float, x: torch.Tensor) -> bool:
-        """Dash (True) or the fill (False) for ``step``, decided at its first call from the gate entry's input."""
-        step = min(max(step, 0), self.steps - 1)
-        if self.decisions[step] is not None:
-            return self.decisions[step]
-        dash, why = self._gate(step, sigma, x)
-        self.decisions[step], self.reasons[step] = dash, why
+    def _set(self, step: int, dash: bool, why: str) -> None:
+        super()._set(step, dash, why)
         self.fills_in_row = 0 if dash else self.fills_in_row + 1
-        return dash
 
-    def observe(self, x: torch.Tensor, out: torch.Tensor, whole_out: Optional[torch.Tensor] = None) -> None:
+    def observe(self, x: torch.Tensor, out: torch.Tensor, whole_out: Optional[torch.Tensor] = None,
+                features: Optional[dict] = None) -> None:
         """After a Dash call of the gate entry (``x``, ``out``; ``whole_out``: the call's whole output, whose mean
         size EasyCache divides by): the output's change per input change since the Dash call before. Only inside
         the window, as EasyCache keeps no state before its start or after its end."""
-        if not self.active:
+        if not (self.active or (self.before and self.spec.track_before_start)):
             return
         xs, os_ = self._sub(x), self._sub(out)
         if self.out_prev is not None and self.input_change is not None and os_.shape == self.out_prev.shape:
@@ -136,6 +216,7 @@ class AdaptiveSchedule:
     def _gate(self, step: int, sigma: float, x: torch.Tensor) -> tuple[bool, str]:
         spec = self.spec
         self.active = self.end_sigma < sigma <= self.start_sigma
+        self.before = sigma > self.start_sigma
         self.input_change = None
         if sigma > self.start_sigma:
             return True, "before start"
@@ -166,37 +247,42 @@ class AdaptiveSchedule:
         t = t.detach()
         return (t[..., ::s, ::s] if s > 1 and t.dim() >= 3 else t).clone()
 
-    # -- what the summary reads -------------------------------------------------------------------------------------
 
-    @property
-    def dash_steps(self) -> int:
-        return sum(1 for d in self.decisions if d)
+class ProbingSchedule(DecidedSchedule):
+    """A schedule that decides each step from a signal the fill computes on its way (the first block's modulated
+    input, its residual): :meth:`decide` keeps a step on Dash where :meth:`_forced` says so and otherwise lets the
+    fill run; :meth:`confirm` judges the fill's signal (:meth:`_judge`); :meth:`observe` gets each Dash call's."""
 
-    @property
-    def dot_steps(self) -> int:
-        return sum(1 for d in self.decisions if d is False)
+    probes = True
 
-    def lsd(self, n_speed: float) -> float:
-        return lsd_cost(self.dash_steps, self.dot_steps, n_speed)
+    def __init__(self, steps: int):
+        super().__init__(steps)
+        self._confirmed = [False] * steps
 
-    def pattern(self) -> str:
-        return "".join(UNDECIDED_CHAR if d is None else DASH_CHAR if d else DOT_CHAR for d in self.decisions)
+    def confirmed(self, step: int) -> bool:
+        return self._confirmed[self._index(step)]
 
-    def explain(self) -> str:
-        """Which steps ran Dash and why, in runs of consecutive steps: "0 first step; 1-2 before start; 5 change
-        0.213 >= 0.2; ..." (fill steps are the ones not named)."""
-        parts, i = [], 0
-        while i < self.steps:
-            if not self.decisions[i]:
-                i += 1
-                continue
-            j, kind = i, self.reasons[i].split(" ")[0]
-            while j + 1 < self.steps and self.decisions[j + 1] and self.reasons[j + 1].split(" ")[0] == kind \
-                    and kind != "change":
-                j += 1
-            parts.append(f"{i}{'-' + str(j) if j > i else ''} {self.reasons[i]}")
-            i = j + 1
-        return "; ".join(parts)
+    def _gate(self, step: int, sigma: float, x: torch.Tensor) -> tuple[bool, str]:
+        why = self._forced(step, sigma)
+        if why:
+            self._confirmed[step] = True
+            return True, why
+        return False, "probing"
 
-    def __str__(self) -> str:
-        return f"{self.pattern()} ({self.dash_steps} Dash + {self.dot_steps} fill, adaptive)"
+    def confirm(self, step: int, sigma: float, signal: torch.Tensor) -> bool:
+        step = self._index(step)
+        dash, why = self._judge(step, signal)
+        self._confirmed[step] = True
+        self._set(step, dash, why)
+        return dash
+
+    def force_dash(self, step: int, why: str) -> None:
+        self._confirmed[self._index(step)] = True
+        super().force_dash(step, why)
+
+    def _forced(self, step: int, sigma: float) -> str:
+        """Why ``step`` runs Dash whatever the signal ("" where the signal decides)."""
+        return "first step" if step == 0 else ""
+
+    def _judge(self, step: int, signal: torch.Tensor) -> tuple[bool, str]:
+        raise NotImplementedError

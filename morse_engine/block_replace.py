@@ -35,6 +35,14 @@ def block_keys(diffusion_model) -> Optional[list]:
     return None
 
 
+def _first_block(diffusion_model) -> Optional[torch.nn.Module]:
+    for double, _ in BLOCK_LISTS:
+        first = getattr(diffusion_model, double, None)
+        if isinstance(first, torch.nn.ModuleList) and len(first):
+            return first[0]
+    return None
+
+
 def takes_block_patches(diffusion_model) -> bool:
     """Whether ``diffusion_model`` is a DiT whose blocks ComfyUI's block-replace patches reach (such a model takes a
     ``transformer_options`` per call, where the block fills put their patches)."""
@@ -53,6 +61,7 @@ class PatchedDiTBlocks:
         if keys is None:
             raise AttributeError(f"{type(diffusion_model).__name__} has no block list ComfyUI's block-replace patches reach")
         self.keys = keys
+        self.first_block = _first_block(diffusion_model)  # the module behind keys[0] (TeaCache reads its modulation)
         self.n_blocks = len(keys)
         self.n_double = sum(kind == DOUBLE for kind, _ in keys)
         self.text_first: Optional[bool] = None  # where single-stream blocks begin: text tokens before the image's?
@@ -113,6 +122,34 @@ class PatchedDiTBlocks:
             watched |= {self.n_double - 1, self.n_double}
         with self._patched(kwargs, {self.keys[i]: record(i) for i in watched}):
             yield result
+
+    @contextmanager
+    def watching_first(self, kwargs: dict, signal):
+        """While the model call with ``kwargs`` runs, ``signal(args, out)`` of its first block (the block's inputs
+        and what it returned, under whatever patch runs it) is kept in the dict yielded under ``"signal"``. Enter it
+        inside :meth:`recording` / :meth:`skipping` of the same call: it wraps the patch they put on the block."""
+        seen = {}
+        options = kwargs["transformer_options"]
+        saved = options.get("patches_replace")
+        replace = dict(saved or {})
+        dit = dict(replace.get("dit", {}))
+        inner = dit.get(self.keys[0])
+
+        def watch(args, extra):
+            out = inner(args, extra) if inner is not None else extra["original_block"](args)
+            seen["signal"] = signal(args, out)
+            return out
+
+        dit[self.keys[0]] = watch
+        replace["dit"] = dit
+        options["patches_replace"] = replace
+        try:
+            yield seen
+        finally:
+            if saved is None:
+                options.pop("patches_replace", None)
+            else:
+                options["patches_replace"] = saved
 
     def entry_layout(self, entry, exit_kind: str) -> torch.Tensor:
         """The streams entering the skipped blocks as one tensor, token for token as the residual is laid out

@@ -22,6 +22,7 @@ class DashCall:
     z: torch.Tensor
     t: torch.Tensor
     features: Optional[dict] = None
+    step: Optional[int] = None  # the run's step index of the call (TaylorSeer differences in it)
 
 
 @dataclass
@@ -43,7 +44,7 @@ class Anchor:
         return self.earlier[depth - 1] if 1 <= depth <= len(self.earlier) else None
 
     def as_call(self) -> DashCall:
-        return DashCall(self.z, self.t, self.features)
+        return DashCall(self.z, self.t, self.features, self.step)
 
 
 class Filler:

@@ -53,6 +53,7 @@ class RunSummary:
     dash_calls: int = 0
     dot_calls: int = 0
     fallback_calls: int = 0  # Dot steps that ran Dash for want of a usable anchor
+    probe_calls: int = 0  # fill calls a probing schedule ran to decide a step it then gave to Dash (not charged)
     decoded_ahead: int = 0  # fill calls served from a span decoded in one batched call (parallel decoding)
     dash_seconds: float = 0.0
     dot_seconds: float = 0.0
@@ -176,19 +177,36 @@ class MorseRun:
             # a fill that calls the model at this call's timestep cannot serve one the fills keep as sigmas
             servable = self.filler.accepts(kwargs) and (t is timestep or not self.filler.runs_backbone)
             anchors = self._usable_anchors(keys, chunks) if servable else None
-            if anchors is not None:
+            if anchors is not None and self._probing(step, gate):
+                # a probing schedule (TeaCache, First Block Cache) decides from what the fill computes on the way
+                (out, signal), secs = self._timed(
+                    lambda: self.filler.probe(fill_backbone or dash, x, t, _stack(anchors), context, kwargs, sigma=sigma,
+                                              step=step))
+                if not self.schedule.confirm(step, sigma, _chunk(signal, n_chunks, gate)):
+                    s.dot_calls += 1
+                    s.dot_seconds += secs
+                    s.dot_steps.add(step)
+                    return out
+                # Dash after all. Not charged: the probe is the start of the full call, which the peers' own code
+                # continues from (here the Dash call below computes it again)
+                s.probe_calls += 1
+            elif anchors is not None:
                 anchor = _stack(anchors)
                 if self._spans(step, sigma, kwargs):
                     out, secs = self._timed(lambda: self._span_fill(keys, anchors, anchor, x, t, context, kwargs, step))
                 else:
+                    at = {"step": step} if getattr(self.filler, "step_indexed", False) else {}
                     out, secs = self._timed(
-                        lambda: self.filler(fill_backbone or dash, x, t, anchor, context, kwargs, sigma=sigma)
+                        lambda: self.filler(fill_backbone or dash, x, t, anchor, context, kwargs, sigma=sigma, **at)
                     )
                 s.dot_calls += 1
                 s.dot_seconds += secs
                 s.dot_steps.add(step)
                 return out
-            s.fallback_calls += 1
+            else:
+                s.fallback_calls += 1
+                if gate is not None and self.adaptive:
+                    self.schedule.force_dash(step, "no usable anchor")
 
         features = None
         if self.capture:
@@ -203,8 +221,13 @@ class MorseRun:
         if self.keep_anchors:
             self._store(keys, x, out, t, step, sigma, features)
         if gate is not None:
-            self.schedule.observe(_chunk(x, n_chunks, gate), _chunk(out, n_chunks, gate), out)
+            seen = {name: _chunk(f, n_chunks, gate) for name, f in features.items()} if features else None
+            self.schedule.observe(_chunk(x, n_chunks, gate), _chunk(out, n_chunks, gate), out, seen)
         return out
+
+    def _probing(self, step: int, gate: Optional[int]) -> bool:
+        """Whether this call is the one a probing schedule decides its step from (the gate entry's first call)."""
+        return self.adaptive and self.schedule.probes and gate is not None and not self.schedule.confirmed(step)
 
     def _gate_index(self, keys) -> Optional[int]:
         """Where the adaptive gate's batch entry is in this call (the first key the run saw), None if absent."""
@@ -305,7 +328,8 @@ def _stack(anchors: list[Anchor]) -> Anchor:
         return anchors[0]
     depth = min(len(a.earlier) for a in anchors)  # the history every entry has
     earlier = tuple(DashCall(torch.cat([a.earlier[d].z for a in anchors]), torch.cat([a.earlier[d].t for a in anchors]),
-                             _cat_features([a.earlier[d].features for a in anchors])) for d in range(depth))
+                             _cat_features([a.earlier[d].features for a in anchors]), anchors[0].earlier[d].step)
+                    for d in range(depth))
     return Anchor(
         x=torch.cat([a.x for a in anchors]),
         z=torch.cat([a.z for a in anchors]),
