@@ -79,3 +79,58 @@ def test_the_schedule_nodes_adaptive_kind_runs_in_morse_ksampler_and_says_why_ea
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("Morse: "))
     fills = int(re.search(r"Dash steps, (\d+) extrapolate steps", line).group(1))
     assert fills > 0 and "before start" in line and "after end" in line, line
+
+
+def _reference_dit_in_comfyui(host):
+    from test_reference_dit_in_comfyui import comfy_flux, committed_or_random
+
+    from training.train_reference import REFERENCE_DIT_MU
+
+    dit, cond = committed_or_random()
+    return dit, cond, comfy_flux(host, dit.config, dit.state_dict(), REFERENCE_DIT_MU)
+
+
+def test_lazycache_the_table_prices_is_comfyuis_lazycache_node_on_the_reference_dit(host, caplog):
+    """The evaluation's LazyCache (``peers.lazycache`` around its own guided denoiser and sampler) and ComfyUI's
+    LazyCache node on the same weights in ComfyUI's Flux class skip the same steps and sample the same latents."""
+    from comfy_extras.nodes_easycache import LazyCacheNode
+
+    from morse_engine.parameterization import FlowSchedule
+    from morse_engine.peers.lazycache import LazyCacheRun, lazycache
+    from training.evaluation.samplers import GuidedDenoiser, normal_sigmas, sample
+    from training.reference.unet import NULL_CLASS
+    from training.train_reference import REFERENCE_DIT_MU
+
+    dit, cond, patcher = _reference_dit_in_comfyui(host)
+    labels, cfg = torch.tensor([3, 8]), 2.5
+    noise = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(5))
+    pos, neg = cond(labels), cond(torch.full((2,), NULL_CLASS))
+    ms = FlowSchedule.flux(REFERENCE_DIT_MU)
+    sigmas = normal_sigmas(ms, STEPS)
+    skipped_any = False
+    for threshold in (0.05, 0.2, 1.0):
+        caplog.clear()
+        with torch.no_grad(), caplog.at_level(logging.INFO):
+            model = LazyCacheNode.execute(patcher, threshold, 0.15, 0.95, False).result[0]
+            theirs = host.comfy.sample.sample(model, noise, STEPS, cfg, "euler", "normal",
+                                              [[pos, {"pooled_output": None}]], [[neg, {"pooled_output": None}]],
+                                              torch.zeros_like(noise), seed=5, disable_pbar=True)
+            theirs = patcher.model.latent_format.process_in(theirs)
+            run, den = LazyCacheRun(lazycache(threshold), sigmas, ms.percent_to_sigma), GuidedDenoiser(dit, ms, pos, neg, cfg)
+            ours = sample("euler", lambda x, s: run(den, x, s), noise, sigmas, ms)
+        said = " ".join(r.getMessage() for r in caplog.records)
+        their_skips = int(re.search(r"LazyCache - skipped (\d+)/", said).group(1))
+        assert run.skipped == their_skips, (threshold, said)
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+        skipped_any |= their_skips > 0
+    assert skipped_any, "no threshold made LazyCache skip a step: the comparison would not test the skips"
+
+
+def test_easycache_in_the_pack_is_comfyuis_easycache_node_on_the_reference_dit(host, caplog):
+    """The same weights in ComfyUI's Flux class (bfloat16: see the module's note on float32 flow models)."""
+    _, cond, patcher = _reference_dit_in_comfyui(host)
+    from training.reference.unet import NULL_CLASS
+
+    pos = [[cond(torch.tensor([3])), {"pooled_output": None}]]
+    neg = [[cond(torch.tensor([NULL_CLASS])), {"pooled_output": None}]]
+    _compare(host, _in_bfloat16(patcher), torch.zeros(1, 1, 32, 32), pos, neg, caplog, dict(rtol=2e-2, atol=2e-2))

@@ -134,7 +134,7 @@ def sample_routed(sampler: str, work: Workload, steps: int, spec, filler) -> tup
                          percent_to_sigma=work.ms.percent_to_sigma)
     gen = work.generator()
     out = []
-    totals = dict(dash_calls=0, dot_calls=0, fallback_calls=0, dash_seconds=0.0, dot_seconds=0.0)
+    totals = dict(dash_calls=0, dot_calls=0, fallback_calls=0, probe_calls=0, dash_seconds=0.0, dot_seconds=0.0)
     for sl in work.chunks():
         with router.run(sigmas) as run:
             den = GuidedDenoiser(work.unet, work.ms, work.cond[sl], work.uncond[sl], work.cfg, run=run)
@@ -143,6 +143,23 @@ def sample_routed(sampler: str, work: Workload, steps: int, spec, filler) -> tup
         for k in totals:
             totals[k] += getattr(s, k)
     return torch.cat(out), totals
+
+
+@torch.no_grad()
+def sample_denoiser_cached(sampler: str, work: Workload, steps: int, spec) -> tuple[torch.Tensor, dict]:
+    """Sample with LazyCache around the whole guided prediction (where ComfyUI's node wraps ``predict_noise``);
+    returns the samples and the model calls made (each computed step one call of the cond + uncond batch)."""
+    from morse_engine.peers.lazycache import LazyCacheRun
+
+    sigmas = normal_sigmas(work.ms, steps)
+    gen = work.generator()
+    out, calls, skipped = [], 0, 0
+    for sl in work.chunks():
+        run = LazyCacheRun(spec, sigmas, work.ms.percent_to_sigma)
+        den = GuidedDenoiser(work.unet, work.ms, work.cond[sl], work.uncond[sl], work.cfg)
+        out.append(sample(sampler, lambda x, sigma: run(den, x, sigma), work.noise[sl], sigmas, work.ms, gen))
+        calls, skipped = calls + run.calls, skipped + run.skipped
+    return torch.cat(out), {"dash_calls": calls, "dot_calls": skipped, "fallback_calls": 0, "probe_calls": 0}
 
 
 def default_cfg(dash_meta: dict) -> float:
