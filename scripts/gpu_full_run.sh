@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The long measurements for a CUDA machine, in one go: the published `training.evaluate --full` run
+# The long measurements for a CUDA machine, in one go: the published `training.evaluate --full` run, the
+# accelerators table at 1000 samples (`training.accelerators`)
 # (fills priced by their CPU N: see `--n-device` in `python -m training.evaluate --help`) and the Dash/Dot
 # latency and Dot training throughput on the SD1.5 shape. Results go to $OUT (default reports/gpu): at most 8 files
 # come back from a lent machine, so the log holds the GPU line and the markdown table is re-rendered from the JSON
@@ -28,4 +29,7 @@ echo "full evaluation: $(( $(date +%s) - start )) s"
 "$PY" -m training.bench_latency --arch sd15 --device cuda --dtype fp16 --m 2 --repeats 3 --warmup 1 \
   --train-steps 5 --train-batch 1 --train-layout feature --train-run-steps 8 --json "$OUT/bench_rollout_gpu_sd15.json" \
   2>&1 | tail -4 | tee -a "$OUT/evaluate_full.log"
+# every accelerator on one table at the published size (issue 28): 1000 samples, fills priced on the GPU
+"$PY" -m training.accelerators --samples 1000 --device cuda --threads 1 --out-dir "$OUT" \
+  2>&1 | grep -v "run/s" | tail -40 | tee -a "$OUT/evaluate_full.log"
 echo "all done: $(( $(date +%s) - start )) s"
