@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from .frontier import BUDGETS
@@ -61,7 +62,44 @@ def sampler_section(kind: str, sampler: str, model: dict, rep: dict) -> list[str
                      f"{peer[0]} ({peer[1]['setting']}, {peer[1]['steps']})" if peer else "-",
                      f"{_value(rep, peer[1]):.4f}" if peer else "-", "yes" if r["morse_ahead_of_all"] else "**no**"])
     out += _table(head, rows) + [""]
+    out += adaptive_section(rmse)
     return out
+
+
+def adaptive_against_fixed(rmse: dict) -> list:
+    """Per Morse fill with both rows: at each budget both reach, the best fixed run's RMSE over the best adaptive
+    run's (above 1: adaptive better at equal budget), their geometric mean, and both rows' mean speedups."""
+    out = []
+    for name in rmse:
+        if not name.startswith("morse_adaptive_"):
+            continue
+        fill = name[len("morse_adaptive_"):]
+        fixed = rmse.get(f"morse_fixed_{fill}")
+        if fixed is None:
+            continue
+        a = {r["budget"]: r["value"] for r in rmse[name]["budgets"]}
+        f = {r["budget"]: r["value"] for r in fixed["budgets"]}
+        both = sorted(set(a) & set(f))
+        ratios = [f[b] / a[b] for b in both]
+        gmean = math.exp(sum(math.log(r) for r in ratios) / len(ratios)) if ratios else None
+        out.append({"fill": fill, "budgets": both, "ratios": ratios, "geometric_mean": gmean,
+                    "adaptive_wins": sum(r > 1 for r in ratios), "adaptive": rmse[name]["average"],
+                    "fixed": fixed["average"]})
+    return out
+
+
+def adaptive_section(rmse: dict) -> list[str]:
+    rows = []
+    for r in adaptive_against_fixed(rmse):
+        rows.append([r["fill"], ", ".join(f"{b:g}" for b in r["budgets"]),
+                     f"{r['geometric_mean']:.2f}" if r["geometric_mean"] else "-",
+                     f"{r['adaptive_wins']} of {len(r['budgets'])}", _speedup(r["adaptive"]), _speedup(r["fixed"])])
+    if not rows:
+        return []
+    return ["Adaptive Dash against the fixed patterns of the same fill (RMSE at equal budget: fixed over adaptive, "
+            "geometric mean over the budgets both reach; above 1 adaptive is better):", "",
+            *_table(["fill", "budgets", "fixed / adaptive RMSE", "adaptive better at", "adaptive over plain",
+                     "fixed over plain"], rows), ""]
 
 
 def _plain_at(plain: list, budget) -> str:
