@@ -3,12 +3,14 @@ import logging
 
 import comfy.samplers
 import nodes as comfy_nodes
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
 from ..morse_engine import AutoPattern, BudgetSchedule, MorseError
 from ..morse_engine.fillers import TRAINING_FREE_FILLS
 from ..morse_engine.fill_by_name import FILLS_WITHOUT_DOT
 from ..morse_engine.schedules import FREE_FILL_N
+from ..morse_engine.speedup_knob import CHOICES as KNOB_CHOICES
+from ..morse_engine.speedup_knob import OFF as KNOB_OFF
 from .sampling_hooks import MorseSettings, apply_morse
 from .types import CATEGORY, DotModelType, ScheduleType
 
@@ -41,6 +43,11 @@ def morse_inputs():
         io.Float.Input("prior_noise", default=0.0, min=0.0, max=0.1, step=0.001, optional=True, tooltip=(
             "Faster Diffusion's prior noise injection: add this times the initial latent before each step of the "
             "second half (the paper: 0.003 with encoder propagation, for texture). 0 = off. Exact for euler/ddim.")),
+        io.Combo.Input("speedup", options=list(KNOB_CHOICES), default=KNOB_OFF, optional=True, tooltip=(
+            "Ask for a speedup instead of choosing a schedule and fill: the pack picks them for your model and sampler "
+            "from the tables it measured (the run spends at most 1/speedup of plain sampling's steps), or 'quality "
+            "first': the choice the tables expect closest to plain sampling. Replaces the schedule (and, without a "
+            "Dot, the fill). A speedup it cannot give at your step count is refused with the most it can give.")),
     ]
 
 
@@ -75,9 +82,19 @@ class MorseKSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise,
-                dot=None, schedule=None, fill_without_dot="reuse", allow_other_weights=False, prior_noise=0.0) -> io.NodeOutput:
+                dot=None, schedule=None, fill_without_dot="reuse", allow_other_weights=False, prior_noise=0.0,
+                speedup=KNOB_OFF) -> io.NodeOutput:
         if denoise <= 0:
             raise ValueError("Morse KSampler: denoise is 0, so there is nothing to sample; set denoise above 0 (1.0 for txt2img)")
+        speedup = speedup or KNOB_OFF
+        if speedup != KNOB_OFF:  # the knob's choice, shown on the node; the run makes the same one for its log
+            settings = MorseSettings(schedule, dot, fill_without_dot or "reuse", bool(allow_other_weights),
+                                     prior_noise or 0.0, speedup=speedup, sampler=sampler_name)
+            choice = settings.knob_choice(model, steps)
+            log.info("Morse: speedup %s", choice.describe())
+            (out,) = comfy_nodes.common_ksampler(apply_morse(model, settings), seed, steps, cfg, sampler_name, scheduler,
+                                                 positive, negative, latent_image, denoise=denoise)
+            return io.NodeOutput(out, ui=ui.PreviewText(f"Morse chose {choice.describe()}"))
         if isinstance(schedule, BudgetSchedule):
             try:
                 plan = schedule.plan(fill_speed(dot, fill_without_dot), sampler_name,
@@ -115,7 +132,14 @@ class MorseModelPatch(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, dot=None, schedule=None, fill_without_dot="reuse", allow_other_weights=False,
-                prior_noise=0.0) -> io.NodeOutput:
+                prior_noise=0.0, speedup=KNOB_OFF) -> io.NodeOutput:
+        speedup = speedup or KNOB_OFF
+        if speedup != KNOB_OFF:  # chosen at each run, for its step count (the sigmas decide it); euler's table
+            settings = MorseSettings(schedule, dot, fill_without_dot or "reuse", bool(allow_other_weights),
+                                     prior_noise or 0.0, speedup=speedup)
+            return io.NodeOutput(apply_morse(model, settings), ui=ui.PreviewText(
+                f"Morse: speedup {speedup}, chosen at each run for its step count from the measured tables "
+                "(the sampler is not known here: euler's table)"))
         if isinstance(schedule, BudgetSchedule) and isinstance(schedule.spec, AutoPattern):
             # the sampler is picked later (SamplerCustomAdvanced), so the choice cannot use the Dot's
             # per-sampler table: the rule chooses, for the budget and N

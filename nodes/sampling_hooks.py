@@ -23,6 +23,8 @@ import torch
 
 from ..morse_engine import BudgetSchedule, DotFile, EveryK, MorseError, MorseRouter, fingerprint_state_dict, make_fill, needs_blocks
 from ..morse_engine.prior_noise import PriorNoise
+from ..morse_engine.schedules import Pattern
+from ..morse_engine.speedup_knob import OFF, KnobChoice, choose, model_kind
 from .backbone_call import BackboneCall
 
 KEY = "morse"  # wrapper key and transformer_options entry of the settings
@@ -39,11 +41,14 @@ class MorseSettings:
     """What the user chose for a model. Shared, read-only, by the model's clones."""
 
     def __init__(self, schedule=None, dot: Optional[DotFile] = None, fill: str = "reuse", allow_other_weights=False,
-                 prior_noise: float = 0.0):
+                 prior_noise: float = 0.0, speedup: str = OFF, sampler: Optional[str] = None):
         self.schedule = schedule if schedule is not None else EveryK(2)
         self.dot = dot
         self.fill = fill
         self.allow_other_weights = allow_other_weights
+        # the speedup knob: a request ("2x", "quality first"), resolved at each run for its step count and the
+        # model; it replaces the schedule (and, without a Dot, the fill). ``sampler``: where the node knows it
+        self.speedup, self.sampler = speedup or OFF, sampler
         try:
             self.prior_noise = PriorNoise(alpha=float(prior_noise)) if prior_noise else None
         except MorseError as exc:
@@ -57,10 +62,28 @@ class MorseSettings:
     def spec(self):
         return self.schedule.spec if isinstance(self.schedule, BudgetSchedule) else self.schedule
 
-    def router_for(self, model_patcher, device, dtype) -> MorseRouter:
+    def knob_choice(self, model_patcher, steps: int) -> Optional[KnobChoice]:
+        """The speedup knob's choice for a run of ``steps`` steps on this model (None: the knob is off); a request
+        the table cannot meet is refused in one sentence, before sampling."""
+        if self.speedup == OFF:
+            return None
+        model_sampling = model_patcher.get_model_object("model_sampling")
+        try:
+            kind = model_kind(hasattr(model_patcher.model.diffusion_model, "input_blocks"),
+                              isinstance(model_sampling, comfy.model_sampling.CONST))
+            return choose(self.speedup, steps, kind, self.sampler or "euler",
+                          dot_n=self.dot.measured_n if self.dot is not None else None)
+        except MorseError as exc:
+            raise ValueError(f"Morse: {exc}") from None
+
+    def router_for(self, model_patcher, device, dtype, steps: Optional[int] = None) -> MorseRouter:
         backbone = model_patcher.model.diffusion_model
         dot = None if self.dot is None else self._dot_for(model_patcher, backbone, device, dtype)
         name = self.fill if dot is None else "dot"
+        spec = self.spec
+        choice = self.knob_choice(model_patcher, steps) if steps else None
+        if choice is not None:
+            spec, name = Pattern(choice.pattern), ("dot" if dot is not None else choice.fill)
         try:
             blocks = backbone_blocks(backbone) if needs_blocks(name, dot) else None  # the fill reruns its blocks
             filler = make_fill(name, blocks=blocks, dot=dot, backbone=backbone)
@@ -73,8 +96,10 @@ class MorseSettings:
         model_sampling = model_patcher.get_model_object("model_sampling")
         timestep_of = model_sampling.timestep if decodes_spans_at_once(device) else None
         # an adaptive schedule's window, placed on the model's noise range as ComfyUI's EasyCache places its own
-        return MorseRouter(self.spec, filler, measure=True, sync=sync, timestep_of=timestep_of,
-                           percent_to_sigma=model_sampling.percent_to_sigma)
+        router = MorseRouter(spec, filler, measure=True, sync=sync, timestep_of=timestep_of,
+                             percent_to_sigma=model_sampling.percent_to_sigma)
+        router.knob = choice  # what the speedup knob chose for this run, for its log line (None: off)
+        return router
 
     def _dot_for(self, model_patcher, backbone, device, dtype):
         try:
@@ -171,7 +196,7 @@ def outer_sample_wrapper(executor, *args, **kwargs):
         raise ValueError("Morse: this model samples several latents packed into one (audio and video together, as "
                          "LTX-2's audio-video model does); the pack serves one latent a run: sample it without Morse")
     patcher = guider.model_patcher
-    router = settings.router_for(patcher, patcher.load_device, patcher.model.get_dtype())
+    router = settings.router_for(patcher, patcher.load_device, patcher.model.get_dtype(), steps=len(sigmas) - 1)
     guider.model_options = comfy.model_patcher.create_model_options_clone(original)
     try:
         with router.run(sigmas) as run:
@@ -182,7 +207,8 @@ def outer_sample_wrapper(executor, *args, **kwargs):
         summary = router.last_summary
         if summary is not None and (summary.dash_calls or summary.dot_calls):
             n = settings.dot.measured_n if settings.dot is not None else None
-            log.info("%s (batch %d)", summary.log_line(n), noise.shape[0])
+            chose = f"; speedup {router.knob.describe()}" if router.knob is not None else ""
+            log.info("%s (batch %d)%s", summary.log_line(n), noise.shape[0], chose)
 
 
 def apply_model_wrapper(executor, *args, **kwargs):

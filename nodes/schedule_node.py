@@ -2,6 +2,7 @@
 from comfy_api.latest import io, ui
 
 from ..morse_engine import AdaptiveDash, AutoPattern, BudgetSchedule, EveryK, FrontLoaded, KeySteps, MorseError, Pattern
+from ..morse_engine.adaptive import MORSE_WINDOW
 from .types import CATEGORY, ScheduleType
 
 KINDS = ["every_k", "front_loaded", "faster_diffusion", "pattern", "lsd_budget", "adaptive"]
@@ -15,7 +16,7 @@ def pattern_spec(pattern: str, final_dash: int):
 
 def build_schedule(kind, k, dash_fraction, pattern, final_dash, budget_lsd, n_speed, threshold=0.2):
     if kind == "adaptive":
-        return AdaptiveDash(threshold=threshold, final_dash=final_dash)
+        return AdaptiveDash(threshold=threshold, final_dash=final_dash, **MORSE_WINDOW)
     if kind == "every_k":
         return EveryK(k, final_dash=final_dash)
     if kind == "front_loaded":
@@ -67,7 +68,8 @@ class DashDotSchedule(io.ComfyNode):
                     "lsd_budget: the most steps that fit a budget, using the pattern (or every k-th if empty); "
                     "pattern 'auto' also chooses how many fills per Dash the budget buys. "
                     "adaptive: decided during the run: Dash again once the output's predicted change since the last "
-                    "Dash step reaches threshold (EasyCache's signal), the fill in between.")),
+                    "Dash step reaches threshold (EasyCache's signal, gated over the whole run: Morse's window, "
+                    "measured better than EasyCache's 0.15-0.95 for Morse's fills), the fill in between.")),
                 io.Int.Input("k", default=2, min=1, max=100, tooltip="every_k / lsd_budget: Dash on every k-th step (1 = all Dash)."),
                 io.Float.Input("dash_fraction", default=0.5, min=0.01, max=1.0, step=0.01,
                                tooltip="front_loaded: the share of steps that run Dash."),

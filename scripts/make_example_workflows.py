@@ -152,7 +152,7 @@ def schedule(wf, kind, steps, pattern="D.", k=2):
 
 
 def morse_sampler(wf, ckpt, pos, neg, latent, sched, steps, cfg, sampler, scheduler, denoise, fill, prior_noise=0.0, dot=None):
-    ks = wf.add("MorseKSampler", 2, [7, "fixed", steps, cfg, sampler, scheduler, denoise, fill, False, prior_noise])
+    ks = wf.add("MorseKSampler", 2, [7, "fixed", steps, cfg, sampler, scheduler, denoise, fill, False, prior_noise, "off"])
     wf.link(ckpt, "MODEL", ks, "model")
     wf.link(pos, "CONDITIONING", ks, "positive")
     wf.link(neg, "CONDITIONING", ks, "negative")
