@@ -30,6 +30,6 @@ echo "full evaluation: $(( $(date +%s) - start )) s"
   --train-steps 5 --train-batch 1 --train-layout feature --train-run-steps 8 --json "$OUT/bench_rollout_gpu_sd15.json" \
   2>&1 | tail -4 | tee -a "$OUT/evaluate_full.log"
 # every accelerator on one table at the published size (issue 28): 1000 samples, fills priced on the GPU
-"$PY" -m training.accelerators --samples 1000 --device cuda --threads 1 --out-dir "$OUT" \
+"$PY" -m training.accelerators --samples 1000 --grid full --device cuda --threads 1 --out-dir "$OUT" \
   2>&1 | grep -v "run/s" | tail -40 | tee -a "$OUT/evaluate_full.log"
 echo "all done: $(( $(date +%s) - start )) s"

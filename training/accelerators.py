@@ -10,8 +10,9 @@ calls it made, each fill's N measured in this run. Per budget from 4 to 50 LSD, 
 it and its speedup over plain at equal trajectory RMSE and at equal FD to the Dash's converged distribution, with
 90% paired-bootstrap intervals; the best Morse configuration against every peer, and over the best peer.
 
-Writes ``<out-dir>/accelerators.{json,md,png}``. The default run is sized for < 20 min on 2 CPU cores (32 samples);
-``--samples 1000`` is the published size (``scripts/gpu_full_run.sh``), ``--quick`` the test-sized one.
+Writes ``<out-dir>/accelerators.{json,md,png}``. The default run (16 samples, a thinned grid) is sized for < 20 min
+on 2 CPU cores; the committed report is ``--samples 32 --grid full``; ``--samples 1000 --grid full`` is the
+published size (``scripts/gpu_full_run.sh``), ``--quick`` the test-sized one.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from morse_engine import AdaptiveDash
 from morse_engine.adaptive import MORSE_WINDOW
 
 from .evaluation import accelerator_report
-from .evaluation.accelerator_set import DENOISER, MORSE, morse_rows, peer_rows
+from .evaluation.accelerator_set import DENOISER, MORSE, morse_rows, peer_rows, thinned
 from .evaluation.analysis import Scorer, json_ready
 from .evaluation.calibration import calibrate_magcache, calibrate_teacache
 from .evaluation.fills import collect_fills, measure_fill_n
@@ -44,14 +45,19 @@ MODELS = {
 MORSE_FILLS = ("dot", "extrapolate", "forecast_k1")
 PLAIN_STEPS = (3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 CONVERGED_SEED_OFFSETS = (1000, 2000, 3000)  # as the evaluation's: disjoint from the runs' noise and each other's
-QUICK = dict(samples=16, plain=(4, 8, 16), steps=(8, 16), settings=2, replicates=40, reference_steps=40,
-             converged_steps=16)
+QUICK = dict(samples=8, plain=(4, 8, 16), steps=(8,), settings=1, replicates=20, reference_steps=20,
+             converged_steps=8)
+# the default run's grid (--grid default): 3 settings a row, fewer step counts; --grid full: every row as built
+DEFAULT_GRID = dict(settings=3, peer_steps=(8, 16, 48), fixed_steps=(4, 8, 16, 48))
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m training.accelerators", description=__doc__.splitlines()[0])
     p.add_argument("--models", default="unet,dit", help="which reference models: unet, dit or both")
-    p.add_argument("--samples", type=int, default=32, help="samples per run (labels cycle 0..9)")
+    p.add_argument("--samples", type=int, default=16, help="samples per run (labels cycle 0..9)")
+    p.add_argument("--grid", choices=("default", "full"), default="default",
+                   help="default: 3 settings per accelerator and fewer step counts (< 20 min on 2 CPU cores); full: "
+                        "every setting at every step count (the committed report, and the GPU run)")
     p.add_argument("--reference-steps", type=int, default=200, help="euler / dpmpp_2m steps of the trajectory reference")
     p.add_argument("--converged-steps", type=int, default=60, help="dpmpp_2m steps of the converged sets (FD)")
     p.add_argument("--replicates", type=int, default=200, help="bootstrap replicates of each interval")
@@ -80,7 +86,8 @@ def main(argv=None) -> int:
               "date": datetime.datetime.now().isoformat(timespec="seconds"),
               "settings": {"samples": QUICK["samples"] if args.quick else args.samples, "seed": args.seed,
                            "replicates": QUICK["replicates"] if args.quick else args.replicates, "level": 0.9,
-                           "quick": args.quick, "threads": torch.get_num_threads(), "device": args.device,
+                           "quick": args.quick, "grid": "quick" if args.quick else args.grid,
+                           "threads": torch.get_num_threads(), "device": args.device,
                            "morse_window": dict(MORSE_WINDOW)},
               "models": {}}
     for kind in kinds:
@@ -110,15 +117,16 @@ def evaluate_model(kind: str, args) -> dict:
     calibration = {}
     if kind == "dit":
         print(f"[{kind}] calibrating TeaCache's polynomial and MagCache's ratios on the training split", flush=True)
-        calibration["teacache"] = calibrate_teacache(work, blocks, samples=4 if quick else 8)
+        calibration["teacache"] = calibrate_teacache(work, blocks, **(dict(samples=2, steps=10) if quick else {}))
         tokens = (work.noise.shape[-1] // models.unet.patch_size) * (work.noise.shape[-2] // models.unet.patch_size)
         calibration["magcache"] = calibrate_magcache(work, blocks, tokens)
     morse_fills = {f.name: f.filler for f in collect_fills(models, list(MORSE_FILLS))}
     rows = peer_rows(kind, blocks, calibration) + morse_rows(
         morse_fills, lambda t: AdaptiveDash(threshold=t, **MORSE_WINDOW))
     if quick:
-        for row in rows:
-            row.settings, row.steps = row.settings[:quick["settings"]], quick["steps"]
+        thinned(rows, quick["settings"], quick["steps"], quick["steps"])
+    elif args.grid == "default":
+        thinned(rows, **DEFAULT_GRID)
 
     # N of every fill with a cost, on this workload, before any run (each row's fill, once)
     n_of = {}

@@ -78,7 +78,9 @@ def test_the_schedule_nodes_adaptive_kind_runs_in_morse_ksampler_and_says_why_ea
     assert torch.isfinite(out).all()
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("Morse: "))
     fills = int(re.search(r"Dash steps, (\d+) extrapolate steps", line).group(1))
-    assert fills > 0 and "before start" in line and "after end" in line, line
+    # Morse's window: the gate works over the whole run (no "before start" / "after end" steps), its first two steps
+    # Dash (the first, and one to measure the change rate)
+    assert fills > 0 and "0 first step" in line and "1 no change rate yet" in line and "before start" not in line, line
 
 
 def _reference_dit_in_comfyui(host):

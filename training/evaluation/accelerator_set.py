@@ -43,6 +43,21 @@ ADAPTIVE_THRESHOLDS = (0.05, 0.15, 0.4, 1.0)
 GATE_THRESHOLDS = (0.05, 0.1, 0.2, 0.5, 1.0)  # EasyCache's / LazyCache's reuse_threshold (default 0.2)
 
 
+def thinned(rows: list, settings: int, peer_steps: tuple, fixed_steps: tuple) -> list:
+    """The rows with at most ``settings`` settings each (the published default kept, then the extremes; a fixed
+    Morse row keeps its patterns) and fewer step counts: the default run's grid, sized for 2 CPU cores; the full grid is the rows as built."""
+    for row in rows:
+        row.steps = fixed_steps if row.name.startswith("morse_fixed_") else peer_steps
+        if row.name.startswith("morse_fixed_"):  # every pattern: the speedup knob offers each
+            continue
+        keep = [row.default] if row.default in row.settings else []
+        for s in (row.settings[0], row.settings[-1], *row.settings):
+            if len(keep) < settings and s not in keep:
+                keep.append(s)
+        row.settings = [s for s in row.settings if s in keep]
+    return rows
+
+
 def peer_rows(kind: str, blocks, calibration: dict) -> list[Accelerator]:
     """The peers that have a form for this model kind ("unet": an eps UNet; "dit": a Flux-layout flow DiT)."""
     rows = [
