@@ -123,7 +123,7 @@ def format_report(report: dict) -> str:
            "", "Speedup at equal quality over plain sampling: the mean over the budgets "
            f"({', '.join(str(b) for b in BUDGETS)} LSD) where the metric separates the run from the converged "
            "distribution; each budget's best run within it; (k/m): k of the m budgets separable. Morse's adaptive "
-           f"Dash uses the window {st['morse_window']}.", ""]
+           f"Dash uses the window {st['morse_window']}.", "", "![RMSE against LSD](accelerators.png)", ""]
     for kind, model in report["models"].items():
         out.append(f"## {kind} ({model['dash']}, CFG {model['cfg']:g})")
         out.append("")
